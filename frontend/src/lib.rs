@@ -1,0 +1,58 @@
+//! Whisper checkpoints in, wcc IR out.
+//!
+//! Two real formats are read, both memory-mapped without copying the weights:
+//! CTranslate2 directories (`model.bin`, as faster-whisper ships them) and Hugging Face
+//! directories (`config.json` + `model.safetensors`, fp32/fp16/bf16). Hyper-parameters come
+//! from the files (tensor shapes, CTranslate2's scalar variables, HF's `config.json`), never
+//! from a table keyed by model name. [`lower::lower`] builds the IR module with two graphs,
+//! `encoder` and `decoder_step`. [`hf_writer`] writes HF checkpoints: conversions of a loaded
+//! checkpoint, and seeded random weights with a real model size's hyper-parameters.
+
+pub mod checkpoint;
+mod ct2;
+mod hf;
+pub mod hf_writer;
+pub mod lower;
+pub mod resolve;
+
+pub use checkpoint::{Checkpoint, Format, FrontendError, TensorInfo, WhisperDims};
+pub use lower::lower;
+pub use resolve::resolve_model;
+
+use std::path::Path;
+
+use wcc_ir::Module;
+use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
+
+/// A checkpoint lowered to IR, with what running it needs besides the weights.
+pub struct LoadedModel {
+    pub checkpoint: Checkpoint,
+    pub module: Module,
+}
+
+impl LoadedModel {
+    /// The tokenizer and generation settings (needs the checkpoint's `tokenizer.json`).
+    pub fn generation(&self) -> Result<(WhisperTokenizer, GenerationConfig), FrontendError> {
+        let ck = &self.checkpoint;
+        let json = ck.tokenizer_json()?;
+        let tok = WhisperTokenizer::from_bytes(&json).map_err(|e| ck.error(e.to_string()))?;
+        let g = &ck.generation;
+        let cfg = tok
+            .generation_config(
+                ck.dims.n_vocab,
+                ck.dims.n_text_ctx,
+                &g.lang_ids,
+                g.suppress.clone(),
+                g.suppress_begin.clone(),
+            )
+            .map_err(|e| ck.error(e.to_string()))?;
+        Ok((tok, cfg))
+    }
+}
+
+/// Opens the checkpoint at `dir` (either format) and lowers it.
+pub fn load(dir: &Path) -> Result<LoadedModel, FrontendError> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let module = lower(&checkpoint)?;
+    Ok(LoadedModel { checkpoint, module })
+}

@@ -1,0 +1,425 @@
+//! The reference interpreter: every op in plain f32 loops, written to be obviously right
+//! rather than fast. It is the oracle the backend's kernels are tested against. The only
+//! concessions to speed are rayon over independent output rows and dot products with
+//! several accumulators (which reorders sums, within f32 rounding).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::graph::{Module, ValueDef, WeightDecl};
+use crate::op::{broadcast_shapes, Op};
+use crate::types::DType;
+
+/// A dense row-major tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+impl Tensor {
+    pub fn f32(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Tensor {
+        let shape = shape.into();
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fill its shape");
+        Tensor { shape, data: Data::F32(data) }
+    }
+
+    pub fn i32(shape: impl Into<Vec<usize>>, data: Vec<i32>) -> Tensor {
+        let shape = shape.into();
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fill its shape");
+        Tensor { shape, data: Data::I32(data) }
+    }
+
+    pub fn zeros(shape: impl Into<Vec<usize>>) -> Tensor {
+        let shape = shape.into();
+        let n = shape.iter().product();
+        Tensor::f32(shape, vec![0.0; n])
+    }
+
+    pub fn as_f32(&self) -> Result<&[f32], InterpError> {
+        match &self.data {
+            Data::F32(v) => Ok(v),
+            Data::I32(_) => Err(InterpError("expected an f32 tensor, got i32".into())),
+        }
+    }
+
+    pub fn as_i32(&self) -> Result<&[i32], InterpError> {
+        match &self.data {
+            Data::I32(v) => Ok(v),
+            Data::F32(_) => Err(InterpError("expected an i32 tensor, got f32".into())),
+        }
+    }
+
+    pub fn into_f32(self) -> Result<Vec<f32>, InterpError> {
+        match self.data {
+            Data::F32(v) => Ok(v),
+            Data::I32(_) => Err(InterpError("expected an f32 tensor, got i32".into())),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) => DType::F32,
+            Data::I32(_) => DType::I32,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InterpError(pub String);
+
+/// Supplies weight data, widened to f32, for a declaration (the frontend's checkpoints
+/// implement it).
+pub trait WeightLoader {
+    fn load_f32(&self, decl: &WeightDecl) -> Result<Vec<f32>, String>;
+}
+
+/// Runs the graphs of one module. Weights are loaded (and widened to f32) once.
+pub struct Interpreter<'m> {
+    module: &'m Module,
+    weights: HashMap<String, Arc<Tensor>>,
+}
+
+impl<'m> Interpreter<'m> {
+    pub fn new(module: &'m Module, loader: &dyn WeightLoader) -> Result<Self, InterpError> {
+        let mut weights = HashMap::new();
+        for g in &module.graphs {
+            for v in &g.values {
+                let ValueDef::Weight(name) = &v.def else { continue };
+                if weights.contains_key(name) {
+                    continue;
+                }
+                let decl = module
+                    .weight(name)
+                    .ok_or_else(|| InterpError(format!("@{name} is not a declared weight")))?;
+                let data = loader.load_f32(decl).map_err(|e| InterpError(format!("loading @{name}: {e}")))?;
+                if data.len() != decl.ty.numel() {
+                    return Err(InterpError(format!(
+                        "@{name}: loader gave {} elements for {}",
+                        data.len(),
+                        decl.ty
+                    )));
+                }
+                weights.insert(name.clone(), Arc::new(Tensor::f32(decl.ty.shape.clone(), data)));
+            }
+        }
+        Ok(Interpreter { module, weights })
+    }
+
+    pub fn module(&self) -> &Module {
+        self.module
+    }
+
+    /// Runs graph `name` on `inputs` (in the graph's input order) and returns its outputs.
+    pub fn run(&self, name: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, InterpError> {
+        let g = self.module.graph(name).ok_or_else(|| InterpError(format!("no graph `{name}`")))?;
+        if inputs.len() != g.inputs.len() {
+            return Err(InterpError(format!("graph `{name}` takes {} inputs, got {}", g.inputs.len(), inputs.len())));
+        }
+        let mut env: Vec<Option<Arc<Tensor>>> = vec![None; g.values.len()];
+        for (&id, t) in g.inputs.iter().zip(inputs) {
+            let want = g.ty(id);
+            let dtype_ok = t.dtype() == want.dtype || (t.dtype() == DType::F32 && want.dtype.is_float());
+            if t.shape != want.shape || !dtype_ok {
+                return Err(InterpError(format!(
+                    "input %{} must be {want}, got {}{:?}",
+                    g.value(id).name,
+                    t.dtype(),
+                    t.shape
+                )));
+            }
+            env[id.index()] = Some(Arc::new(t.clone()));
+        }
+        for (k, v) in g.values.iter().enumerate() {
+            if let ValueDef::Weight(w) = &v.def {
+                env[k] = Some(self.weights[w].clone());
+            }
+        }
+        // Free each intermediate after its last use so the peak stays near one layer's worth.
+        let mut last_use = vec![usize::MAX; g.values.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for &x in &n.inputs {
+                last_use[x.index()] = i;
+            }
+        }
+        for &o in &g.outputs {
+            last_use[o.index()] = usize::MAX;
+        }
+        for (i, node) in g.nodes.iter().enumerate() {
+            let args: Vec<&Tensor> = node
+                .inputs
+                .iter()
+                .map(|&x| env[x.index()].as_deref().expect("verified graph: operand defined"))
+                .collect();
+            let out = eval(&node.op, &args).map_err(|e| {
+                InterpError(format!("graph `{name}`, %{}: {}", g.value(node.output).name, e.0))
+            })?;
+            debug_assert_eq!(out.shape, g.ty(node.output).shape);
+            env[node.output.index()] = Some(Arc::new(out));
+            for &x in &node.inputs {
+                if last_use[x.index()] == i && !matches!(g.value(x).def, ValueDef::Weight(_)) {
+                    env[x.index()] = None;
+                }
+            }
+        }
+        Ok(g.outputs.iter().map(|&o| (*env[o.index()].clone().expect("output computed")).clone()).collect())
+    }
+}
+
+/// Evaluates one op.
+pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
+    let f = |i: usize| args[i].as_f32();
+    Ok(match op {
+        Op::Conv1d { stride, padding } => conv1d(args[0], args[1], f(2)?, *stride, *padding)?,
+        Op::Linear => linear(args[0], args[1], args.get(2).map(|b| b.as_f32()).transpose()?)?,
+        Op::MatMul { transpose_b } => matmul(args[0], args[1], *transpose_b)?,
+        Op::Add => broadcast(args[0], args[1], |a, b| a + b)?,
+        Op::Mul => broadcast(args[0], args[1], |a, b| a * b)?,
+        Op::Scale { factor } => Tensor::f32(args[0].shape.clone(), f(0)?.iter().map(|x| x * factor).collect()),
+        Op::Gelu => Tensor::f32(args[0].shape.clone(), f(0)?.iter().map(|&x| gelu(x)).collect()),
+        Op::LayerNorm { eps } => layer_norm(args[0], f(1)?, f(2)?, *eps)?,
+        Op::Softmax => softmax(args[0])?,
+        Op::Reshape { shape } => Tensor { shape: shape.clone(), data: args[0].data.clone() },
+        Op::Transpose { perm } => transpose(args[0], perm),
+        Op::Slice { axis, start, end } => slice(args[0], *axis, *start, *end),
+        Op::Gather => gather(args[0], args[1].as_i32()?)?,
+        Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, f(2)?)?,
+        Op::CausalMask { len } => {
+            let pos = position(args[0].as_i32()?, *len)?;
+            Tensor::f32([1, *len], (0..*len).map(|j| if j <= pos { 0.0 } else { f32::NEG_INFINITY }).collect())
+        }
+    })
+}
+
+fn position(ids: &[i32], len: usize) -> Result<usize, InterpError> {
+    match ids.first() {
+        Some(&p) if p >= 0 && (p as usize) < len => Ok(p as usize),
+        other => Err(InterpError(format!("position {other:?} is outside 0..{len}"))),
+    }
+}
+
+/// The exact GELU: `x/2 * (1 + erf(x/√2))`.
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Dot product with eight partial sums, which lets the compiler vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+fn conv1d(x: &Tensor, w: &Tensor, b: &[f32], stride: usize, pad: usize) -> Result<Tensor, InterpError> {
+    let (xd, wd) = (x.as_f32()?, w.as_f32()?);
+    let (cin, t) = (x.shape[0], x.shape[1]);
+    let (cout, k) = (w.shape[0], w.shape[2]);
+    let tout = (t + 2 * pad - k) / stride + 1;
+    let mut out = vec![0.0f32; cout * tout];
+    out.par_chunks_mut(tout).enumerate().for_each(|(co, row)| {
+        row.fill(b[co]);
+        for ci in 0..cin {
+            let xrow = &xd[ci * t..(ci + 1) * t];
+            for kk in 0..k {
+                let wv = wd[(co * cin + ci) * k + kk];
+                for (to, o) in row.iter_mut().enumerate() {
+                    // input index = to*stride + kk - pad, outside [0, t) is zero padding
+                    let ti = (to * stride + kk) as isize - pad as isize;
+                    if ti >= 0 && (ti as usize) < t {
+                        *o += wv * xrow[ti as usize];
+                    }
+                }
+            }
+        }
+    });
+    Ok(Tensor::f32([cout, tout], out))
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&[f32]>) -> Result<Tensor, InterpError> {
+    let (xd, wd) = (x.as_f32()?, w.as_f32()?);
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let m = xd.len() / k;
+    let mut out = vec![0.0f32; m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        let xr = &xd[i * k..(i + 1) * k];
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = dot(xr, &wd[j * k..(j + 1) * k]) + b.map_or(0.0, |b| b[j]);
+        }
+    });
+    let mut shape = x.shape.clone();
+    *shape.last_mut().unwrap() = n;
+    Ok(Tensor::f32(shape, out))
+}
+
+fn matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor, InterpError> {
+    let (ad, bd) = (a.as_f32()?, b.as_f32()?);
+    let (batch, m, k) = (a.shape[0], a.shape[1], a.shape[2]);
+    let n = if transpose_b { b.shape[1] } else { b.shape[2] };
+    let mut out = vec![0.0f32; batch * m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        let (bi, i) = (r / m, r % m);
+        let ar = &ad[(bi * m + i) * k..(bi * m + i + 1) * k];
+        let bm = &bd[bi * k * n..(bi + 1) * k * n];
+        if transpose_b {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = dot(ar, &bm[j * k..(j + 1) * k]);
+            }
+        } else {
+            for (kk, &av) in ar.iter().enumerate() {
+                for (o, &bv) in row.iter_mut().zip(&bm[kk * n..(kk + 1) * n]) {
+                    *o += av * bv;
+                }
+            }
+        }
+    });
+    Ok(Tensor::f32([batch, m, n], out))
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+fn broadcast(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor, InterpError> {
+    let (ad, bd) = (a.as_f32()?, b.as_f32()?);
+    if a.shape == b.shape {
+        return Ok(Tensor::f32(a.shape.clone(), ad.iter().zip(bd).map(|(&x, &y)| f(x, y)).collect()));
+    }
+    let shape = broadcast_shapes(&a.shape, &b.shape)
+        .ok_or_else(|| InterpError(format!("cannot broadcast {:?} with {:?}", a.shape, b.shape)))?;
+    let rank = shape.len();
+    // Strides of each operand in the output's index space; 0 along broadcast axes.
+    let bstrides = |s: &[usize]| -> Vec<usize> {
+        let own = strides(s);
+        (0..rank)
+            .map(|i| {
+                let off = rank - s.len();
+                if i < off || s[i - off] == 1 {
+                    0
+                } else {
+                    own[i - off]
+                }
+            })
+            .collect()
+    };
+    let (sa, sb, so) = (bstrides(&a.shape), bstrides(&b.shape), strides(&shape));
+    let n: usize = shape.iter().product();
+    let out = (0..n)
+        .map(|flat| {
+            let (mut ia, mut ib) = (0, 0);
+            for d in 0..rank {
+                let idx = (flat / so[d]) % shape[d];
+                ia += idx * sa[d];
+                ib += idx * sb[d];
+            }
+            f(ad[ia], bd[ib])
+        })
+        .collect();
+    Ok(Tensor::f32(shape, out))
+}
+
+fn layer_norm(x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> Result<Tensor, InterpError> {
+    let xd = x.as_f32()?;
+    let d = gamma.len();
+    let mut out = vec![0.0f32; xd.len()];
+    out.par_chunks_mut(d).zip(xd.par_chunks(d)).for_each(|(o, r)| {
+        let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for i in 0..d {
+            o[i] = ((r[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
+        }
+    });
+    Ok(Tensor::f32(x.shape.clone(), out))
+}
+
+fn softmax(x: &Tensor) -> Result<Tensor, InterpError> {
+    let xd = x.as_f32()?;
+    let d = *x.shape.last().unwrap();
+    let mut out = vec![0.0f32; xd.len()];
+    out.par_chunks_mut(d).zip(xd.par_chunks(d)).for_each(|(o, r)| {
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for (oi, &v) in o.iter_mut().zip(r) {
+            *oi = (v - max).exp();
+            sum += *oi;
+        }
+        for oi in o.iter_mut() {
+            *oi /= sum;
+        }
+    });
+    Ok(Tensor::f32(x.shape.clone(), out))
+}
+
+fn transpose(x: &Tensor, perm: &[usize]) -> Tensor {
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+    let (si, so) = (strides(&x.shape), strides(&shape));
+    let src_index = |flat: usize| -> usize {
+        (0..shape.len()).map(|d| ((flat / so[d]) % shape[d]) * si[perm[d]]).sum()
+    };
+    let n = x.shape.iter().product();
+    let data = match &x.data {
+        Data::F32(v) => Data::F32((0..n).map(|i| v[src_index(i)]).collect()),
+        Data::I32(v) => Data::I32((0..n).map(|i| v[src_index(i)]).collect()),
+    };
+    Tensor { shape, data }
+}
+
+fn slice(x: &Tensor, axis: usize, start: usize, end: usize) -> Tensor {
+    let outer: usize = x.shape[..axis].iter().product();
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let len = x.shape[axis];
+    fn pick<T: Copy>(v: &[T], outer: usize, len: usize, inner: usize, start: usize, end: usize) -> Vec<T> {
+        (0..outer).flat_map(|o| v[(o * len + start) * inner..(o * len + end) * inner].to_vec()).collect()
+    }
+    let mut shape = x.shape.clone();
+    shape[axis] = end - start;
+    let data = match &x.data {
+        Data::F32(v) => Data::F32(pick(v, outer, len, inner, start, end)),
+        Data::I32(v) => Data::I32(pick(v, outer, len, inner, start, end)),
+    };
+    Tensor { shape, data }
+}
+
+fn gather(table: &Tensor, ids: &[i32]) -> Result<Tensor, InterpError> {
+    let td = table.as_f32()?;
+    let (v, d) = (table.shape[0], table.shape[1]);
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        if id < 0 || id as usize >= v {
+            return Err(InterpError(format!("gather index {id} is outside 0..{v}")));
+        }
+        out.extend_from_slice(&td[id as usize * d..(id as usize + 1) * d]);
+    }
+    Ok(Tensor::f32([ids.len(), d], out))
+}
+
+fn scatter_row(cache: &Tensor, index: &[i32], row: &[f32]) -> Result<Tensor, InterpError> {
+    let (s, d) = (cache.shape[0], cache.shape[1]);
+    let i = position(index, s)?;
+    let mut out = cache.as_f32()?.to_vec();
+    out[i * d..(i + 1) * d].copy_from_slice(row);
+    Ok(Tensor::f32([s, d], out))
+}

@@ -1,0 +1,318 @@
+use crate::types::{DType, TensorType};
+
+/// The operations of the graph IR. Float ops compute in f32 whatever the storage type of
+/// their weight operands (f16/bf16 weights are widened on read); data-movement ops
+/// (`reshape`, `transpose`, `slice`) keep their input's dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// `x[Cin,T], w[Cout,Cin,K], b[Cout] -> [Cout, (T + 2*padding - K)/stride + 1]`, zero padding.
+    Conv1d { stride: usize, padding: usize },
+    /// `x[..., K], w[N, K] (, b[N]) -> [..., N]`: `x · wᵀ + b`, PyTorch's weight layout.
+    Linear,
+    /// Batched matrix product `a[B,M,K] · b[B,K,N] -> [B,M,N]`; with `transpose_b`, `b` is
+    /// `[B,N,K]` and is read transposed.
+    MatMul { transpose_b: bool },
+    /// Element-wise sum with numpy broadcasting.
+    Add,
+    /// Element-wise product with numpy broadcasting.
+    Mul,
+    /// Multiplication by a constant.
+    Scale { factor: f32 },
+    /// `x * 0.5 * (1 + erf(x / sqrt 2))`, the exact GELU Whisper uses.
+    Gelu,
+    /// Normalisation over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+    LayerNorm { eps: f32 },
+    /// Softmax over the last axis.
+    Softmax,
+    /// Same elements, another shape.
+    Reshape { shape: Vec<usize> },
+    /// Axis permutation: output axis `i` is input axis `perm[i]`.
+    Transpose { perm: Vec<usize> },
+    /// `x[start..end]` along `axis`.
+    Slice { axis: usize, start: usize, end: usize },
+    /// Row lookup: `table[V, D], ids i32[N] -> [N, D]`.
+    Gather,
+    /// `cache[S, D], index i32[1], row[1, D] -> [S, D]`: the cache with row `index` replaced.
+    ScatterRow,
+    /// `position i32[1] -> f32[1, len]`: 0 for columns `<= position`, -inf after (causal mask
+    /// of one decoding step over a static-length cache).
+    CausalMask { len: usize },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv1d { .. } => "conv1d",
+            Op::Linear => "linear",
+            Op::MatMul { .. } => "matmul",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Scale { .. } => "scale",
+            Op::Gelu => "gelu",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Softmax => "softmax",
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Slice { .. } => "slice",
+            Op::Gather => "gather",
+            Op::ScatterRow => "scatter_row",
+            Op::CausalMask { .. } => "causal_mask",
+        }
+    }
+
+    /// Attributes as `(key, value)` text pairs, in a fixed order (the text form).
+    pub fn attrs(&self) -> Vec<(&'static str, String)> {
+        fn list(v: &[usize]) -> String {
+            let items: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+            format!("[{}]", items.join(","))
+        }
+        match self {
+            Op::Conv1d { stride, padding } => {
+                vec![("stride", stride.to_string()), ("padding", padding.to_string())]
+            }
+            Op::MatMul { transpose_b } => vec![("transpose_b", transpose_b.to_string())],
+            // `{:?}` prints the shortest decimal that reads back to the same f32.
+            Op::Scale { factor } => vec![("factor", format!("{factor:?}"))],
+            Op::LayerNorm { eps } => vec![("eps", format!("{eps:?}"))],
+            Op::Reshape { shape } => vec![("shape", list(shape))],
+            Op::Transpose { perm } => vec![("perm", list(perm))],
+            Op::Slice { axis, start, end } => vec![
+                ("axis", axis.to_string()),
+                ("start", start.to_string()),
+                ("end", end.to_string()),
+            ],
+            Op::CausalMask { len } => vec![("len", len.to_string())],
+            Op::Linear | Op::Add | Op::Mul | Op::Gelu | Op::Softmax | Op::Gather | Op::ScatterRow => {
+                vec![]
+            }
+        }
+    }
+
+    /// Builds an op from its name and attributes (the inverse of [`Op::name`] + [`Op::attrs`]).
+    pub fn from_parts(name: &str, attrs: &[(String, String)]) -> Result<Op, String> {
+        let get = |key: &str| -> Result<&str, String> {
+            attrs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .ok_or_else(|| format!("op `{name}` needs attribute `{key}`"))
+        };
+        let usize_ = |key: &str| -> Result<usize, String> {
+            get(key)?.parse().map_err(|_| format!("attribute `{key}` of `{name}` is not an integer"))
+        };
+        let f32_ = |key: &str| -> Result<f32, String> {
+            get(key)?.parse().map_err(|_| format!("attribute `{key}` of `{name}` is not a number"))
+        };
+        let list = |key: &str| -> Result<Vec<usize>, String> {
+            let v = get(key)?;
+            let inner = v
+                .strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .ok_or_else(|| format!("attribute `{key}` of `{name}` is not a list"))?;
+            if inner.trim().is_empty() {
+                return Ok(vec![]);
+            }
+            inner
+                .split(',')
+                .map(|x| x.trim().parse().map_err(|_| format!("bad list item `{x}` in `{key}`")))
+                .collect()
+        };
+        let op = match name {
+            "conv1d" => Op::Conv1d { stride: usize_("stride")?, padding: usize_("padding")? },
+            "linear" => Op::Linear,
+            "matmul" => Op::MatMul {
+                transpose_b: match get("transpose_b")? {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(format!("transpose_b must be true or false, not `{other}`")),
+                },
+            },
+            "add" => Op::Add,
+            "mul" => Op::Mul,
+            "scale" => Op::Scale { factor: f32_("factor")? },
+            "gelu" => Op::Gelu,
+            "layer_norm" => Op::LayerNorm { eps: f32_("eps")? },
+            "softmax" => Op::Softmax,
+            "reshape" => Op::Reshape { shape: list("shape")? },
+            "transpose" => Op::Transpose { perm: list("perm")? },
+            "slice" => Op::Slice { axis: usize_("axis")?, start: usize_("start")?, end: usize_("end")? },
+            "gather" => Op::Gather,
+            "scatter_row" => Op::ScatterRow,
+            "causal_mask" => Op::CausalMask { len: usize_("len")? },
+            other => return Err(format!("unknown op `{other}`")),
+        };
+        let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
+        if let Some((k, _)) = attrs.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            return Err(format!("op `{name}` has no attribute `{k}`"));
+        }
+        Ok(op)
+    }
+
+    /// How many operands the op takes: `(min, max)`.
+    pub fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Conv1d { .. } | Op::LayerNorm { .. } | Op::ScatterRow => (3, 3),
+            Op::Linear => (2, 3),
+            Op::MatMul { .. } | Op::Add | Op::Mul | Op::Gather => (2, 2),
+            Op::Scale { .. }
+            | Op::Gelu
+            | Op::Softmax
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Slice { .. }
+            | Op::CausalMask { .. } => (1, 1),
+        }
+    }
+}
+
+/// Numpy broadcasting of two shapes.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+/// The result type of `op` applied to operands of the given types, or why it is ill-typed.
+pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String> {
+    let (lo, hi) = op.arity();
+    if inputs.len() < lo || inputs.len() > hi {
+        return Err(format!(
+            "{} takes {} operand(s), got {}",
+            op.name(),
+            if lo == hi { lo.to_string() } else { format!("{lo} to {hi}") },
+            inputs.len()
+        ));
+    }
+    let float = |i: usize| -> Result<&TensorType, String> {
+        if inputs[i].dtype.is_float() {
+            Ok(inputs[i])
+        } else {
+            Err(format!("operand {i} of {} must be a float tensor, got {}", op.name(), inputs[i]))
+        }
+    };
+    let int_scalar = |i: usize| -> Result<(), String> {
+        if inputs[i].dtype == DType::I32 && inputs[i].shape == [1] {
+            Ok(())
+        } else {
+            Err(format!("operand {i} of {} must be i32[1], got {}", op.name(), inputs[i]))
+        }
+    };
+    let shape_err = || {
+        let tys: Vec<String> = inputs.iter().map(|t| t.to_string()).collect();
+        format!("{} cannot take operands ({})", op.name(), tys.join(", "))
+    };
+    match op {
+        Op::Conv1d { stride, padding } => {
+            let (x, w, b) = (float(0)?, float(1)?, float(2)?);
+            if x.rank() != 2 || w.rank() != 3 || b.shape != [w.shape[0]] || w.shape[1] != x.shape[0] {
+                return Err(shape_err());
+            }
+            let k = w.shape[2];
+            if *stride == 0 || x.shape[1] + 2 * padding < k {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([w.shape[0], (x.shape[1] + 2 * padding - k) / stride + 1]))
+        }
+        Op::Linear => {
+            let (x, w) = (float(0)?, float(1)?);
+            if x.rank() < 1 || w.rank() != 2 || x.shape[x.rank() - 1] != w.shape[1] {
+                return Err(shape_err());
+            }
+            if inputs.len() == 3 && float(2)?.shape != [w.shape[0]] {
+                return Err(shape_err());
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().unwrap() = w.shape[0];
+            Ok(TensorType::f32(shape))
+        }
+        Op::MatMul { transpose_b } => {
+            let (a, b) = (float(0)?, float(1)?);
+            if a.rank() != 3 || b.rank() != 3 || a.shape[0] != b.shape[0] {
+                return Err(shape_err());
+            }
+            let (bk, bn) = if *transpose_b { (b.shape[2], b.shape[1]) } else { (b.shape[1], b.shape[2]) };
+            if a.shape[2] != bk {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([a.shape[0], a.shape[1], bn]))
+        }
+        Op::Add | Op::Mul => {
+            let (a, b) = (float(0)?, float(1)?);
+            broadcast_shapes(&a.shape, &b.shape).map(TensorType::f32).ok_or_else(shape_err)
+        }
+        Op::Scale { .. } | Op::Gelu => Ok(TensorType::f32(float(0)?.shape.clone())),
+        Op::Softmax => {
+            let x = float(0)?;
+            if x.rank() == 0 {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32(x.shape.clone()))
+        }
+        Op::LayerNorm { .. } => {
+            let (x, g, b) = (float(0)?, float(1)?, float(2)?);
+            let d = *x.shape.last().ok_or_else(shape_err)?;
+            if g.shape != [d] || b.shape != [d] {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32(x.shape.clone()))
+        }
+        Op::Reshape { shape } => {
+            let x = inputs[0];
+            if shape.iter().product::<usize>() != x.numel() {
+                return Err(format!("reshape of {x} to {shape:?} changes the element count"));
+            }
+            Ok(TensorType::new(x.dtype, shape.clone()))
+        }
+        Op::Transpose { perm } => {
+            let x = inputs[0];
+            let mut seen = vec![false; x.rank()];
+            if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+                return Err(format!("transpose perm {perm:?} is not a permutation of the axes of {x}"));
+            }
+            Ok(TensorType::new(x.dtype, perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>()))
+        }
+        Op::Slice { axis, start, end } => {
+            let x = inputs[0];
+            if *axis >= x.rank() || start >= end || *end > x.shape[*axis] {
+                return Err(format!("slice [{start}..{end}] on axis {axis} is out of bounds of {x}"));
+            }
+            let mut shape = x.shape.clone();
+            shape[*axis] = end - start;
+            Ok(TensorType::new(x.dtype, shape))
+        }
+        Op::Gather => {
+            let table = float(0)?;
+            let ids = inputs[1];
+            if table.rank() != 2 || ids.dtype != DType::I32 || ids.rank() != 1 {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([ids.shape[0], table.shape[1]]))
+        }
+        Op::ScatterRow => {
+            let cache = float(0)?;
+            int_scalar(1)?;
+            let row = float(2)?;
+            if cache.rank() != 2 || row.shape != [1, cache.shape[1]] {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32(cache.shape.clone()))
+        }
+        Op::CausalMask { len } => {
+            int_scalar(0)?;
+            if *len == 0 {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([1, *len]))
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Decoding strategies over any model that can run one decoder step.
+
+use crate::tokenizer::GenerationConfig;
+
+/// A Whisper decoder with its self-attention cache: `step` feeds one token at one position
+/// and returns the logits for the next token. Positions are fed in order from 0; feeding
+/// position 0 again starts a new sequence (the cache is overwritten position by position).
+pub trait Decoder {
+    fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("decoder step at position {position}: {msg}")]
+    Step { position: usize, msg: String },
+    #[error("the prompt ({0} tokens) does not fit the decoder's context")]
+    PromptTooLong(usize),
+    #[error("this model has no language tokens to detect a language with")]
+    NoLanguages,
+}
+
+/// Whisper's cap on generated tokens per 30 s window (openai-whisper's `sample_len`): half
+/// the text context. A model that never emits end-of-text stops here.
+pub fn max_new_tokens(cfg: &GenerationConfig) -> usize {
+    cfg.max_text_ctx / 2
+}
+
+fn step(dec: &mut dyn Decoder, token: u32, position: usize, logits: &mut Vec<f32>) -> Result<(), DecodeError> {
+    let out = dec.step(token, position).map_err(|msg| DecodeError::Step { position, msg })?;
+    logits.clear();
+    logits.extend_from_slice(out);
+    Ok(())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    // First maximum on ties, as torch.argmax / CTranslate2 do.
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The prompt that starts a transcription: `<|startoftranscript|>`, then for multilingual
+/// models the language and task tokens, then `<|notimestamps|>`.
+pub fn transcribe_prompt(cfg: &GenerationConfig, language: Option<u32>, translate: bool) -> Vec<u32> {
+    let s = &cfg.special;
+    let mut p = vec![s.sot];
+    if cfg.multilingual {
+        p.push(language.unwrap_or(s.sot + 1));
+        p.push(if translate { s.translate } else { s.transcribe });
+    }
+    p.push(s.no_timestamps);
+    p
+}
+
+/// Greedy decoding: feeds `prompt`, then repeatedly takes the most likely token that is not
+/// suppressed until end-of-text, the per-window cap, or the end of the context. Returns the
+/// generated tokens without the prompt and without end-of-text.
+pub fn greedy(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u32]) -> Result<Vec<u32>, DecodeError> {
+    if prompt.is_empty() || prompt.len() >= cfg.max_text_ctx {
+        return Err(DecodeError::PromptTooLong(prompt.len()));
+    }
+    let mut logits = Vec::new();
+    for (pos, &t) in prompt.iter().enumerate() {
+        step(dec, t, pos, &mut logits)?;
+    }
+    let cap = max_new_tokens(cfg).min(cfg.max_text_ctx - prompt.len());
+    let mut out = Vec::new();
+    while out.len() < cap {
+        for &t in &cfg.suppress {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if out.is_empty() {
+            for &t in &cfg.suppress_begin {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let next = argmax(&logits);
+        if next == cfg.special.eot {
+            break;
+        }
+        out.push(next);
+        let pos = prompt.len() + out.len() - 1;
+        if pos + 1 >= cfg.max_text_ctx {
+            break;
+        }
+        step(dec, next, pos, &mut logits)?;
+    }
+    Ok(out)
+}
+
+/// Language identification: one step on `<|startoftranscript|>`, then the most likely
+/// language token. Returns `(code, token)`.
+pub fn detect_language(dec: &mut dyn Decoder, cfg: &GenerationConfig) -> Result<(String, u32), DecodeError> {
+    let mut logits = Vec::new();
+    step(dec, cfg.special.sot, 0, &mut logits)?;
+    cfg.languages
+        .iter()
+        .filter(|(_, id)| (*id as usize) < logits.len())
+        .max_by(|a, b| logits[a.1 as usize].total_cmp(&logits[b.1 as usize]))
+        .cloned()
+        .ok_or(DecodeError::NoLanguages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::SpecialTokens;
+
+    /// A decoder whose logits prefer a scripted token at each position.
+    struct Scripted {
+        script: Vec<u32>,
+        logits: Vec<f32>,
+        seen: Vec<(u32, usize)>,
+    }
+
+    impl Decoder for Scripted {
+        fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
+            self.seen.push((token, position));
+            self.logits = vec![0.0; 10];
+            let want = self.script.get(position).copied().unwrap_or(0);
+            self.logits[want as usize] = 5.0;
+            self.logits[7] = 4.0; // the runner-up everywhere
+            Ok(&self.logits)
+        }
+    }
+
+    fn cfg() -> GenerationConfig {
+        GenerationConfig {
+            special: SpecialTokens { eot: 0, sot: 1, transcribe: 2, translate: 3, no_timestamps: 4, timestamp_begin: 5 },
+            multilingual: false,
+            languages: vec![],
+            suppress: vec![9],
+            suppress_begin: vec![6],
+            max_text_ctx: 16,
+        }
+    }
+
+    #[test]
+    fn greedy_feeds_positions_in_order_and_applies_suppression() {
+        // prompt [1, 4] at positions 0, 1; script says: after pos 1 → 6 (suppressed at the
+        // start, so the runner-up 7 wins), after pos 2 → 9 (always suppressed → 7), then 8, then eot.
+        let mut d = Scripted { script: vec![0, 6, 9, 8, 0], logits: vec![], seen: vec![] };
+        let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
+        assert_eq!(out, vec![7, 7, 8]);
+        assert_eq!(d.seen, vec![(1, 0), (4, 1), (7, 2), (7, 3), (8, 4)]);
+    }
+
+    #[test]
+    fn greedy_stops_at_the_cap_when_eot_never_comes() {
+        let mut d = Scripted { script: vec![8; 64], logits: vec![], seen: vec![] };
+        let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
+        assert_eq!(out.len(), max_new_tokens(&cfg()));
+    }
+}

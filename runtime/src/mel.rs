@@ -1,0 +1,157 @@
+//! Whisper's log-mel spectrogram, following openai-whisper (`whisper/audio.py`): a periodic
+//! Hann window of 400 samples, hop 160, centred frames with reflect padding, power spectrum,
+//! Slaney-normalised mel filters on the Slaney mel scale (librosa's defaults, computed here),
+//! `log10(max(x, 1e-10))`, clamped to `max - 8`, then `(x + 4) / 4`.
+//!
+//! Padding convention: openai-whisper's. The audio is extended by 30 s of zeros *before* the
+//! STFT, so the frames after the speech hold the log-mel of silence (faster-whisper instead
+//! pads with zeros in the log-mel domain, which changes tiny.en's greedy text).
+
+use std::f64::consts::PI;
+
+use rustfft::num_complex::Complex;
+use rustfft::FftPlanner;
+
+use crate::{HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE};
+
+const N_FREQS: usize = N_FFT / 2 + 1;
+
+fn hz_to_mel(hz: f64) -> f64 {
+    // Slaney: linear below 1 kHz, logarithmic above.
+    let (f_sp, min_log_hz, min_log_mel, logstep) = (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
+    if hz >= min_log_hz {
+        min_log_mel + (hz / min_log_hz).ln() / logstep
+    } else {
+        hz / f_sp
+    }
+}
+
+fn mel_to_hz(mel: f64) -> f64 {
+    let (f_sp, min_log_hz, min_log_mel, logstep) = (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
+    if mel >= min_log_mel {
+        min_log_hz * (logstep * (mel - min_log_mel)).exp()
+    } else {
+        f_sp * mel
+    }
+}
+
+/// The `[n_mels, 201]` filter bank (librosa.filters.mel with sr 16000, n_fft 400, htk=False,
+/// norm="slaney"), row-major.
+pub fn mel_filters(n_mels: usize) -> Vec<f64> {
+    let sr = SAMPLE_RATE as f64;
+    let fft_freqs: Vec<f64> = (0..N_FREQS).map(|i| i as f64 * sr / N_FFT as f64).collect();
+    let (lo, hi) = (hz_to_mel(0.0), hz_to_mel(sr / 2.0));
+    let mel_f: Vec<f64> =
+        (0..n_mels + 2).map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64)).collect();
+    let mut w = vec![0.0; n_mels * N_FREQS];
+    for m in 0..n_mels {
+        let (f0, f1, f2) = (mel_f[m], mel_f[m + 1], mel_f[m + 2]);
+        let enorm = 2.0 / (f2 - f0);
+        for (k, &f) in fft_freqs.iter().enumerate() {
+            let lower = (f - f0) / (f1 - f0);
+            let upper = (f2 - f) / (f2 - f1);
+            w[m * N_FREQS + k] = lower.min(upper).max(0.0) * enorm;
+        }
+    }
+    w
+}
+
+/// Log-mel features `[n_mels, frames]` (row-major) of 16 kHz mono `samples`, with
+/// openai-whisper's padding: the audio followed by 30 s of zeros, cut to `frames` columns.
+pub fn log_mel_spectrogram(samples: &[f32], n_mels: usize, frames: usize) -> Vec<f32> {
+    let mut audio: Vec<f64> = samples.iter().map(|&x| x as f64).collect();
+    audio.resize(samples.len() + N_SAMPLES, 0.0);
+    let power = power_spectrogram(&audio);
+    let n_total = power.len() / N_FREQS;
+    let filters = mel_filters(n_mels);
+    let mut logmel = vec![0.0f64; n_mels * n_total];
+    for t in 0..n_total {
+        let spec = &power[t * N_FREQS..(t + 1) * N_FREQS];
+        for m in 0..n_mels {
+            let row = &filters[m * N_FREQS..(m + 1) * N_FREQS];
+            let e: f64 = row.iter().zip(spec).map(|(a, b)| a * b).sum();
+            logmel[m * n_total + t] = e.max(1e-10).log10();
+        }
+    }
+    let max = logmel.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut out = vec![0.0f32; n_mels * frames];
+    for m in 0..n_mels {
+        for t in 0..frames.min(n_total) {
+            let v = logmel[m * n_total + t].max(max - 8.0);
+            out[m * frames + t] = ((v + 4.0) / 4.0) as f32;
+        }
+    }
+    out
+}
+
+/// `|STFT|²` with centred frames, reflect padding and a periodic Hann window; the last frame
+/// is dropped as openai-whisper does. Returns `[frames, 201]` row-major.
+fn power_spectrogram(audio: &[f64]) -> Vec<f64> {
+    let half = N_FFT / 2;
+    let n = audio.len();
+    assert!(n > half, "audio is padded by 30 s, so it is always longer than one window");
+    let reflect = |i: isize| -> f64 {
+        let j = if i < 0 {
+            (-i) as usize
+        } else if i as usize >= n {
+            2 * (n - 1) - i as usize
+        } else {
+            i as usize
+        };
+        audio[j]
+    };
+    let window: Vec<f64> = (0..N_FFT).map(|i| 0.5 - 0.5 * (2.0 * PI * i as f64 / N_FFT as f64).cos()).collect();
+    let frames = n / HOP_LENGTH; // 1 + n/hop frames, minus the dropped last one
+    let fft = FftPlanner::<f64>::new().plan_fft_forward(N_FFT);
+    let mut buf = vec![Complex::new(0.0, 0.0); N_FFT];
+    let mut scratch = vec![Complex::new(0.0, 0.0); fft.get_inplace_scratch_len()];
+    let mut out = vec![0.0; frames * N_FREQS];
+    for t in 0..frames {
+        let start = (t * HOP_LENGTH) as isize - half as isize;
+        for (k, b) in buf.iter_mut().enumerate() {
+            *b = Complex::new(reflect(start + k as isize) * window[k], 0.0);
+        }
+        fft.process_with_scratch(&mut buf, &mut scratch);
+        for (k, o) in out[t * N_FREQS..(t + 1) * N_FREQS].iter_mut().enumerate() {
+            *o = buf[k].norm_sqr();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slaney_scale_round_trips_and_is_linear_below_1khz() {
+        for hz in [0.0, 100.0, 999.0, 1000.0, 4000.0, 8000.0] {
+            assert!((mel_to_hz(hz_to_mel(hz)) - hz).abs() < 1e-9);
+        }
+        assert!((hz_to_mel(500.0) - 7.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn filters_are_triangles_with_slaney_area() {
+        let f = mel_filters(80);
+        // Each triangle peaks at its centre frequency and is zero far from it; with Slaney
+        // normalisation its integral over Hz is 1, so the sum over bins is 1 / bin width.
+        for m in 0..80 {
+            let row = &f[m * N_FREQS..(m + 1) * N_FREQS];
+            assert!(row.iter().all(|&v| v >= 0.0));
+            assert!(row.iter().any(|&v| v > 0.0), "filter {m} is empty");
+        }
+        let sum_mid: f64 = f[40 * N_FREQS..41 * N_FREQS].iter().sum();
+        assert!((sum_mid * 40.0 - 1.0).abs() < 0.1, "{sum_mid}");
+    }
+
+    #[test]
+    fn a_pure_tone_lands_in_the_right_mel_band() {
+        let tone: Vec<f32> = (0..16000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin()).collect();
+        let mel = log_mel_spectrogram(&tone, 80, 100);
+        let col: Vec<f32> = (0..80).map(|m| mel[m * 100 + 50]).collect();
+        let best = col.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let centre_hz = |m: usize| mel_to_hz(hz_to_mel(8000.0) * (m + 1) as f64 / 81.0);
+        assert!((centre_hz(best) - 1000.0).abs() < 60.0, "peak at band {best} ({} Hz)", centre_hz(best));
+    }
+}
