@@ -8,7 +8,9 @@
 pub mod audio;
 pub mod decode;
 pub mod mel;
+pub mod npy;
 pub mod tokenizer;
+pub mod transcribe;
 
 /// Whisper's fixed audio constants.
 pub const SAMPLE_RATE: u32 = 16_000;
