@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Independent references for wcc's tests, run from the venv that scripts/setup-reference makes.
+
+  mel AUDIO.wav --n-mels N -o OUT.npy      faster-whisper's FeatureExtractor, openai-whisper's padding
+                                            (30 s of zero audio before the STFT), first 3000 frames
+  encode MODEL_DIR MEL.npy -o OUT.npy      CTranslate2 float32 encoder output [frames/2, d]
+  greedy MODEL_DIR MEL.npy --prompt IDS    CTranslate2 float32 greedy ids (JSON list, no prompt, no EOT)
+  hf-encode HF_DIR MEL.npy -o OUT.npy      a plain numpy Whisper encoder over a Hugging Face safetensors
+                                            checkpoint (checks wcc's converter independently of wcc)
+"""
+import argparse
+import json
+import sys
+import wave
+
+import numpy as np
+
+N_SAMPLES = 480000
+
+
+def read_wav(path):
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2:
+            sys.exit("reference.py reads 16-bit WAV only")
+        if w.getframerate() != 16000:
+            sys.exit("reference.py reads 16 kHz WAV only")
+        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+        ch = w.getnchannels()
+        return x.reshape(-1, ch).mean(axis=1) if ch > 1 else x
+
+
+def cmd_mel(a):
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    audio = read_wav(a.audio)
+    fe = FeatureExtractor(feature_size=a.n_mels)
+    # padding=N_SAMPLES appends 30 s of zeros before the STFT: openai-whisper's convention.
+    mel = fe(audio, padding=N_SAMPLES)[:, :3000]
+    np.save(a.output, np.ascontiguousarray(mel, dtype=np.float32))
+
+
+def whisper(model_dir):
+    import ctranslate2
+
+    return ctranslate2.models.Whisper(model_dir, device="cpu", compute_type="float32", intra_threads=2)
+
+
+def features(path):
+    import ctranslate2
+
+    mel = np.load(path).astype(np.float32)
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None]))
+
+
+def cmd_encode(a):
+    out = whisper(a.model).encode(features(a.mel), to_cpu=True)
+    np.save(a.output, np.asarray(out)[0].astype(np.float32))
+
+
+def cmd_greedy(a):
+    prompt = [int(t) for t in a.prompt.split(",")]
+    r = whisper(a.model).generate(
+        features(a.mel), [prompt], beam_size=1, max_length=a.max_length, suppress_blank=True, suppress_tokens=[-1]
+    )[0]
+    print(json.dumps(r.sequences_ids[0]))
+
+
+def erf(x):
+    # Abramowitz & Stegun 7.1.26, |error| < 1.5e-7: ample for a 1e-3 comparison.
+    s = np.sign(x)
+    x = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * np.exp(-x * x)
+    return s * y
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+def layer_norm(x, w, b, eps=1e-5):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * w + b
+
+
+def conv1d(x, w, b, stride):
+    # x [Cin, T], w [Cout, Cin, K], padding 1
+    k = w.shape[2]
+    xp = np.pad(x, ((0, 0), (1, 1)))
+    t_out = (xp.shape[1] - k) // stride + 1
+    cols = np.stack([xp[:, i : i + (t_out - 1) * stride + 1 : stride] for i in range(k)], axis=1)
+    return np.einsum("oik,ikt->ot", w, cols) + b[:, None]
+
+
+def cmd_hf_encode(a):
+    from safetensors.numpy import load_file
+
+    cfg = json.load(open(f"{a.model}/config.json"))
+    t = {k.removeprefix("model."): v.astype(np.float64) for k, v in load_file(f"{a.model}/model.safetensors").items()}
+    heads = cfg["encoder_attention_heads"]
+    x = np.load(a.mel).astype(np.float64)
+    x = gelu(conv1d(x, t["encoder.conv1.weight"], t["encoder.conv1.bias"], 1))
+    x = gelu(conv1d(x, t["encoder.conv2.weight"], t["encoder.conv2.bias"], 2)).T
+    x = x + t["encoder.embed_positions.weight"][: x.shape[0]]
+    n, d = x.shape
+    dh = d // heads
+    for i in range(cfg["encoder_layers"]):
+        p = f"encoder.layers.{i}."
+        h = layer_norm(x, t[p + "self_attn_layer_norm.weight"], t[p + "self_attn_layer_norm.bias"])
+        q = (h @ t[p + "self_attn.q_proj.weight"].T + t[p + "self_attn.q_proj.bias"]) * dh**-0.5
+        k = h @ t[p + "self_attn.k_proj.weight"].T
+        v = h @ t[p + "self_attn.v_proj.weight"].T + t[p + "self_attn.v_proj.bias"]
+        q, k, v = (z.reshape(n, heads, dh).transpose(1, 0, 2) for z in (q, k, v))
+        s = q @ k.transpose(0, 2, 1)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = (s @ v).transpose(1, 0, 2).reshape(n, d)
+        x = x + o @ t[p + "self_attn.out_proj.weight"].T + t[p + "self_attn.out_proj.bias"]
+        h = layer_norm(x, t[p + "final_layer_norm.weight"], t[p + "final_layer_norm.bias"])
+        h = gelu(h @ t[p + "fc1.weight"].T + t[p + "fc1.bias"])
+        x = x + h @ t[p + "fc2.weight"].T + t[p + "fc2.bias"]
+    x = layer_norm(x, t["encoder.layer_norm.weight"], t["encoder.layer_norm.bias"])
+    np.save(a.output, x.astype(np.float32))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("mel")
+    p.add_argument("audio")
+    p.add_argument("--n-mels", type=int, default=80)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(f=cmd_mel)
+    for name, f in (("encode", cmd_encode), ("hf-encode", cmd_hf_encode)):
+        p = sub.add_parser(name)
+        p.add_argument("model")
+        p.add_argument("mel")
+        p.add_argument("-o", "--output", required=True)
+        p.set_defaults(f=f)
+    p = sub.add_parser("greedy")
+    p.add_argument("model")
+    p.add_argument("mel")
+    p.add_argument("--prompt", required=True, help="comma-separated token ids")
+    p.add_argument("--max-length", type=int, default=224)
+    p.set_defaults(f=cmd_greedy)
+    a = ap.parse_args()
+    a.f(a)
+
+
+if __name__ == "__main__":
+    main()
