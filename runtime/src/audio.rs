@@ -21,6 +21,12 @@ pub enum AudioError {
 pub fn load_audio(path: &Path) -> Result<Vec<f32>, AudioError> {
     let p = path.display().to_string();
     let read_err = |msg: String| AudioError::Read { path: p.clone(), msg };
+    match std::fs::metadata(path) {
+        Err(e) => return Err(read_err(e.to_string())),
+        Ok(m) if m.is_dir() => return Err(read_err("is a directory".into())),
+        Ok(m) if m.len() == 0 => return Err(AudioError::Empty { path: p }),
+        Ok(_) => {}
+    }
     let mut reader = hound::WavReader::open(path).map_err(|e| read_err(describe_hound(e)))?;
     let spec = reader.spec();
     let channels = spec.channels as usize;

@@ -1,0 +1,127 @@
+//! Bad input gets a one-line error and exit status 1, never a panic, and nothing the user
+//! had is overwritten.
+
+mod common;
+use common::*;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+
+/// Rewrites `dir/model.safetensors`, letting `edit` drop (None) or replace tensors.
+fn rewrite_safetensors(dir: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some(shape) = edit(&name, view.shape().to_vec()) {
+            let n: usize = shape.iter().product();
+            let mut data = view.data().to_vec();
+            data.resize(n * view.dtype().size(), 0);
+            owned.push((name, view.dtype(), shape, data));
+        }
+    }
+    let views: HashMap<String, TensorView> =
+        owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(&views, None, &path).unwrap();
+}
+
+fn random_tiny(dir: &Path) {
+    wcc_ok(&["checkpoint", "random", "--size", "tiny", "--seed", "3", "-o", p(dir)]);
+    // A readable checkpoint needs no tokenizer for `wcc ir`.
+    let e = wcc_ok(&["ir", "--model", p(dir), "--graph", "encoder"]);
+    assert!(e.contains("graph encoder"));
+}
+
+#[test]
+fn checkpoint_with_a_missing_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    random_tiny(&dir);
+    rewrite_safetensors(&dir, |name, shape| (name != "model.encoder.layers.1.self_attn.v_proj.bias").then_some(shape));
+    let e = wcc_err(&["ir", "--model", p(&dir)]);
+    assert!(e.contains("encoder.layers.1.self_attn.v_proj.bias") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn checkpoint_with_a_misshapen_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    random_tiny(&dir);
+    rewrite_safetensors(&dir, |name, shape| {
+        Some(if name == "model.decoder.layers.0.fc2.weight" { vec![shape[0], shape[1] - 1] } else { shape })
+    });
+    let e = wcc_err(&["ir", "--model", p(&dir)]);
+    assert!(e.contains("decoder.layers.0.fc2.weight") && e.contains("[384, 1535]") && e.contains("[384, 1536]"), "{e}");
+}
+
+#[test]
+fn truncated_ctranslate2_model_bin() {
+    let src = model_dir("tiny.en");
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = std::fs::read(src.join("model.bin")).unwrap();
+    for cut in [0, 7, 100, bin.len() / 2, bin.len() - 1] {
+        let dir = tmp.path().join(format!("cut{cut}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::write(dir.join("model.bin"), &bin[..cut]).unwrap();
+        let e = wcc_err(&["ir", "--model", p(&dir)]);
+        assert!(e.contains("truncated"), "cut at {cut}: {e}");
+        let e = wcc_err(&["transcribe", "--interpret", "--model", p(&dir), p(&jfk())]);
+        assert!(e.contains("truncated"), "cut at {cut}: {e}");
+    }
+}
+
+#[test]
+fn empty_and_non_audio_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.wav");
+    std::fs::write(&empty, b"").unwrap();
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "tiny.en", p(&empty)]);
+    assert!(e.contains("no audio samples"), "{e}");
+
+    let text = tmp.path().join("notes.wav");
+    std::fs::write(&text, b"these are not the samples you are looking for\n").unwrap();
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "tiny.en", p(&text)]);
+    assert!(e.contains("not a valid WAV file"), "{e}");
+
+    let silent = tmp.path().join("zero-samples.wav");
+    let spec = hound::WavSpec { channels: 1, sample_rate: 16000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    hound::WavWriter::create(&silent, spec).unwrap().finalize().unwrap();
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "tiny.en", p(&silent)]);
+    assert!(e.contains("no audio samples"), "{e}");
+
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "tiny.en", p(&tmp.path().join("absent.wav"))]);
+    assert!(e.contains("absent.wav"), "{e}");
+}
+
+#[test]
+fn unknown_model_names_and_directories() {
+    let e = wcc_err(&["ir", "--model", "tiny.nope"]);
+    assert!(e.contains("model `tiny.nope` not found") && e.contains("fetch-models"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let e = wcc_err(&["ir", "--model", p(tmp.path())]);
+    assert!(e.contains("not a Whisper checkpoint"), "{e}");
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "small", p(&jfk())]);
+    assert!(e.contains("model `small` not found"), "{e}");
+}
+
+#[test]
+fn writing_a_checkpoint_never_overwrites_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    random_tiny(&dir);
+    let before = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let e = wcc_err(&["checkpoint", "random", "--size", "tiny", "--seed", "4", "-o", p(&dir)]);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    let e = wcc_err(&["checkpoint", "convert", "--model", "tiny.en", "-o", p(&dir)]);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    assert!(std::fs::read(dir.join("model.safetensors")).unwrap() == before);
+    let e = wcc_err(&["checkpoint", "random", "--size", "huge", "-o", p(&tmp.path().join("x"))]);
+    assert!(e.contains("unknown model size `huge`"), "{e}");
+}
