@@ -30,15 +30,28 @@ pub struct Stats {
 
 impl<'m> InterpretedModel<'m> {
     pub fn new(module: &'m Module, weights: &dyn WeightLoader) -> Result<Self, String> {
-        let enc = module.graph("encoder").ok_or("the module has no `encoder` graph")?;
-        module.graph("decoder_step").ok_or("the module has no `decoder_step` graph")?;
+        let enc = module
+            .graph("encoder")
+            .ok_or("the module has no `encoder` graph")?;
+        module
+            .graph("decoder_step")
+            .ok_or("the module has no `decoder_step` graph")?;
         let mel = enc.ty(*enc.inputs.first().ok_or("the encoder has no input")?);
         if mel.rank() != 2 {
-            return Err(format!("the encoder input is {mel}, expected [n_mels, frames]"));
+            return Err(format!(
+                "the encoder input is {mel}, expected [n_mels, frames]"
+            ));
         }
         let input_shape = (mel.shape[0], mel.shape[1]);
         let interp = Interpreter::new(module, weights).map_err(|e| e.to_string())?;
-        Ok(InterpretedModel { interp, input_shape, encoder_out: HashMap::new(), state: HashMap::new(), logits: vec![], stats: Stats::default() })
+        Ok(InterpretedModel {
+            interp,
+            input_shape,
+            encoder_out: HashMap::new(),
+            state: HashMap::new(),
+            logits: vec![],
+            stats: Stats::default(),
+        })
     }
 
     /// The encoder's outputs after the last [`WhisperModel::encode`], by name.
@@ -61,10 +74,18 @@ impl WhisperModel for InterpretedModel<'_> {
         let enc = module.graph("encoder").expect("checked in new");
         let input = Tensor::f32([self.input_shape.0, self.input_shape.1], mel.to_vec());
         let t0 = std::time::Instant::now();
-        let outs = self.interp.run("encoder", &[input]).map_err(|e| e.to_string())?;
+        let outs = self
+            .interp
+            .run("encoder", &[input])
+            .map_err(|e| e.to_string())?;
         self.stats.encode_s += t0.elapsed().as_secs_f64();
         self.stats.encodes += 1;
-        self.encoder_out = enc.outputs.iter().map(|&o| enc.value(o).name.clone()).zip(outs).collect();
+        self.encoder_out = enc
+            .outputs
+            .iter()
+            .map(|&o| enc.value(o).name.clone())
+            .zip(outs)
+            .collect();
         // A new window starts a new sequence: empty caches.
         self.state.clear();
         Ok(())
@@ -91,7 +112,10 @@ impl Decoder for InterpretedModel<'_> {
             inputs.push(t);
         }
         let t0 = std::time::Instant::now();
-        let outs = self.interp.run("decoder_step", &inputs).map_err(|e| e.to_string())?;
+        let outs = self
+            .interp
+            .run("decoder_step", &inputs)
+            .map_err(|e| e.to_string())?;
         self.stats.step_s += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
         let mut logits = None;

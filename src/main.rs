@@ -10,7 +10,11 @@ use wcc::interpret::InterpretedModel;
 use wcc_runtime::transcribe::{transcribe, TranscribeOptions};
 
 #[derive(Parser)]
-#[command(name = "wcc", version, about = "An ahead-of-time compiler for Whisper speech recognition")]
+#[command(
+    name = "wcc",
+    version,
+    about = "An ahead-of-time compiler for Whisper speech recognition"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -107,7 +111,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Ir { model, graph, format, passes } => {
+        Command::Ir {
+            model,
+            graph,
+            format,
+            passes,
+        } => {
             let passes: Vec<&str> = passes.iter().map(String::as_str).collect();
             let module = wcc::module_after(&model, &passes)?;
             let graphs: Vec<&wcc_ir::Graph> = match &graph {
@@ -123,7 +132,14 @@ fn run(cli: Cli) -> Result<()> {
                 (IrFormat::Dot, _) => graphs.iter().for_each(|g| print!("{}", wcc_ir::to_dot(g))),
             }
         }
-        Command::Transcribe { interpret, model, language, translate, json, audio } => {
+        Command::Transcribe {
+            interpret,
+            model,
+            language,
+            translate,
+            json,
+            audio,
+        } => {
             if !interpret {
                 bail!("only the interpreter path exists so far: add --interpret");
             }
@@ -132,9 +148,13 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = wcc::load_model(&model)?;
             let (tokenizer, cfg) = loaded.generation()?;
             let module = wcc_passes::run(loaded.module, wcc::INTERPRETER_PASSES)?;
-            let mut m = InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
+            let mut m =
+                InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
             let load_s = t0.elapsed().as_secs_f64();
-            let opts = TranscribeOptions { language, translate };
+            let opts = TranscribeOptions {
+                language,
+                translate,
+            };
             let t1 = Instant::now();
             let out = transcribe(&mut m, &tokenizer, &cfg, &samples, &opts)?;
             let run_s = t1.elapsed().as_secs_f64();
@@ -157,7 +177,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", out.text());
             }
         }
-        Command::Features { audio, n_mels, frames, output } => {
+        Command::Features {
+            audio,
+            n_mels,
+            frames,
+            output,
+        } => {
             if frames == 0 || n_mels == 0 {
                 bail!("--frames and --n-mels must be positive");
             }
@@ -165,16 +190,32 @@ fn run(cli: Cli) -> Result<()> {
             let mel = wcc_runtime::mel::log_mel_spectrogram(&samples, n_mels, frames);
             wcc_runtime::npy::write_f32(&output, &[n_mels, frames], &mel)?;
         }
-        Command::Checkpoint(CheckpointCommand::Random { size, seed, dtype, output }) => {
-            let dtype = wcc_ir::DType::from_name(&dtype).with_context(|| format!("unknown dtype `{dtype}`"))?;
+        Command::Checkpoint(CheckpointCommand::Random {
+            size,
+            seed,
+            dtype,
+            output,
+        }) => {
+            let dtype = wcc_ir::DType::from_name(&dtype)
+                .with_context(|| format!("unknown dtype `{dtype}`"))?;
             let dims = wcc_frontend::hf_writer::write_random(&output, &size, seed, dtype)?;
-            eprintln!("wrote {size} ({} + {} layers, width {}) to {}", dims.n_audio_layer, dims.n_text_layer, dims.n_audio_state, output.display());
+            eprintln!(
+                "wrote {size} ({} + {} layers, width {}) to {}",
+                dims.n_audio_layer,
+                dims.n_text_layer,
+                dims.n_audio_state,
+                output.display()
+            );
         }
         Command::Checkpoint(CheckpointCommand::Convert { model, output }) => {
             let dir = wcc_frontend::resolve_model(&model)?;
             let ck = wcc_frontend::Checkpoint::open(&dir)?;
             wcc_frontend::hf_writer::convert(&ck, &output)?;
-            eprintln!("wrote {} as a Hugging Face checkpoint to {}", dir.display(), output.display());
+            eprintln!(
+                "wrote {} as a Hugging Face checkpoint to {}",
+                dir.display(),
+                output.display()
+            );
         }
     }
     Ok(())

@@ -14,7 +14,11 @@ pub fn to_dot(g: &Graph) -> String {
     }
     for node in &g.nodes {
         let out = g.value(node.output);
-        let weights = node.inputs.iter().filter(|&&i| matches!(g.value(i).def, ValueDef::Weight(_))).count();
+        let weights = node
+            .inputs
+            .iter()
+            .filter(|&&i| matches!(g.value(i).def, ValueDef::Weight(_)))
+            .count();
         let mut label = format!("%{}\\n{}", out.name, node.op.name());
         for (k, v) in node.op.attrs() {
             label.push_str(&format!(" {k}={v}"));
@@ -36,13 +40,25 @@ pub fn to_dot(g: &Graph) -> String {
             dg.add_edge(src, n, g.ty(o).to_string());
         }
     }
-    let mut s = format!("digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n", g.name);
+    let mut s = format!(
+        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n",
+        g.name
+    );
     for n in dg.node_indices() {
-        s.push_str(&format!("  n{} [label=\"{}\"];\n", n.index(), dg[n].replace('"', "\\\"")));
+        s.push_str(&format!(
+            "  n{} [label=\"{}\"];\n",
+            n.index(),
+            dg[n].replace('"', "\\\"")
+        ));
     }
     for e in dg.edge_indices() {
         let (a, b) = dg.edge_endpoints(e).unwrap();
-        s.push_str(&format!("  n{} -> n{} [label=\"{}\"];\n", a.index(), b.index(), dg[e]));
+        s.push_str(&format!(
+            "  n{} -> n{} [label=\"{}\"];\n",
+            a.index(),
+            b.index(),
+            dg[e]
+        ));
     }
     s.push_str("}\n");
     s

@@ -50,7 +50,9 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
     for (k, v) in g.values.iter().enumerate() {
         match &v.def {
             ValueDef::Weight(w) => {
-                let decl = module.weight(w).ok_or_else(|| format!("@{w} is not a declared weight"))?;
+                let decl = module
+                    .weight(w)
+                    .ok_or_else(|| format!("@{w} is not a declared weight"))?;
                 if decl.ty != v.ty {
                     return Err(format!("@{w} is used as {} but declared {}", v.ty, decl.ty));
                 }
@@ -63,7 +65,10 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
             }
             ValueDef::Node(i) => {
                 if g.nodes.get(*i).map(|x| x.output.index()) != Some(k) {
-                    return Err(format!("%{} claims to be defined by node {i} but is not", v.name));
+                    return Err(format!(
+                        "%{} claims to be defined by node {i} but is not",
+                        v.name
+                    ));
                 }
             }
         }
@@ -77,12 +82,18 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
     for (i, node) in g.nodes.iter().enumerate() {
         let out = node.output.index();
         if out >= n {
-            return Err(format!("node {i} ({}) defines a value that does not exist", node.op.name()));
+            return Err(format!(
+                "node {i} ({}) defines a value that does not exist",
+                node.op.name()
+            ));
         }
         let out_name = &g.values[out].name;
         for &x in &node.inputs {
             if x.index() >= n {
-                return Err(format!("%{out_name}: operand {} does not exist (dangling edge)", x.0));
+                return Err(format!(
+                    "%{out_name}: operand {} does not exist (dangling edge)",
+                    x.0
+                ));
             }
             if !defined[x.index()] {
                 return Err(format!(

@@ -24,10 +24,15 @@ pub const PASSES: &[(&str, PassFn)] = &[("hoist-cross-kv", hoist_cross_kv)];
 /// Runs the named passes in order; the verifier runs after each and a failure names the pass.
 pub fn run(mut module: Module, names: &[&str]) -> Result<Module, PassError> {
     for &name in names {
-        let (pass_name, f) =
-            PASSES.iter().find(|(n, _)| *n == name).ok_or_else(|| PassError::Unknown(name.to_string()))?;
+        let (pass_name, f) = PASSES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| PassError::Unknown(name.to_string()))?;
         module = f(module)?;
-        wcc_ir::verify(&module).map_err(|e| PassError::Failed { pass: pass_name, msg: format!("left the module malformed: {e}") })?;
+        wcc_ir::verify(&module).map_err(|e| PassError::Failed {
+            pass: pass_name,
+            msg: format!("left the module malformed: {e}"),
+        })?;
     }
     Ok(module)
 }

@@ -25,8 +25,15 @@ pub fn max_new_tokens(cfg: &GenerationConfig) -> usize {
     cfg.max_text_ctx / 2
 }
 
-fn step(dec: &mut dyn Decoder, token: u32, position: usize, logits: &mut Vec<f32>) -> Result<(), DecodeError> {
-    let out = dec.step(token, position).map_err(|msg| DecodeError::Step { position, msg })?;
+fn step(
+    dec: &mut dyn Decoder,
+    token: u32,
+    position: usize,
+    logits: &mut Vec<f32>,
+) -> Result<(), DecodeError> {
+    let out = dec
+        .step(token, position)
+        .map_err(|msg| DecodeError::Step { position, msg })?;
     logits.clear();
     logits.extend_from_slice(out);
     Ok(())
@@ -45,7 +52,11 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// The prompt that starts a transcription: `<|startoftranscript|>`, then for multilingual
 /// models the language and task tokens, then `<|notimestamps|>`.
-pub fn transcribe_prompt(cfg: &GenerationConfig, language: Option<u32>, translate: bool) -> Vec<u32> {
+pub fn transcribe_prompt(
+    cfg: &GenerationConfig,
+    language: Option<u32>,
+    translate: bool,
+) -> Vec<u32> {
     let s = &cfg.special;
     let mut p = vec![s.sot];
     if cfg.multilingual {
@@ -59,7 +70,11 @@ pub fn transcribe_prompt(cfg: &GenerationConfig, language: Option<u32>, translat
 /// Greedy decoding: feeds `prompt`, then repeatedly takes the most likely token that is not
 /// suppressed until end-of-text, the per-window cap, or the end of the context. Returns the
 /// generated tokens without the prompt and without end-of-text.
-pub fn greedy(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u32]) -> Result<Vec<u32>, DecodeError> {
+pub fn greedy(
+    dec: &mut dyn Decoder,
+    cfg: &GenerationConfig,
+    prompt: &[u32],
+) -> Result<Vec<u32>, DecodeError> {
     if prompt.is_empty() || prompt.len() >= cfg.max_text_ctx {
         return Err(DecodeError::PromptTooLong(prompt.len()));
     }
@@ -98,7 +113,10 @@ pub fn greedy(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u32]) -> 
 
 /// Language identification: one step on `<|startoftranscript|>`, then the most likely
 /// language token. Returns `(code, token)`.
-pub fn detect_language(dec: &mut dyn Decoder, cfg: &GenerationConfig) -> Result<(String, u32), DecodeError> {
+pub fn detect_language(
+    dec: &mut dyn Decoder,
+    cfg: &GenerationConfig,
+) -> Result<(String, u32), DecodeError> {
     let mut logits = Vec::new();
     step(dec, cfg.special.sot, 0, &mut logits)?;
     cfg.languages
@@ -134,7 +152,14 @@ mod tests {
 
     fn cfg() -> GenerationConfig {
         GenerationConfig {
-            special: SpecialTokens { eot: 0, sot: 1, transcribe: 2, translate: 3, no_timestamps: 4, timestamp_begin: 5 },
+            special: SpecialTokens {
+                eot: 0,
+                sot: 1,
+                transcribe: 2,
+                translate: 3,
+                no_timestamps: 4,
+                timestamp_begin: 5,
+            },
             multilingual: false,
             languages: vec![],
             suppress: vec![9],
@@ -147,7 +172,11 @@ mod tests {
     fn greedy_feeds_positions_in_order_and_applies_suppression() {
         // prompt [1, 4] at positions 0, 1; script says: after pos 1 → 6 (suppressed at the
         // start, so the runner-up 7 wins), after pos 2 → 9 (always suppressed → 7), then 8, then eot.
-        let mut d = Scripted { script: vec![0, 6, 9, 8, 0], logits: vec![], seen: vec![] };
+        let mut d = Scripted {
+            script: vec![0, 6, 9, 8, 0],
+            logits: vec![],
+            seen: vec![],
+        };
         let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
         assert_eq!(out, vec![7, 7, 8]);
         assert_eq!(d.seen, vec![(1, 0), (4, 1), (7, 2), (7, 3), (8, 4)]);
@@ -155,7 +184,11 @@ mod tests {
 
     #[test]
     fn greedy_stops_at_the_cap_when_eot_never_comes() {
-        let mut d = Scripted { script: vec![8; 64], logits: vec![], seen: vec![] };
+        let mut d = Scripted {
+            script: vec![8; 64],
+            logits: vec![],
+            seen: vec![],
+        };
         let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
         assert_eq!(out.len(), max_new_tokens(&cfg()));
     }

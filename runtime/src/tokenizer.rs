@@ -77,7 +77,9 @@ impl WhisperTokenizer {
     /// from end-of-text on) are left out.
     pub fn decode(&self, ids: &[u32], eot: u32) -> Result<String, TokenizerError> {
         let text: Vec<u32> = ids.iter().copied().filter(|&t| t < eot).collect();
-        self.inner.decode(&text, false).map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.inner
+            .decode(&text, false)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     /// Builds the generation settings from this vocabulary and the checkpoint's lists.

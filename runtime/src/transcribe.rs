@@ -39,12 +39,20 @@ pub struct Transcript {
 
 impl Transcript {
     pub fn text(&self) -> String {
-        let parts: Vec<&str> = self.segments.iter().map(|s| s.text.trim()).filter(|t| !t.is_empty()).collect();
+        let parts: Vec<&str> = self
+            .segments
+            .iter()
+            .map(|s| s.text.trim())
+            .filter(|t| !t.is_empty())
+            .collect();
         parts.join(" ")
     }
 
     pub fn tokens(&self) -> Vec<u32> {
-        self.segments.iter().flat_map(|s| s.tokens.iter().copied()).collect()
+        self.segments
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect()
     }
 }
 
@@ -98,9 +106,19 @@ pub fn transcribe(
         }
         let prompt = transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
         let tokens = greedy(model, cfg, &prompt)?;
-        let text = tokenizer.decode(&tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
+        let text = tokenizer
+            .decode(&tokens, cfg.special.eot)
+            .map_err(|e| TranscribeError::Text(e.to_string()))?;
         let start = (w * window) as f64 / SAMPLE_RATE as f64;
-        segments.push(Segment { start, end: start + chunk.len() as f64 / SAMPLE_RATE as f64, tokens, text });
+        segments.push(Segment {
+            start,
+            end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
+            tokens,
+            text,
+        });
     }
-    Ok(Transcript { language: language.map(|l| l.0), segments })
+    Ok(Transcript {
+        language: language.map(|l| l.0),
+        segments,
+    })
 }
