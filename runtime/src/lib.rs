@@ -11,6 +11,7 @@ pub mod mel;
 pub mod npy;
 pub mod tokenizer;
 pub mod transcribe;
+pub mod wbin;
 
 /// Whisper's fixed audio constants.
 pub const SAMPLE_RATE: u32 = 16_000;

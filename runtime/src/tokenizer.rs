@@ -14,7 +14,7 @@ pub enum TokenizerError {
 }
 
 /// The special tokens of a Whisper vocabulary.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SpecialTokens {
     pub eot: u32,
     pub sot: u32,
@@ -26,7 +26,7 @@ pub struct SpecialTokens {
 }
 
 /// What a decoding strategy needs to know about the model's vocabulary and settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationConfig {
     pub special: SpecialTokens,
     /// Multilingual models have language and task tokens in their prompt.

@@ -1,2 +1,115 @@
-//! Target descriptions (ISA features, vector widths, cache sizes) and host detection. Empty
-//! until the Cranelift backend issue.
+//! Target descriptions: an architecture and the CPU features the generated code may use.
+//! `host` detects the running CPU; named levels (`x86_64-v2`, `x86_64-v3`, `x86_64-v4`,
+//! `aarch64`) give portable builds. wcc's CPU kernels need at least SSE4.1 on x86-64
+//! (vector rounding) and NEON on aarch64.
+
+/// x86-64 features wcc knows by name, in the order `host` reports them.
+pub const X86_FEATURES: &[&str] = &[
+    "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "avx512f",
+    "avx512vl", "avx512dq", "avx512bw", "avx512vnni", "avx512bf16", "avx512fp16", "f16c",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `x86_64` or `aarch64`.
+    pub arch: String,
+    pub features: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("unknown target `{0}` (targets: host, x86_64-v2, x86_64-v3, x86_64-v4, aarch64)")]
+    Unknown(String),
+    #[error("the host architecture `{0}` is not supported (x86_64 and aarch64 are)")]
+    UnsupportedHost(String),
+    #[error("x86-64 targets need SSE4.1; this one lacks it")]
+    TooOld,
+}
+
+impl Target {
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+
+    /// The LLVM-style triple.
+    pub fn triple(&self) -> String {
+        format!("{}-unknown-linux-gnu", self.arch)
+    }
+
+    /// Resolves `host` or a named level.
+    pub fn named(name: &str) -> Result<Target, TargetError> {
+        let x86 = |f: &[&str]| Target { arch: "x86_64".into(), features: f.iter().map(|s| s.to_string()).collect() };
+        const V2: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
+        const V3: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "f16c"];
+        let t = match name {
+            "host" => host()?,
+            "x86_64-v2" => x86(V2),
+            "x86_64-v3" => x86(V3),
+            "x86_64-v4" => x86(&[V3, &["avx512f", "avx512vl", "avx512dq", "avx512bw"]].concat()),
+            "aarch64" => Target { arch: "aarch64".into(), features: vec!["neon".into()] },
+            other => return Err(TargetError::Unknown(other.into())),
+        };
+        if t.arch == "x86_64" && !t.has("sse4.1") {
+            return Err(TargetError::TooOld);
+        }
+        Ok(t)
+    }
+}
+
+/// Whether the running CPU has `feature` (a name of [`X86_FEATURES`] or `neon`); unknown
+/// names are reported as absent.
+pub fn host_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($name:tt),*) => {
+                match feature {
+                    $($name => std::arch::is_x86_feature_detected!($name),)*
+                    _ => false,
+                }
+            };
+        }
+        detect!(
+            "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "avx512f",
+            "avx512vl", "avx512dq", "avx512bw", "avx512vnni", "avx512bf16", "avx512fp16", "f16c"
+        )
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        feature == "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = feature;
+        false
+    }
+}
+
+/// The running machine.
+pub fn host() -> Result<Target, TargetError> {
+    let arch = std::env::consts::ARCH;
+    match arch {
+        "x86_64" => Ok(Target {
+            arch: arch.into(),
+            features: X86_FEATURES.iter().filter(|f| host_has(f)).map(|f| f.to_string()).collect(),
+        }),
+        "aarch64" => Ok(Target { arch: arch.into(), features: vec!["neon".into()] }),
+        other => Err(TargetError::UnsupportedHost(other.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_nest_and_unknown_names_are_refused() {
+        let v2 = Target::named("x86_64-v2").unwrap();
+        let v3 = Target::named("x86_64-v3").unwrap();
+        assert!(v2.features.iter().all(|f| v3.has(f)));
+        assert!(v3.has("avx2") && !v2.has("avx2"));
+        assert!(Target::named("pentium").is_err());
+        let h = host().unwrap();
+        assert!(h.features.iter().all(|f| host_has(f)));
+    }
+}

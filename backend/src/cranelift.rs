@@ -1,0 +1,451 @@
+//! The Cranelift emitter: one kernel of the kernel IR → one function of machine code.
+//!
+//! Signature (the platform C convention): `fn(bufs: *const *mut u8, rt: *const u8,
+//! start: i64, end: i64)`. Buffer base pointers are loaded from `bufs` once at entry.
+//! Vectors are 128-bit (`f32x4`), Cranelift's widest; FMA is used where the target has it.
+//! `exp` and `erf` are expanded inline as polynomials, so the code calls nothing and needs
+//! no relocations: the function's bytes (with their own constant pool) run wherever they
+//! are placed.
+
+use std::sync::Arc;
+
+use cranelift_codegen::control::ControlPlane;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::{AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value};
+use cranelift_codegen::isa::TargetIsa;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_codegen::Context;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use wcc_targets::Target;
+
+use crate::kir::{BinOp, CmpOp, Elem, Expr, Kernel, Stmt, Ty, UnOp, END, START};
+use crate::BackendError;
+
+/// Cranelift's name for each target feature it knows.
+fn cranelift_flag(feature: &str) -> Option<&'static str> {
+    Some(match feature {
+        "sse3" => "has_sse3",
+        "ssse3" => "has_ssse3",
+        "sse4.1" => "has_sse41",
+        "sse4.2" => "has_sse42",
+        "popcnt" => "has_popcnt",
+        "avx" => "has_avx",
+        "avx2" => "has_avx2",
+        "fma" => "has_fma",
+        "bmi1" => "has_bmi1",
+        "bmi2" => "has_bmi2",
+        "lzcnt" => "has_lzcnt",
+        "avx512f" => "has_avx512f",
+        "avx512vl" => "has_avx512vl",
+        "avx512dq" => "has_avx512dq",
+        "avx512bw" => "has_avx512bw",
+        _ => return None,
+    })
+}
+
+/// The Cranelift ISA for a target, optimising for speed.
+pub fn isa(target: &Target) -> Result<Arc<dyn TargetIsa>, BackendError> {
+    let err = |e: &dyn std::fmt::Display| BackendError(format!("target {}: {e}", target.triple()));
+    let mut flags = settings::builder();
+    flags.set("opt_level", "speed").map_err(|e| err(&e))?;
+    flags.set("enable_verifier", "true").map_err(|e| err(&e))?;
+    let mut b = cranelift_codegen::isa::lookup_by_name(&target.triple()).map_err(|e| err(&e))?;
+    for f in &target.features {
+        // Features this Cranelift version has no setting for are simply not used.
+        if let Some(flag) = cranelift_flag(f) {
+            let _ = b.enable(flag);
+        }
+    }
+    b.finish(settings::Flags::new(flags)).map_err(|e| err(&e))
+}
+
+/// The kernel's signature for `isa`.
+pub fn signature(isa: &dyn TargetIsa) -> Signature {
+    let mut sig = Signature::new(isa.default_call_conv());
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(I64));
+    }
+    sig
+}
+
+/// Builds the Cranelift function of a kernel.
+pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendError> {
+    let mut func = Function::with_name_signature(UserFuncName::user(0, 0), signature(isa));
+    let mut fctx = FunctionBuilderContext::new();
+    let mut b = FunctionBuilder::new(&mut func, &mut fctx);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    let params = b.block_params(entry).to_vec();
+    let mut e = Emitter {
+        b,
+        vars: vec![None; k.vars.max(2) as usize],
+        bases: vec![],
+        elems: k.buffers.iter().map(|b| b.elem).collect(),
+        fma: isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
+            || isa.name() == "aarch64",
+        name: k.name.clone(),
+    };
+    for (i, _) in k.buffers.iter().enumerate() {
+        let trusted = MemFlagsData::trusted();
+        let p = e.b.ins().load(I64, trusted, params[0], (8 * i) as i32);
+        e.bases.push(p);
+    }
+    for (v, p) in [(START, params[2]), (END, params[3])] {
+        let var = e.b.declare_var(I64);
+        e.b.def_var(var, p);
+        e.vars[v as usize] = Some((var, Ty::I64));
+    }
+    e.stmts(&k.body)?;
+    e.b.ins().return_(&[]);
+    e.b.seal_all_blocks();
+    e.b.finalize(isa.frontend_config());
+    Ok(func)
+}
+
+/// Compiles a kernel to position-independent machine code.
+pub fn compile(k: &Kernel, isa: &dyn TargetIsa) -> Result<Vec<u8>, BackendError> {
+    let func = function(k, isa)?;
+    let mut ctx = Context::for_function(func);
+    let code = ctx
+        .compile(isa, &mut ControlPlane::default())
+        .map_err(|e| BackendError(format!("kernel {}: cranelift: {:?}", k.name, e.inner)))?;
+    if !code.buffer.relocs().is_empty() {
+        return Err(BackendError(format!("kernel {} needs relocations; kernels must be self-contained", k.name)));
+    }
+    Ok(code.code_buffer().to_vec())
+}
+
+struct Emitter<'a> {
+    b: FunctionBuilder<'a>,
+    vars: Vec<Option<(Variable, Ty)>>,
+    bases: Vec<Value>,
+    elems: Vec<Elem>,
+    fma: bool,
+    name: String,
+}
+
+fn clif(ty: Ty) -> Type {
+    match ty {
+        Ty::I64 => I64,
+        Ty::F32 => F32,
+        Ty::F32x4 => F32X4,
+    }
+}
+
+impl Emitter<'_> {
+    fn notrap(&mut self) -> MemFlagsData {
+        MemFlagsData::new().with_notrap()
+    }
+
+    fn err<T>(&self, msg: impl Into<String>) -> Result<T, BackendError> {
+        Err(BackendError(format!("kernel {}: {}", self.name, msg.into())))
+    }
+
+    fn stmts(&mut self, body: &[Stmt]) -> Result<(), BackendError> {
+        for s in body {
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), BackendError> {
+        match s {
+            Stmt::Let { var, value } => {
+                let (v, ty) = self.expr(value)?;
+                let cv = self.b.declare_var(clif(ty));
+                self.b.def_var(cv, v);
+                let slot = *var as usize;
+                if slot >= self.vars.len() {
+                    self.vars.resize(slot + 1, None);
+                }
+                self.vars[slot] = Some((cv, ty));
+            }
+            Stmt::Set { var, value } => {
+                let (v, ty) = self.expr(value)?;
+                let Some((cv, vty)) = self.vars.get(*var as usize).copied().flatten() else {
+                    return self.err(format!("v{var} is set before it is declared"));
+                };
+                if vty != ty {
+                    return self.err(format!("v{var} is {vty:?}, assigned {ty:?}"));
+                }
+                self.b.def_var(cv, v);
+            }
+            Stmt::Store { buf, index, value } => {
+                let (v, ty) = self.expr(value)?;
+                if ty == Ty::I64 {
+                    return self.err("stores of integers are not supported");
+                }
+                let addr = self.address(*buf, index)?;
+                let fl = self.notrap();
+                self.b.ins().store(fl, v, addr, 0);
+            }
+            Stmt::For { var, start, end, step, body } => {
+                if *step <= 0 {
+                    return self.err("loop step must be positive");
+                }
+                let (s, st) = self.expr(start)?;
+                let (e, et) = self.expr(end)?;
+                if st != Ty::I64 || et != Ty::I64 {
+                    return self.err("loop bounds must be integers");
+                }
+                let iv = self.b.declare_var(I64);
+                self.b.def_var(iv, s);
+                let slot = *var as usize;
+                if slot >= self.vars.len() {
+                    self.vars.resize(slot + 1, None);
+                }
+                self.vars[slot] = Some((iv, Ty::I64));
+                let (header, body_block, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+                self.b.ins().jump(header, &[]);
+                self.b.switch_to_block(header);
+                let i = self.b.use_var(iv);
+                let c = self.b.ins().icmp(IntCC::SignedLessThan, i, e);
+                self.b.ins().brif(c, body_block, &[], exit, &[]);
+                self.b.switch_to_block(body_block);
+                self.stmts(body)?;
+                let i = self.b.use_var(iv);
+                let next = self.b.ins().iadd_imm_s(i, *step);
+                self.b.def_var(iv, next);
+                self.b.ins().jump(header, &[]);
+                self.b.switch_to_block(exit);
+            }
+        }
+        Ok(())
+    }
+
+    fn address(&mut self, buf: u32, index: &Expr) -> Result<Value, BackendError> {
+        let Some(&base) = self.bases.get(buf as usize) else {
+            return self.err(format!("buffer {buf} does not exist"));
+        };
+        let (i, ty) = self.expr(index)?;
+        if ty != Ty::I64 {
+            return self.err("indices must be integers");
+        }
+        // Every element type is 4 bytes wide.
+        let off = self.b.ins().ishl_imm_u(i, 2);
+        Ok(self.b.ins().iadd(base, off))
+    }
+
+    fn fconst(&mut self, ty: Ty, v: f32) -> Value {
+        let s = self.b.ins().f32const(v);
+        match ty {
+            Ty::F32x4 => self.b.ins().splat(F32X4, s),
+            _ => s,
+        }
+    }
+
+    fn iconst32(&mut self, ty: Ty, v: i64) -> Value {
+        let s = self.b.ins().iconst(I32, v);
+        match ty {
+            Ty::F32x4 => self.b.ins().splat(I32X4, s),
+            _ => s,
+        }
+    }
+
+    fn to_bits(&mut self, ty: Ty, v: Value) -> Value {
+        match ty {
+            Ty::F32x4 => {
+                let fl = MemFlagsData::new().with_endianness(Endianness::Little);
+                self.b.ins().bitcast(I32X4, fl, v)
+            }
+            _ => {
+                let fl = MemFlagsData::new();
+                self.b.ins().bitcast(I32, fl, v)
+            }
+        }
+    }
+
+    fn from_bits(&mut self, ty: Ty, v: Value) -> Value {
+        match ty {
+            Ty::F32x4 => {
+                let fl = MemFlagsData::new().with_endianness(Endianness::Little);
+                self.b.ins().bitcast(F32X4, fl, v)
+            }
+            _ => {
+                let fl = MemFlagsData::new();
+                self.b.ins().bitcast(F32, fl, v)
+            }
+        }
+    }
+
+    fn fma(&mut self, a: Value, b: Value, c: Value) -> Value {
+        if self.fma {
+            self.b.ins().fma(a, b, c)
+        } else {
+            let p = self.b.ins().fmul(a, b);
+            self.b.ins().fadd(p, c)
+        }
+    }
+
+    /// `e^x`: range reduction `x = n·ln2 + r`, a degree-6 Taylor polynomial on
+    /// `|r| ≤ ln2/2` (relative error < 2e-7), and `2^n` built in the exponent bits.
+    /// Inputs below -87.3 give exactly 0 (so a `-inf` mask gives a zero weight).
+    fn exp(&mut self, ty: Ty, x: Value) -> Value {
+        let (lo, hi) = (self.fconst(ty, -87.3), self.fconst(ty, 88.7));
+        let xc = self.b.ins().fmin(x, hi);
+        let xc = self.b.ins().fmax(xc, lo);
+        let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
+        let t = self.b.ins().fmul(xc, log2e);
+        let n = self.b.ins().nearest(t);
+        let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
+        let r = self.fma(n, ln2_hi, xc);
+        let r = self.fma(n, ln2_lo, r);
+        let mut p = self.fconst(ty, 1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            let cv = self.fconst(ty, c);
+            p = self.fma(p, r, cv);
+        }
+        let ni = match ty {
+            Ty::F32x4 => self.b.ins().fcvt_to_sint_sat(I32X4, n),
+            _ => self.b.ins().fcvt_to_sint_sat(I32, n),
+        };
+        let bias = self.iconst32(ty, 127);
+        let e = self.b.ins().iadd(ni, bias);
+        let e = self.b.ins().ishl_imm_u(e, 23);
+        let scale = self.from_bits(ty, e);
+        let res = self.b.ins().fmul(p, scale);
+        let zero = self.fconst(ty, 0.0);
+        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        match ty {
+            Ty::F32x4 => {
+                let mask = self.from_bits(ty, under);
+                self.b.ins().bitselect(mask, zero, res)
+            }
+            _ => self.b.ins().select(under, zero, res),
+        }
+    }
+
+    /// `erf(x)` by Abramowitz & Stegun 7.1.26: `1 - poly(t)·e^(-x²)`, `t = 1/(1 + p|x|)`,
+    /// with the sign of `x` put back in the sign bit.
+    fn erf(&mut self, ty: Ty, x: Value) -> Value {
+        let a = self.b.ins().fabs(x);
+        let one = self.fconst(ty, 1.0);
+        let p = self.fconst(ty, 0.327_591_1);
+        let d = self.fma(p, a, one);
+        let t = self.b.ins().fdiv(one, d);
+        let mut poly = self.fconst(ty, 1.061_405_4);
+        for c in [-1.453_152_0, 1.421_413_7, -0.284_496_72, 0.254_829_6] {
+            let cv = self.fconst(ty, c);
+            poly = self.fma(poly, t, cv);
+        }
+        poly = self.b.ins().fmul(poly, t);
+        let a2 = self.b.ins().fmul(a, a);
+        let na2 = self.b.ins().fneg(a2);
+        let e = self.exp(ty, na2);
+        let pe = self.b.ins().fmul(poly, e);
+        let y = self.b.ins().fsub(one, pe);
+        let xb = self.to_bits(ty, x);
+        let sign_mask = self.iconst32(ty, i32::MIN as i64);
+        let sign = self.b.ins().band(xb, sign_mask);
+        let yb = self.to_bits(ty, y);
+        let r = self.b.ins().bor(yb, sign);
+        self.from_bits(ty, r)
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<(Value, Ty), BackendError> {
+        Ok(match e {
+            Expr::Int(v) => (self.b.ins().iconst(I64, *v), Ty::I64),
+            Expr::F32(v) => (self.b.ins().f32const(*v), Ty::F32),
+            Expr::Var(v) => match self.vars.get(*v as usize).copied().flatten() {
+                Some((cv, ty)) => (self.b.use_var(cv), ty),
+                None => return self.err(format!("v{v} is used before it is declared")),
+            },
+            Expr::Load { buf, index, ty } => {
+                let addr = self.address(*buf, index)?;
+                let elem = self.elems[*buf as usize];
+                let flags = self.notrap();
+                match (elem, ty) {
+                    (Elem::I32, Ty::I64) => (self.b.ins().sload32(flags, addr, 0), Ty::I64),
+                    (Elem::F32, Ty::F32 | Ty::F32x4) => (self.b.ins().load(clif(*ty), flags, addr, 0), *ty),
+                    _ => return self.err(format!("cannot load {ty:?} from a {elem:?} buffer")),
+                }
+            }
+            Expr::Bin(op, a, b) => {
+                let (x, tx) = self.expr(a)?;
+                let (y, ty) = self.expr(b)?;
+                if tx != ty {
+                    return self.err(format!("{op:?} of {tx:?} and {ty:?}"));
+                }
+                let i = self.b.ins();
+                let v = match (tx, op) {
+                    (Ty::I64, BinOp::Add) => i.iadd(x, y),
+                    (Ty::I64, BinOp::Sub) => i.isub(x, y),
+                    (Ty::I64, BinOp::Mul) => i.imul(x, y),
+                    (Ty::I64, BinOp::Div) => i.sdiv(x, y),
+                    (Ty::I64, BinOp::Min) => i.smin(x, y),
+                    (Ty::I64, BinOp::Max) => i.smax(x, y),
+                    (_, BinOp::Add) => i.fadd(x, y),
+                    (_, BinOp::Sub) => i.fsub(x, y),
+                    (_, BinOp::Mul) => i.fmul(x, y),
+                    (_, BinOp::Div) => i.fdiv(x, y),
+                    (_, BinOp::Min) => i.fmin(x, y),
+                    (_, BinOp::Max) => i.fmax(x, y),
+                };
+                (v, tx)
+            }
+            Expr::Fma(a, b, c) => {
+                let (x, tx) = self.expr(a)?;
+                let (y, ty) = self.expr(b)?;
+                let (z, tz) = self.expr(c)?;
+                if tx != ty || ty != tz || tx == Ty::I64 {
+                    return self.err(format!("fma of {tx:?}, {ty:?}, {tz:?}"));
+                }
+                (self.fma(x, y, z), tx)
+            }
+            Expr::Un(op, a) => {
+                let (x, t) = self.expr(a)?;
+                if t == Ty::I64 {
+                    return self.err(format!("{op:?} of an integer"));
+                }
+                let v = match op {
+                    UnOp::Neg => self.b.ins().fneg(x),
+                    UnOp::Abs => self.b.ins().fabs(x),
+                    UnOp::Sqrt => self.b.ins().sqrt(x),
+                    UnOp::Exp => self.exp(t, x),
+                    UnOp::Erf => self.erf(t, x),
+                };
+                (v, t)
+            }
+            Expr::Splat(a) => {
+                let (x, t) = self.expr(a)?;
+                if t != Ty::F32 {
+                    return self.err(format!("splat of {t:?}"));
+                }
+                (self.b.ins().splat(F32X4, x), Ty::F32x4)
+            }
+            Expr::HSum(a) | Expr::HMax(a) => {
+                let (x, t) = self.expr(a)?;
+                if t != Ty::F32x4 {
+                    return self.err(format!("horizontal reduction of {t:?}"));
+                }
+                let lanes: Vec<Value> = (0..4).map(|l| self.b.ins().extractlane(x, l)).collect();
+                let sum = matches!(e, Expr::HSum(_));
+                let pair = |s: &mut Self, p: Value, q: Value| if sum { s.b.ins().fadd(p, q) } else { s.b.ins().fmax(p, q) };
+                let l = pair(self, lanes[0], lanes[1]);
+                let r = pair(self, lanes[2], lanes[3]);
+                (pair(self, l, r), Ty::F32)
+            }
+            Expr::Select { op, a, b, then, otherwise } => {
+                let (x, tx) = self.expr(a)?;
+                let (y, ty) = self.expr(b)?;
+                if tx != Ty::I64 || ty != Ty::I64 {
+                    return self.err("select compares integers");
+                }
+                let cc = match op {
+                    CmpOp::Lt => IntCC::SignedLessThan,
+                    CmpOp::Le => IntCC::SignedLessThanOrEqual,
+                    CmpOp::Eq => IntCC::Equal,
+                };
+                let c = self.b.ins().icmp(cc, x, y);
+                let (t, tt) = self.expr(then)?;
+                let (o, to) = self.expr(otherwise)?;
+                if tt != to {
+                    return self.err(format!("select of {tt:?} and {to:?}"));
+                }
+                (self.b.ins().select(c, t, o), tt)
+            }
+        })
+    }
+}

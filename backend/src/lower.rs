@@ -1,0 +1,691 @@
+//! Lowering of one IR op to kernels of the kernel IR.
+//!
+//! An op becomes one or more kernel launches over *slots*: the op's operands, its result,
+//! and scratch buffers it needs in between (a convolution is im2col → matrix product →
+//! transpose). `Reshape` needs no kernel (its result aliases its operand); a `ScatterRow`
+//! whose cache may be updated in place writes just the one row.
+//!
+//! Loop structure, chosen for clarity first and speed second (the speed issue revisits it):
+//! matrix products keep four output columns in four `f32x4` accumulators and walk the
+//! reduction four elements at a time; the parallel loop runs over (column block, row) with
+//! the row fastest, so a block of weight rows stays in L1 while the rows of `x` stream by.
+
+use wcc_ir::{Op, TensorType};
+
+use crate::kir::build::*;
+use crate::kir::{Buffer, CmpOp, Elem, Expr, Kernel, Stmt, UnOp, Var, END, START};
+use crate::BackendError;
+
+/// Where a kernel buffer comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Input(usize),
+    Output,
+    Scratch(usize),
+}
+
+/// The kernels of one op, in launch order, each with its buffers' slots.
+#[derive(Debug, Default)]
+pub struct OpKernels {
+    pub launches: Vec<(Kernel, Vec<Slot>)>,
+    /// Sizes (f32 elements) of the scratch buffers.
+    pub scratch: Vec<usize>,
+}
+
+/// Whether the op's result is stored in its first operand's buffer: `Reshape` always,
+/// `ScatterRow` when the caller allows it (`in_place`).
+pub fn aliases_first_operand(op: &Op, in_place: bool) -> bool {
+    matches!(op, Op::Reshape { .. }) || (matches!(op, Op::ScatterRow) && in_place)
+}
+
+/// Allocates kernel variables (0 and 1 are the parallel range).
+struct Vars(Var);
+
+impl Vars {
+    fn new() -> Self {
+        Vars(2)
+    }
+    fn next(&mut self) -> Var {
+        self.0 += 1;
+        self.0 - 1
+    }
+}
+
+fn buf(name: &str, len: usize) -> Buffer {
+    Buffer { name: name.into(), elem: Elem::F32, len }
+}
+
+fn ibuf(name: &str, len: usize) -> Buffer {
+    Buffer { name: name.into(), elem: Elem::I32, len }
+}
+
+fn kernel(name: String, buffers: Vec<Buffer>, extent: usize, flops: usize, body: Vec<Stmt>, vars: Vars) -> Kernel {
+    Kernel { name, buffers, parallel_extent: extent as u64, flops: flops as u64, body, vars: vars.0 }
+}
+
+fn shape_name(s: &[usize]) -> String {
+    s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+}
+
+/// A constant of the given width.
+fn cf(v: f32, vector: bool) -> Expr {
+    if vector {
+        splat(f(v))
+    } else {
+        f(v)
+    }
+}
+
+/// `x * 0.5 * (1 + erf(x / √2))`.
+fn gelu(x: Expr, v: bool) -> Expr {
+    let e = un(UnOp::Erf, mul(x.clone(), cf(std::f32::consts::FRAC_1_SQRT_2, v)));
+    mul(mul(x, cf(0.5, v)), add(cf(1.0, v), e))
+}
+
+/// A vectorised loop over `[lo, hi)`: `body(index, vector?)` produces the statements for
+/// four elements at a time, then for the scalar tail.
+fn vec_loop(vars: &mut Vars, lo: Expr, hi: Expr, body: &dyn Fn(Expr, bool, &mut Vars) -> Vec<Stmt>) -> Vec<Stmt> {
+    let (vhi, j, t) = (vars.next(), vars.next(), vars.next());
+    let len = sub(hi.clone(), lo.clone());
+    vec![
+        let_(vhi, add(lo.clone(), mul(div(len, int(4)), int(4)))),
+        for_(j, lo, var(vhi), 4, body(var(j), true, vars)),
+        for_(t, var(vhi), hi, 1, body(var(t), false, vars)),
+    ]
+}
+
+/// Element-wise map of `n` elements, `f(x, vector?)`; parallel over blocks of 4096.
+fn map_kernel(name: String, n: usize, flops_per: usize, f: &dyn Fn(Expr, bool) -> Expr) -> Kernel {
+    const BLOCK: usize = 4096;
+    let mut vars = Vars::new();
+    let (b, lo, hi) = (vars.next(), vars.next(), vars.next());
+    let inner = vec_loop(&mut vars, var(lo), var(hi), &|i, v, vars| {
+        let x = vars.next();
+        vec![let_(x, if v { load4(0, i.clone()) } else { load(0, i.clone()) }), store(1, i, f(var(x), v))]
+    });
+    let body = vec![for_(
+        b,
+        var(START),
+        var(END),
+        1,
+        [
+            vec![
+                let_(lo, mul(var(b), int(BLOCK as i64))),
+                let_(hi, min(add(var(lo), int(BLOCK as i64)), int(n as i64))),
+            ],
+            inner,
+        ]
+        .concat(),
+    )];
+    kernel(name, vec![buf("x", n), buf("out", n)], n.div_ceil(BLOCK), n * flops_per, body, vars)
+}
+
+/// Batched `out[b, i, j] = Σ_k x[b, i, k] · w[b, j, k] (+ bias[j])`. Batch strides of 0
+/// share one operand across the batch (a linear layer).
+#[allow(clippy::too_many_arguments)]
+fn dot_kernel(name: String, batch: usize, m: usize, n: usize, k: usize, x_bstride: usize, w_bstride: usize, bias: bool) -> Kernel {
+    const NB: usize = 16;
+    let nb = n.div_ceil(NB);
+    let mut vars = Vars::new();
+    let (p, bi, rem, i, j0, j1, j4, xrow, orow, wbase) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let k4 = (k / 4 * 4) as i64;
+    let (xb, wb, bb, ob) = (0u32, 1u32, 2u32, if bias { 3u32 } else { 2u32 });
+    // Columns j .. j+width of one row: `width` accumulators.
+    let columns = |vars: &mut Vars, j: Expr, width: usize| -> Vec<Stmt> {
+        let accs: Vec<Var> = (0..width).map(|_| vars.next()).collect();
+        let sums: Vec<Var> = (0..width).map(|_| vars.next()).collect();
+        let (kk, xv, kt, xs) = (vars.next(), vars.next(), vars.next(), vars.next());
+        let wrow = |q: usize| add(var(wbase), mul(add(j.clone(), int(q as i64)), int(k as i64)));
+        let mut s: Vec<Stmt> = accs.iter().map(|&a| let_(a, splat(f(0.0)))).collect();
+        let mut inner = vec![let_(xv, load4(xb, add(var(xrow), var(kk))))];
+        for (q, &a) in accs.iter().enumerate() {
+            inner.push(set(a, fma(var(xv), load4(wb, add(wrow(q), var(kk))), var(a))));
+        }
+        s.push(for_(kk, int(0), int(k4), 4, inner));
+        for (q, (&a, &sm)) in accs.iter().zip(&sums).enumerate() {
+            let _ = q;
+            s.push(let_(sm, hsum(var(a))));
+        }
+        if k4 < k as i64 {
+            let mut tail = vec![let_(xs, load(xb, add(var(xrow), var(kt))))];
+            for (q, &sm) in sums.iter().enumerate() {
+                tail.push(set(sm, fma(var(xs), load(wb, add(wrow(q), var(kt))), var(sm))));
+            }
+            s.push(for_(kt, int(k4), int(k as i64), 1, tail));
+        }
+        for (q, &sm) in sums.iter().enumerate() {
+            let col = add(j.clone(), int(q as i64));
+            let v = if bias { add(var(sm), load(bb, col.clone())) } else { var(sm) };
+            s.push(store(ob, add(var(orow), col), v));
+        }
+        s
+    };
+    let (j, jt) = (vars.next(), vars.next());
+    let quad = columns(&mut vars, var(j), 4);
+    let single = columns(&mut vars, var(jt), 1);
+    let body = vec![for_(
+        p,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(bi, div(var(p), int((nb * m) as i64))),
+            let_(rem, sub(var(p), mul(var(bi), int((nb * m) as i64)))),
+            let_(i, sub(var(rem), mul(div(var(rem), int(m as i64)), int(m as i64)))),
+            let_(j0, mul(div(var(rem), int(m as i64)), int(NB as i64))),
+            let_(j1, min(add(var(j0), int(NB as i64)), int(n as i64))),
+            let_(j4, add(var(j0), mul(div(sub(var(j1), var(j0)), int(4)), int(4)))),
+            let_(xrow, add(mul(var(bi), int(x_bstride as i64)), mul(var(i), int(k as i64)))),
+            let_(orow, add(mul(var(bi), int((m * n) as i64)), mul(var(i), int(n as i64)))),
+            let_(wbase, mul(var(bi), int(w_bstride as i64))),
+            for_(j, var(j0), var(j4), 4, quad),
+            for_(jt, var(j4), var(j1), 1, single),
+        ],
+    )];
+    let x_len = if x_bstride == 0 { m * k } else { batch * m * k };
+    let w_len = if w_bstride == 0 { n * k } else { batch * n * k };
+    let mut buffers = vec![buf("x", x_len), buf("w", w_len)];
+    if bias {
+        buffers.push(buf("bias", n));
+    }
+    buffers.push(buf("out", batch * m * n));
+    kernel(name, buffers, batch * nb * m, 2 * batch * m * n * k, body, vars)
+}
+
+/// `out[b, i, :] = Σ_k a[b, i, k] · v[b, k, :]` (the attention context product).
+fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) -> Kernel {
+    let mut vars = Vars::new();
+    let (p, bi, i, orow, kk, s) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let zero = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| vec![store(2, add(var(orow), j), cf(0.0, v))]);
+    let update = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| {
+        let brow = add(mul(var(bi), int((k * n) as i64)), mul(var(kk), int(n as i64)));
+        let (bv, ov, sv) = if v {
+            (load4(1, add(brow, j.clone())), load4(2, add(var(orow), j.clone())), splat(var(s)))
+        } else {
+            (load(1, add(brow, j.clone())), load(2, add(var(orow), j.clone())), var(s))
+        };
+        vec![store(2, add(var(orow), j), fma(sv, bv, ov))]
+    });
+    let body = vec![for_(
+        p,
+        var(START),
+        var(END),
+        1,
+        [
+            vec![
+                let_(bi, div(var(p), int(m as i64))),
+                let_(i, sub(var(p), mul(var(bi), int(m as i64)))),
+                let_(orow, mul(var(p), int(n as i64))),
+            ],
+            zero,
+            vec![for_(
+                kk,
+                int(0),
+                int(k as i64),
+                1,
+                [vec![let_(s, load(0, add(mul(var(p), int(k as i64)), var(kk))))], update].concat(),
+            )],
+        ]
+        .concat(),
+    )];
+    let _ = i;
+    kernel(
+        name,
+        vec![buf("a", batch * m * k), buf("v", batch * k * n), buf("out", batch * m * n)],
+        batch * m,
+        2 * batch * m * n * k,
+        body,
+        vars,
+    )
+}
+
+/// Row statistics kernels: softmax and layer norm over the last axis, one row per task.
+fn softmax_kernel(rows: usize, d: usize) -> Kernel {
+    let mut vars = Vars::new();
+    let (r, base, mx4, mx, s4, s, inv) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let d4 = (d / 4 * 4) as i64;
+    let (j, jt, j2, jt2, j3, jt3, e4, e1) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let idx = |j: Var| add(var(base), var(j));
+    let body = vec![for_(
+        r,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(base, mul(var(r), int(d as i64))),
+            let_(mx4, splat(f(f32::NEG_INFINITY))),
+            for_(j, int(0), int(d4), 4, vec![set(mx4, max(var(mx4), load4(0, idx(j))))]),
+            let_(mx, hmax(var(mx4))),
+            for_(jt, int(d4), int(d as i64), 1, vec![set(mx, max(var(mx), load(0, idx(jt))))]),
+            let_(s4, splat(f(0.0))),
+            for_(
+                j2,
+                int(0),
+                int(d4),
+                4,
+                vec![
+                    let_(e4, un(UnOp::Exp, sub(load4(0, idx(j2)), splat(var(mx))))),
+                    store(1, idx(j2), var(e4)),
+                    set(s4, add(var(s4), var(e4))),
+                ],
+            ),
+            let_(s, hsum(var(s4))),
+            for_(
+                jt2,
+                int(d4),
+                int(d as i64),
+                1,
+                vec![
+                    let_(e1, un(UnOp::Exp, sub(load(0, idx(jt2)), var(mx)))),
+                    store(1, idx(jt2), var(e1)),
+                    set(s, add(var(s), var(e1))),
+                ],
+            ),
+            let_(inv, div(f(1.0), var(s))),
+            for_(j3, int(0), int(d4), 4, vec![store(1, idx(j3), mul(load4(1, idx(j3)), splat(var(inv))))]),
+            for_(jt3, int(d4), int(d as i64), 1, vec![store(1, idx(jt3), mul(load(1, idx(jt3)), var(inv)))]),
+        ],
+    )];
+    kernel(format!("softmax_{rows}x{d}"), vec![buf("x", rows * d), buf("out", rows * d)], rows, 5 * rows * d, body, vars)
+}
+
+fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
+    let mut vars = Vars::new();
+    let (r, base, s4, mean, q4, var_, inv) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let d4 = (d / 4 * 4) as i64;
+    let (j, jt, j2, jt2, c4, c1) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let idx = |j: Var| add(var(base), var(j));
+    let norm = vec_loop(&mut vars, int(0), int(d as i64), &|jj, v, _| {
+        let (x, g, b, m, iv) = if v {
+            (load4(0, add(var(base), jj.clone())), load4(1, jj.clone()), load4(2, jj.clone()), splat(var(mean)), splat(var(inv)))
+        } else {
+            (load(0, add(var(base), jj.clone())), load(1, jj.clone()), load(2, jj.clone()), var(mean), var(inv))
+        };
+        vec![store(3, add(var(base), jj), fma(mul(sub(x, m), iv), g, b))]
+    });
+    let body = vec![for_(
+        r,
+        var(START),
+        var(END),
+        1,
+        [
+            vec![
+                let_(base, mul(var(r), int(d as i64))),
+                let_(s4, splat(f(0.0))),
+                for_(j, int(0), int(d4), 4, vec![set(s4, add(var(s4), load4(0, idx(j))))]),
+                let_(mean, hsum(var(s4))),
+                for_(jt, int(d4), int(d as i64), 1, vec![set(mean, add(var(mean), load(0, idx(jt))))]),
+                set(mean, div(var(mean), f(d as f32))),
+                let_(q4, splat(f(0.0))),
+                for_(
+                    j2,
+                    int(0),
+                    int(d4),
+                    4,
+                    vec![let_(c4, sub(load4(0, idx(j2)), splat(var(mean)))), set(q4, fma(var(c4), var(c4), var(q4)))],
+                ),
+                let_(var_, hsum(var(q4))),
+                for_(
+                    jt2,
+                    int(d4),
+                    int(d as i64),
+                    1,
+                    vec![let_(c1, sub(load(0, idx(jt2)), var(mean))), set(var_, fma(var(c1), var(c1), var(var_)))],
+                ),
+                let_(inv, div(f(1.0), un(UnOp::Sqrt, add(div(var(var_), f(d as f32)), f(eps))))),
+            ],
+            norm,
+        ]
+        .concat(),
+    )];
+    kernel(
+        format!("layer_norm_{rows}x{d}"),
+        vec![buf("x", rows * d), buf("gamma", d), buf("beta", d), buf("out", rows * d)],
+        rows,
+        8 * rows * d,
+        body,
+        vars,
+    )
+}
+
+/// `out[idx] = x[base + Σ idx_d · strides[d]]` over `out_shape`: transpose and slice.
+fn strided_copy_kernel(name: String, in_len: usize, out_shape: &[usize], strides: &[usize], base: usize) -> Kernel {
+    let mut vars = Vars::new();
+    // Treat rank < 2 as [1, n].
+    let (shape, strides): (Vec<usize>, Vec<usize>) = if out_shape.len() < 2 {
+        ([&[1][..], out_shape].concat(), [&[0][..], strides].concat())
+    } else {
+        (out_shape.to_vec(), strides.to_vec())
+    };
+    let r = shape.len();
+    let idx: Vec<Var> = (0..r).map(|_| vars.next()).collect();
+    let out_strides: Vec<usize> = (0..r).map(|d| shape[d + 1..].iter().product()).collect();
+    let src_of = |upto: usize| -> Expr {
+        let mut e = int(base as i64);
+        for d in 0..upto {
+            e = add(e, mul(var(idx[d]), int(strides[d] as i64)));
+        }
+        e
+    };
+    let dst_of = |upto: usize| -> Expr {
+        let mut e = int(0);
+        for d in 0..upto {
+            e = add(e, mul(var(idx[d]), int(out_strides[d] as i64)));
+        }
+        e
+    };
+    let (src_row, dst_row) = (vars.next(), vars.next());
+    let last = r - 1;
+    let contiguous = strides[last] == 1;
+    let inner: Vec<Stmt> = if contiguous {
+        [
+            vec![let_(src_row, src_of(last)), let_(dst_row, dst_of(last))],
+            vec_loop(&mut vars, int(0), int(shape[last] as i64), &|j, v, _| {
+                let val = if v { load4(0, add(var(src_row), j.clone())) } else { load(0, add(var(src_row), j.clone())) };
+                vec![store(1, add(var(dst_row), j), val)]
+            }),
+        ]
+        .concat()
+    } else {
+        vec![
+            let_(src_row, src_of(last)),
+            let_(dst_row, dst_of(last)),
+            for_(
+                idx[last],
+                int(0),
+                int(shape[last] as i64),
+                1,
+                vec![store(
+                    1,
+                    add(var(dst_row), var(idx[last])),
+                    load(0, add(var(src_row), mul(var(idx[last]), int(strides[last] as i64)))),
+                )],
+            ),
+        ]
+    };
+    let mut body = inner;
+    for d in (1..last).rev() {
+        body = vec![for_(idx[d], int(0), int(shape[d] as i64), 1, body)];
+    }
+    let body = vec![for_(idx[0], var(START), var(END), 1, body)];
+    let n: usize = shape.iter().product();
+    kernel(name, vec![buf("x", in_len), buf("out", n)], shape[0], 0, body, vars)
+}
+
+/// Row-major strides of `shape`.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect()
+}
+
+/// `out = a ⊕ b` with numpy broadcasting; parallel over the output's first axis.
+fn broadcast_kernel(name: &str, a: &[usize], b: &[usize], out: &[usize], op: crate::kir::BinOp) -> Kernel {
+    let n: usize = out.iter().product();
+    if a == b {
+        // Same shapes: a flat element-wise loop, in blocks of 4096.
+        const BLOCK: usize = 4096;
+        let mut vars = Vars::new();
+        let (blk, lo, hi) = (vars.next(), vars.next(), vars.next());
+        let inner = vec_loop(&mut vars, var(lo), var(hi), &|i, v, _| {
+            let (x, y) = if v { (load4(0, i.clone()), load4(1, i.clone())) } else { (load(0, i.clone()), load(1, i.clone())) };
+            vec![store(2, i, bin(op, x, y))]
+        });
+        let body = vec![for_(
+            blk,
+            var(START),
+            var(END),
+            1,
+            [
+                vec![
+                    let_(lo, mul(var(blk), int(BLOCK as i64))),
+                    let_(hi, min(add(var(lo), int(BLOCK as i64)), int(n as i64))),
+                ],
+                inner,
+            ]
+            .concat(),
+        )];
+        return kernel(
+            format!("{name}_{}", shape_name(out)),
+            vec![buf("a", n), buf("b", n), buf("out", n)],
+            n.div_ceil(BLOCK),
+            n,
+            body,
+            vars,
+        );
+    }
+    let r = out.len().max(2);
+    let pad = |s: &[usize]| -> Vec<usize> { [vec![1; r - s.len()], s.to_vec()].concat() };
+    let (sa_shape, sb_shape, so) = (pad(a), pad(b), pad(out));
+    let bstr = |s: &[usize]| -> Vec<usize> {
+        let st = strides(s);
+        (0..r).map(|d| if s[d] == 1 { 0 } else { st[d] }).collect()
+    };
+    let (sa, sb, st_o) = (bstr(&sa_shape), bstr(&sb_shape), strides(&so));
+    let mut vars = Vars::new();
+    let idx: Vec<Var> = (0..r).map(|_| vars.next()).collect();
+    let off = |st: &[usize], upto: usize| -> Expr {
+        let mut e = int(0);
+        for d in 0..upto {
+            e = add(e, mul(var(idx[d]), int(st[d] as i64)));
+        }
+        e
+    };
+    let (oa, ob, oo) = (vars.next(), vars.next(), vars.next());
+    let last = r - 1;
+    let vectorisable = sa[last] <= 1 && sb[last] <= 1;
+    let operand = |buf: u32, o: Var, s: usize, j: Expr, v: bool| -> Expr {
+        match (s, v) {
+            (0, true) => splat(load(buf, var(o))),
+            (0, false) => load(buf, var(o)),
+            (_, true) => load4(buf, add(var(o), mul(j, int(s as i64)))),
+            (_, false) => load(buf, add(var(o), mul(j, int(s as i64)))),
+        }
+    };
+    let row: Vec<Stmt> = {
+        let head = vec![let_(oa, off(&sa, last)), let_(ob, off(&sb, last)), let_(oo, off(&st_o, last))];
+        let lp = if vectorisable {
+            vec_loop(&mut vars, int(0), int(so[last] as i64), &|j, v, _| {
+                vec![store(2, add(var(oo), j.clone()), bin(op, operand(0, oa, sa[last], j.clone(), v), operand(1, ob, sb[last], j, v)))]
+            })
+        } else {
+            let j = idx[last];
+            vec![for_(
+                j,
+                int(0),
+                int(so[last] as i64),
+                1,
+                vec![store(2, add(var(oo), var(j)), bin(op, operand(0, oa, sa[last], var(j), false), operand(1, ob, sb[last], var(j), false)))],
+            )]
+        };
+        [head, lp].concat()
+    };
+    let mut body = row;
+    for d in (1..last).rev() {
+        body = vec![for_(idx[d], int(0), int(so[d] as i64), 1, body)];
+    }
+    let body = vec![for_(idx[0], var(START), var(END), 1, body)];
+    kernel(
+        format!("{name}_{}_{}", shape_name(a), shape_name(b)),
+        vec![buf("a", a.iter().product()), buf("b", b.iter().product()), buf("out", n)],
+        so[0],
+        n,
+        body,
+        vars,
+    )
+}
+
+/// Lowers `op` applied to operands of types `inputs` with result type `out`.
+/// `in_place`: a `ScatterRow` may update its cache operand's buffer (the caller has made
+/// the result share it).
+pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: bool) -> Result<OpKernels, BackendError> {
+    use crate::kir::BinOp;
+    let n_out = out.numel();
+    let ins = |k: usize| -> Vec<Slot> { (0..k).map(Slot::Input).chain([Slot::Output]).collect() };
+    let one = |k: Kernel, slots: Vec<Slot>| Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![] });
+    match op {
+        Op::Reshape { .. } => Ok(OpKernels::default()),
+        Op::Scale { factor } => {
+            let fac = *factor;
+            one(map_kernel(format!("scale_{}", shape_name(&out.shape)), n_out, 1, &move |x, v| mul(x, cf(fac, v))), ins(1))
+        }
+        Op::Gelu => one(map_kernel(format!("gelu_{}", shape_name(&out.shape)), n_out, 20, &gelu), ins(1)),
+        Op::Add => one(broadcast_kernel("add", &inputs[0].shape, &inputs[1].shape, &out.shape, BinOp::Add), ins(2)),
+        Op::Mul => one(broadcast_kernel("mul", &inputs[0].shape, &inputs[1].shape, &out.shape, BinOp::Mul), ins(2)),
+        Op::Linear => {
+            let k = inputs[1].shape[1];
+            let n = inputs[1].shape[0];
+            let m = inputs[0].numel() / k;
+            let bias = inputs.len() == 3;
+            let name = format!("linear_{m}x{n}x{k}{}", if bias { "_bias" } else { "" });
+            one(dot_kernel(name, 1, m, n, k, 0, 0, bias), ins(inputs.len()))
+        }
+        Op::MatMul { transpose_b: true } => {
+            let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
+            let n = inputs[1].shape[1];
+            one(dot_kernel(format!("matmul_nt_{b}x{m}x{n}x{k}"), b, m, n, k, m * k, n * k, false), ins(2))
+        }
+        Op::MatMul { transpose_b: false } => {
+            let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
+            let n = inputs[1].shape[2];
+            one(axpy_matmul_kernel(format!("matmul_nn_{b}x{m}x{k}x{n}"), b, m, k, n), ins(2))
+        }
+        Op::Softmax => {
+            let d = *out.shape.last().unwrap();
+            one(softmax_kernel(n_out / d, d), ins(1))
+        }
+        Op::LayerNorm { eps } => {
+            let d = *out.shape.last().unwrap();
+            one(layer_norm_kernel(n_out / d, d, *eps), ins(3))
+        }
+        Op::Transpose { perm } => {
+            let st = strides(&inputs[0].shape);
+            let s: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+            let name = format!("transpose_{}_{}", shape_name(&inputs[0].shape), shape_name(perm));
+            one(strided_copy_kernel(name, inputs[0].numel(), &out.shape, &s, 0), ins(1))
+        }
+        Op::Slice { axis, start, .. } => {
+            let st = strides(&inputs[0].shape);
+            let name = format!("slice_{}_{axis}_{start}_{}", shape_name(&inputs[0].shape), shape_name(&out.shape));
+            one(strided_copy_kernel(name, inputs[0].numel(), &out.shape, &st, start * st[*axis]), ins(1))
+        }
+        Op::Gather => {
+            let (v, d) = (inputs[0].shape[0], inputs[0].shape[1]);
+            let n = inputs[1].shape[0];
+            let mut vars = Vars::new();
+            let (r, id, src, dst) = (vars.next(), vars.next(), vars.next(), vars.next());
+            let copy = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
+                let x = if vv { load4(0, add(var(src), j.clone())) } else { load(0, add(var(src), j.clone())) };
+                vec![store(2, add(var(dst), j), x)]
+            });
+            let body = vec![for_(
+                r,
+                var(START),
+                var(END),
+                1,
+                [
+                    // Clamped: an out-of-range id must not read outside the table.
+                    vec![
+                        let_(id, min(max(load_i(1, var(r)), int(0)), int(v as i64 - 1))),
+                        let_(src, mul(var(id), int(d as i64))),
+                        let_(dst, mul(var(r), int(d as i64))),
+                    ],
+                    copy,
+                ]
+                .concat(),
+            )];
+            one(kernel(format!("gather_{v}x{d}_{n}"), vec![buf("table", v * d), ibuf("ids", n), buf("out", n * d)], n, 0, body, vars), ins(2))
+        }
+        Op::ScatterRow => {
+            let (s, d) = (inputs[0].shape[0], inputs[0].shape[1]);
+            let mut vars = Vars::new();
+            let (r, pos) = (vars.next(), vars.next());
+            let pos_e = min(max(load_i(1, int(0)), int(0)), int(s as i64 - 1));
+            if in_place {
+                let row = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
+                    let x = if vv { load4(2, j.clone()) } else { load(2, j.clone()) };
+                    vec![store(3, add(mul(var(pos), int(d as i64)), j), x)]
+                });
+                let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], row].concat())];
+                let k = kernel(format!("scatter_row_in_place_{s}x{d}"), vec![buf("cache", s * d), ibuf("index", 1), buf("row", d), buf("out", s * d)], 1, 0, body, vars);
+                return one(k, ins(3));
+            }
+            let copy = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
+                let (new, old) = if vv {
+                    (load4(2, j.clone()), load4(0, add(mul(var(r), int(d as i64)), j.clone())))
+                } else {
+                    (load(2, j.clone()), load(0, add(mul(var(r), int(d as i64)), j.clone())))
+                };
+                vec![store(3, add(mul(var(r), int(d as i64)), j), select(CmpOp::Eq, var(r), var(pos), new, old))]
+            });
+            let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], copy].concat())];
+            let k = kernel(format!("scatter_row_{s}x{d}"), vec![buf("cache", s * d), ibuf("index", 1), buf("row", d), buf("out", s * d)], s, 0, body, vars);
+            one(k, ins(3))
+        }
+        Op::CausalMask { len } => {
+            let mut vars = Vars::new();
+            let (r, pos, j) = (vars.next(), vars.next(), vars.next());
+            let body = vec![for_(
+                r,
+                var(START),
+                var(END),
+                1,
+                vec![
+                    let_(pos, load_i(0, int(0))),
+                    for_(j, int(0), int(*len as i64), 1, vec![store(1, var(j), select(CmpOp::Le, var(j), var(pos), f(0.0), f(f32::NEG_INFINITY)))]),
+                ],
+            )];
+            one(kernel(format!("causal_mask_{len}"), vec![ibuf("position", 1), buf("out", *len)], 1, 0, body, vars), ins(1))
+        }
+        Op::Conv1d { stride, padding } => {
+            let (cin, t) = (inputs[0].shape[0], inputs[0].shape[1]);
+            let (cout, kw) = (inputs[1].shape[0], inputs[1].shape[2]);
+            let tout = out.shape[1];
+            let ck = cin * kw;
+            // im2col: col[t, ci*K + k] = x[ci, t*stride + k - padding] (0 outside).
+            let mut vars = Vars::new();
+            let (to, ci, kk, src) = (vars.next(), vars.next(), vars.next(), vars.next());
+            let clamped = min(max(var(src), int(0)), int(t as i64 - 1));
+            let val = select(
+                CmpOp::Lt,
+                var(src),
+                int(0),
+                f(0.0),
+                select(CmpOp::Lt, var(src), int(t as i64), load(0, add(mul(var(ci), int(t as i64)), clamped)), f(0.0)),
+            );
+            let body = vec![for_(
+                to,
+                var(START),
+                var(END),
+                1,
+                vec![for_(
+                    ci,
+                    int(0),
+                    int(cin as i64),
+                    1,
+                    vec![for_(
+                        kk,
+                        int(0),
+                        int(kw as i64),
+                        1,
+                        vec![
+                            let_(src, sub(add(mul(var(to), int(*stride as i64)), var(kk)), int(*padding as i64))),
+                            store(1, add(mul(var(to), int(ck as i64)), add(mul(var(ci), int(kw as i64)), var(kk))), val.clone()),
+                        ],
+                    )],
+                )],
+            )];
+            let im2col = kernel(format!("im2col_{cin}x{t}_k{kw}_s{stride}_p{padding}"), vec![buf("x", cin * t), buf("col", tout * ck)], tout, 0, body, vars);
+            let mm = dot_kernel(format!("linear_{tout}x{cout}x{ck}_bias"), 1, tout, cout, ck, 0, 0, true);
+            let tr = strided_copy_kernel(format!("transpose_{tout}x{cout}_1x0"), tout * cout, &[cout, tout], &[1, cout], 0);
+            Ok(OpKernels {
+                launches: vec![
+                    (im2col, vec![Slot::Input(0), Slot::Scratch(0)]),
+                    (mm, vec![Slot::Scratch(0), Slot::Input(1), Slot::Input(2), Slot::Scratch(1)]),
+                    (tr, vec![Slot::Scratch(1), Slot::Output]),
+                ],
+                scratch: vec![tout * ck, tout * cout],
+            })
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! A whole module → a program: deduplicated kernels, per-graph launch lists over one arena,
+//! and the weights blob.
+//!
+//! Buffers:
+//! - weights (and every value computed from weights alone, folded here with the reference
+//!   interpreter) live in the weights blob, f32, 64-byte aligned;
+//! - graph inputs and outputs are *persistent*: each has its own arena range for the whole
+//!   run. A decoder input named like an encoder output is the same range (that is how the
+//!   encoder hands the decoder its results), and a decoder cache updated in place by
+//!   `scatter_row` shares its range with the output `X.next`;
+//! - every other value, and each kernel's scratch, is *temporary*: it gets an offset in the
+//!   region after the persistent ones by first-fit over its live range (definition to last
+//!   use, aliases included). The encoder and the decoder step never run at the same time,
+//!   so they share that region.
+
+use std::collections::HashMap;
+
+use wcc_ir::interp::{self, Tensor, WeightLoader};
+use wcc_ir::{DType, Graph, Module, Op, ValueDef, ValueId};
+use wcc_runtime::wbin::{BufRef, GraphProgram, IoSlot, Launch};
+
+use crate::kir::Kernel;
+use crate::lower::{aliases_first_operand, lower_op, Slot};
+use crate::BackendError;
+
+const ALIGN: usize = 64;
+
+fn align(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+pub struct Program {
+    pub kernels: Vec<Kernel>,
+    pub graphs: Vec<GraphProgram>,
+    /// f32 little-endian weights.
+    pub weights: Vec<u8>,
+    pub arena_bytes: u64,
+    /// Bytes of the persistent part of the arena.
+    pub persistent_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Place {
+    Weight(usize),
+    Persistent(usize),
+    /// Index into the graph's temporaries.
+    Temp(usize),
+}
+
+struct Temp {
+    bytes: usize,
+    first: usize,
+    last: usize,
+    offset: usize,
+}
+
+fn bytes_of(g: &Graph, v: ValueId) -> usize {
+    4 * g.ty(v).numel()
+}
+
+/// Builds the program of `module`, reading weights through `loader`.
+pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, BackendError> {
+    let mut weights: Vec<u8> = Vec::new();
+    let mut weight_at: HashMap<String, usize> = HashMap::new();
+    let mut kernels: Vec<Kernel> = Vec::new();
+    let mut kernel_index: HashMap<String, usize> = HashMap::new();
+    let mut persistent = 0usize;
+    let mut named: HashMap<String, usize> = HashMap::new();
+    let mut graphs = Vec::new();
+    let mut temp_peak = 0usize;
+    let mut plans = Vec::new();
+
+    let push_weight = |weights: &mut Vec<u8>, data: &[f32]| -> usize {
+        let at = align(weights.len());
+        weights.resize(at, 0);
+        for v in data {
+            weights.extend_from_slice(&v.to_le_bytes());
+        }
+        at
+    };
+
+    for g in &module.graphs {
+        let mut place: Vec<Option<Place>> = vec![None; g.values.len()];
+        let mut consts: HashMap<usize, Tensor> = HashMap::new();
+        let uses = g.use_counts();
+        let is_output = |v: ValueId| g.outputs.contains(&v);
+        // Weights and weight-only subgraphs.
+        for (k, v) in g.values.iter().enumerate() {
+            if let ValueDef::Weight(w) = &v.def {
+                let decl = module.weight(w).ok_or_else(|| BackendError(format!("@{w} is not declared")))?;
+                let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
+                let at = match weight_at.get(w) {
+                    Some(&at) => at,
+                    None => {
+                        let at = push_weight(&mut weights, &data);
+                        weight_at.insert(w.clone(), at);
+                        at
+                    }
+                };
+                place[k] = Some(Place::Weight(at));
+                consts.insert(k, Tensor::f32(v.ty.shape.clone(), data));
+            }
+        }
+        for node in &g.nodes {
+            if !node.inputs.iter().all(|i| consts.contains_key(&i.index())) || is_output(node.output) {
+                continue;
+            }
+            let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
+            let t = interp::eval(&node.op, &args).map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
+            let data = t.as_f32().map_err(|e| BackendError(e.to_string()))?.to_vec();
+            place[node.output.index()] = Some(Place::Weight(push_weight(&mut weights, &data)));
+            consts.insert(node.output.index(), t);
+        }
+        // Persistent: inputs and outputs, bound by name across graphs.
+        let mut persist = |name: &str, bytes: usize, persistent: &mut usize| -> usize {
+            *named.entry(name.to_string()).or_insert_with(|| {
+                let at = *persistent;
+                *persistent = align(at + bytes);
+                at
+            })
+        };
+        for &i in &g.inputs {
+            place[i.index()] = Some(Place::Persistent(persist(&g.value(i).name, bytes_of(g, i), &mut persistent)));
+        }
+        // Aliases: reshape results and in-place cache updates share their operand's place.
+        let mut alias_of: Vec<Option<ValueId>> = vec![None; g.values.len()];
+        let mut in_place = vec![false; g.nodes.len()];
+        for (n, node) in g.nodes.iter().enumerate() {
+            if place[node.output.index()].is_some() {
+                continue;
+            }
+            let src = node.inputs[0];
+            let cache_in_place = matches!(node.op, Op::ScatterRow)
+                && matches!(g.value(src).def, ValueDef::Input(_))
+                && uses[src.index()] == 1
+                && is_output(node.output);
+            in_place[n] = cache_in_place;
+            if aliases_first_operand(&node.op, cache_in_place) {
+                alias_of[node.output.index()] = Some(src);
+            }
+        }
+        let root = |mut v: ValueId| {
+            while let Some(a) = alias_of[v.index()] {
+                v = a;
+            }
+            v
+        };
+        for &o in &g.outputs {
+            let r = root(o);
+            if place[r.index()].is_none() {
+                let name = &g.value(o).name;
+                place[r.index()] = Some(Place::Persistent(persist(name, bytes_of(g, r), &mut persistent)));
+            }
+        }
+        // Temporaries: live ranges over node indices, per alias root.
+        let mut temps: Vec<Temp> = Vec::new();
+        let mut temp_of: HashMap<usize, usize> = HashMap::new();
+        for (n, node) in g.nodes.iter().enumerate() {
+            let r = root(node.output);
+            if place[r.index()].is_none() && !temp_of.contains_key(&r.index()) {
+                temp_of.insert(r.index(), temps.len());
+                temps.push(Temp { bytes: bytes_of(g, r), first: n, last: n, offset: 0 });
+            }
+            for &i in &node.inputs {
+                if let Some(&t) = temp_of.get(&root(i).index()) {
+                    temps[t].last = temps[t].last.max(n);
+                }
+            }
+        }
+        for (&r, &t) in &temp_of {
+            place[r] = Some(Place::Temp(t));
+        }
+        for k in 0..g.values.len() {
+            if place[k].is_none() {
+                let r = root(ValueId(k as u32));
+                place[k] = place[r.index()];
+            }
+        }
+        // Kernels, and scratch temporaries that live for one node.
+        let mut launches_by_node = Vec::new();
+        for (n, node) in g.nodes.iter().enumerate() {
+            if matches!(place[node.output.index()], Some(Place::Weight(_))) {
+                launches_by_node.push(vec![]);
+                continue;
+            }
+            let tys: Vec<&wcc_ir::TensorType> = node.inputs.iter().map(|&i| g.ty(i)).collect();
+            let ok = lower_op(&node.op, &tys, g.ty(node.output), in_place[n])?;
+            let scratch: Vec<usize> = ok
+                .scratch
+                .iter()
+                .map(|&elems| {
+                    temps.push(Temp { bytes: 4 * elems, first: n, last: n, offset: 0 });
+                    temps.len() - 1
+                })
+                .collect();
+            let mut ls = Vec::new();
+            for (kernel, slots) in ok.launches {
+                let key = format!("{kernel:?}");
+                let kid = *kernel_index.entry(key).or_insert_with(|| {
+                    kernels.push(kernel.clone());
+                    kernels.len() - 1
+                });
+                let places: Vec<(Place, usize)> = slots
+                    .iter()
+                    .map(|s| match s {
+                        Slot::Input(i) => (place[node.inputs[*i].index()].expect("placed"), bytes_of(g, node.inputs[*i])),
+                        Slot::Output => (place[node.output.index()].expect("placed"), bytes_of(g, node.output)),
+                        Slot::Scratch(j) => (Place::Temp(scratch[*j]), temps[scratch[*j]].bytes),
+                    })
+                    .collect();
+                ls.push((kid, places));
+            }
+            launches_by_node.push(ls);
+        }
+        // First fit over live ranges.
+        let mut order: Vec<usize> = (0..temps.len()).collect();
+        order.sort_by_key(|&t| (temps[t].first, std::cmp::Reverse(temps[t].bytes)));
+        let mut placed: Vec<usize> = Vec::new();
+        let mut top = 0usize;
+        for &t in &order {
+            let mut busy: Vec<(usize, usize)> = placed
+                .iter()
+                .filter(|&&o| temps[o].last >= temps[t].first && temps[o].first <= temps[t].last)
+                .map(|&o| (temps[o].offset, temps[o].offset + temps[o].bytes))
+                .collect();
+            busy.sort();
+            let mut at = 0usize;
+            for (s, e) in busy {
+                if at + temps[t].bytes <= s {
+                    break;
+                }
+                at = at.max(align(e));
+            }
+            temps[t].offset = at;
+            top = top.max(align(at + temps[t].bytes));
+            placed.push(t);
+        }
+        temp_peak = temp_peak.max(top);
+        plans.push((g, place, temps, launches_by_node));
+    }
+
+    for (g, place, temps, launches_by_node) in plans {
+        let to_ref = |p: Place, len: usize| -> BufRef {
+            match p {
+                Place::Weight(at) => BufRef::Weight { offset: at as u64, len: len as u64 },
+                Place::Persistent(at) => BufRef::Arena { offset: at as u64, len: len as u64 },
+                Place::Temp(t) => BufRef::Arena { offset: (persistent + temps[t].offset) as u64, len: len as u64 },
+            }
+        };
+        let io = |v: ValueId| -> Result<IoSlot, BackendError> {
+            let value = g.value(v);
+            match place[v.index()] {
+                Some(Place::Persistent(at)) => Ok(IoSlot {
+                    name: value.name.clone(),
+                    offset: at as u64,
+                    dtype: if value.ty.dtype == DType::I32 { "i32".into() } else { "f32".into() },
+                    shape: value.ty.shape.clone(),
+                }),
+                _ => Err(BackendError(format!("graph `{}`: %{} is not in the arena", g.name, value.name))),
+            }
+        };
+        let launches = launches_by_node
+            .into_iter()
+            .flatten()
+            .map(|(kid, places)| Launch { kernel: kid as u32, buffers: places.into_iter().map(|(p, len)| to_ref(p, len)).collect() })
+            .collect();
+        graphs.push(GraphProgram {
+            name: g.name.clone(),
+            inputs: g.inputs.iter().map(|&v| io(v)).collect::<Result<_, _>>()?,
+            outputs: g.outputs.iter().map(|&v| io(v)).collect::<Result<_, _>>()?,
+            launches,
+        });
+    }
+    Ok(Program { kernels, graphs, weights, arena_bytes: (persistent + temp_peak) as u64, persistent_bytes: persistent as u64 })
+}

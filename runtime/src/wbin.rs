@@ -1,0 +1,237 @@
+//! The `.wbin` artifact (format version 1; see `FORMAT.md` beside this crate): reading,
+//! validation and writing. Everything a compiled model needs to run is in the one file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use crate::tokenizer::GenerationConfig;
+
+pub const MAGIC: [u8; 8] = *b"WCCWBIN\0";
+pub const VERSION: u32 = 1;
+/// Fixed-size start of the file: magic, version, checksum, header and section table.
+pub const PRELUDE_LEN: usize = 96;
+/// Alignment of the weights section (a page, so it maps cleanly).
+pub const WEIGHTS_ALIGN: usize = 4096;
+/// Alignment of every other section.
+pub const SECTION_ALIGN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WbinError {
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub arch: String,
+    pub features: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelEntry {
+    pub name: String,
+    /// Byte range of the machine code inside the code section.
+    pub offset: u64,
+    pub len: u64,
+    /// Size in bytes of each buffer the kernel reads or writes, in argument order.
+    pub buffer_bytes: Vec<u64>,
+    pub parallel_extent: u64,
+    pub flops: u64,
+}
+
+/// A buffer handed to a kernel: bytes of the arena or of the weights section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufRef {
+    Arena { offset: u64, len: u64 },
+    Weight { offset: u64, len: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    pub kernel: u32,
+    pub buffers: Vec<BufRef>,
+}
+
+/// A graph input or output: where it lives in the arena.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IoSlot {
+    pub name: String,
+    pub offset: u64,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl IoSlot {
+    pub fn bytes(&self) -> u64 {
+        4 * self.shape.iter().product::<usize>() as u64
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphProgram {
+    pub name: String,
+    pub inputs: Vec<IoSlot>,
+    pub outputs: Vec<IoSlot>,
+    pub launches: Vec<Launch>,
+}
+
+/// The header: everything but the bulk sections, as JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub wcc_version: String,
+    pub model_name: String,
+    pub target: TargetInfo,
+    /// Hyper-parameters (`n_mels`, `n_audio_ctx`, ...).
+    pub params: BTreeMap<String, i64>,
+    /// Mel frames of the encoder's static input.
+    pub timesteps: usize,
+    pub n_mels: usize,
+    /// Storage type of the weights section.
+    pub weight_dtype: String,
+    pub generation: GenerationConfig,
+    pub alignment_heads: Vec<(usize, usize)>,
+    pub arena_bytes: u64,
+    pub kernels: Vec<KernelEntry>,
+    pub graphs: Vec<GraphProgram>,
+}
+
+impl Header {
+    pub fn graph(&self, name: &str) -> Option<&GraphProgram> {
+        self.graphs.iter().find(|g| g.name == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Section {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The bulk data of a `.wbin` besides its header.
+pub struct Sections<'a> {
+    pub code: &'a [u8],
+    pub weights: &'a [u8],
+    pub tokenizer: &'a [u8],
+    /// `[n_mels, 201]` f32, little-endian.
+    pub mel_filters: &'a [u8],
+}
+
+fn align(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+/// Writes a `.wbin` to `path` (through a temporary file in the same directory, renamed at
+/// the end, so a failed write leaves nothing half-written behind).
+pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinError> {
+    let io = |source| WbinError::Io { path: path.display().to_string(), source };
+    let header_json = serde_json::to_vec(header).expect("header serialises");
+    let mut table = [Section::default(); 5];
+    let mut pos = PRELUDE_LEN;
+    let parts: [(&[u8], usize); 5] = [
+        (&header_json, 8),
+        (s.code, SECTION_ALIGN),
+        (s.weights, WEIGHTS_ALIGN),
+        (s.tokenizer, SECTION_ALIGN),
+        (s.mel_filters, SECTION_ALIGN),
+    ];
+    for (i, (data, a)) in parts.iter().enumerate() {
+        pos = align(pos, *a);
+        table[i] = Section { offset: pos as u64, len: data.len() as u64 };
+        pos += data.len();
+    }
+    let mut buf = vec![0u8; pos];
+    buf[..8].copy_from_slice(&MAGIC);
+    buf[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    for (i, sec) in table.iter().enumerate() {
+        let at = 16 + 16 * i;
+        buf[at..at + 8].copy_from_slice(&sec.offset.to_le_bytes());
+        buf[at + 8..at + 16].copy_from_slice(&sec.len.to_le_bytes());
+    }
+    for (sec, (data, _)) in table.iter().zip(parts) {
+        buf[sec.offset as usize..sec.offset as usize + data.len()].copy_from_slice(data);
+    }
+    let crc = crc32fast::hash(&buf[16..]);
+    buf[12..16].copy_from_slice(&crc.to_le_bytes());
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out.wbin")));
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(&buf).map_err(io)?;
+    f.sync_all().ok();
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(buf.len() as u64)
+}
+
+/// A validated, memory-mapped `.wbin`.
+pub struct WbinFile {
+    map: Mmap,
+    pub header: Header,
+    table: [Section; 5],
+}
+
+impl WbinFile {
+    /// Maps and validates `path`: magic, version, section bounds, checksum, header.
+    pub fn open(path: &Path) -> Result<WbinFile, WbinError> {
+        let p = path.display().to_string();
+        let bad = |msg: String| WbinError::Invalid { path: p.clone(), msg };
+        let f = File::open(path).map_err(|source| WbinError::Io { path: p.clone(), source })?;
+        // SAFETY: a read-only private map; wcc never writes to a .wbin it is running, and
+        // every offset read from it is bounds-checked below before use.
+        let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io { path: p.clone(), source })?;
+        Self::from_map(map).map_err(bad)
+    }
+
+    fn from_map(map: Mmap) -> Result<WbinFile, String> {
+        let b = &map[..];
+        if b.len() < 8 || b[..8] != MAGIC {
+            return Err("not a .wbin file (bad magic number)".into());
+        }
+        if b.len() < PRELUDE_LEN {
+            return Err(format!("truncated: {} bytes, shorter than the {PRELUDE_LEN}-byte prelude", b.len()));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(format!(
+                "format version {version}, but this wcc reads version {VERSION}: recompile the model with this wcc"
+            ));
+        }
+        let mut table = [Section::default(); 5];
+        for (i, sec) in table.iter_mut().enumerate() {
+            *sec = Section { offset: u64_at(16 + 16 * i), len: u64_at(24 + 16 * i) };
+            let end = sec.offset.checked_add(sec.len).ok_or("corrupt section table")?;
+            if end > b.len() as u64 {
+                return Err(format!("truncated: a section ends at byte {end}, the file has {} bytes", b.len()));
+            }
+        }
+        let crc = crc32fast::hash(&b[16..]);
+        if crc != u32_at(12) {
+            return Err("checksum mismatch: the file is corrupt".into());
+        }
+        let h = table[0];
+        let header: Header = serde_json::from_slice(&b[h.offset as usize..(h.offset + h.len) as usize])
+            .map_err(|e| format!("corrupt header: {e}"))?;
+        Ok(WbinFile { map, header, table })
+    }
+
+    fn section(&self, i: usize) -> &[u8] {
+        let s = self.table[i];
+        &self.map[s.offset as usize..(s.offset + s.len) as usize]
+    }
+
+    pub fn sections(&self) -> Sections<'_> {
+        Sections { code: self.section(1), weights: self.section(2), tokenizer: self.section(3), mel_filters: self.section(4) }
+    }
+
+    pub fn file_len(&self) -> usize {
+        self.map.len()
+    }
+}
