@@ -16,16 +16,6 @@ pub struct InterpretedModel<'m> {
     encoder_out: HashMap<String, Tensor>,
     state: HashMap<String, Tensor>,
     logits: Vec<f32>,
-    stats: Stats,
-}
-
-/// Where the time went.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Stats {
-    pub encode_s: f64,
-    pub encodes: usize,
-    pub step_s: f64,
-    pub steps: usize,
 }
 
 impl<'m> InterpretedModel<'m> {
@@ -50,15 +40,10 @@ impl<'m> InterpretedModel<'m> {
             encoder_out: HashMap::new(),
             state: HashMap::new(),
             logits: vec![],
-            stats: Stats::default(),
         })
     }
 
     /// The encoder's outputs after the last [`WhisperModel::encode`], by name.
-    pub fn stats(&self) -> Stats {
-        self.stats
-    }
-
     pub fn encoder_outputs(&self) -> &HashMap<String, Tensor> {
         &self.encoder_out
     }
@@ -73,13 +58,10 @@ impl WhisperModel for InterpretedModel<'_> {
         let module = self.interp.module();
         let enc = module.graph("encoder").expect("checked in new");
         let input = Tensor::f32([self.input_shape.0, self.input_shape.1], mel.to_vec());
-        let t0 = std::time::Instant::now();
         let outs = self
             .interp
             .run("encoder", &[input])
             .map_err(|e| e.to_string())?;
-        self.stats.encode_s += t0.elapsed().as_secs_f64();
-        self.stats.encodes += 1;
         self.encoder_out = enc
             .outputs
             .iter()
@@ -111,13 +93,10 @@ impl Decoder for InterpretedModel<'_> {
             };
             inputs.push(t);
         }
-        let t0 = std::time::Instant::now();
         let outs = self
             .interp
             .run("decoder_step", &inputs)
             .map_err(|e| e.to_string())?;
-        self.stats.step_s += t0.elapsed().as_secs_f64();
-        self.stats.steps += 1;
         let mut logits = None;
         for (&o, t) in dec.outputs.iter().zip(outs) {
             let name = &dec.value(o).name;

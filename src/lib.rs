@@ -29,3 +29,115 @@ pub fn module_after(model: &str, passes: &[&str]) -> Result<wcc_ir::Module> {
     let loaded = load_model(model)?;
     wcc_passes::run(loaded.module, passes).context("running passes")
 }
+
+/// The passes `wcc compile` runs by default.
+pub const COMPILE_PASSES: &[&str] = &["hoist-cross-kv"];
+
+/// What `compile` did, for the CLI to report.
+pub struct CompileReport {
+    pub kernels: usize,
+    pub launches: usize,
+    pub bytes: u64,
+    pub arena_bytes: u64,
+}
+
+/// Compiles `model` for `target` into a `.wbin` at `out`. `progress(done, total)` is called
+/// as kernels are compiled.
+pub fn compile(model: &str, target: &str, out: &Path, progress: &dyn Fn(usize, usize)) -> Result<CompileReport> {
+    use wcc_runtime::wbin;
+
+    let target = wcc_targets::Target::named(target)?;
+    let loaded = load_model(model)?;
+    let (_, generation) = loaded.generation()?;
+    let tokenizer = loaded.checkpoint.tokenizer_json()?;
+    let module = wcc_passes::run(loaded.module, COMPILE_PASSES)?;
+    let program = wcc_backend::program::build(&module, &loaded.checkpoint)?;
+    let isa = wcc_backend::cranelift::isa(&target)?;
+    let mut code = Vec::new();
+    let mut kernels = Vec::new();
+    for (i, k) in program.kernels.iter().enumerate() {
+        progress(i, program.kernels.len());
+        let bytes = wcc_backend::cranelift::compile(k, &*isa)?;
+        let offset = code.len().div_ceil(16) * 16;
+        code.resize(offset, 0);
+        code.extend_from_slice(&bytes);
+        kernels.push(wbin::KernelEntry {
+            name: k.name.clone(),
+            offset: offset as u64,
+            len: bytes.len() as u64,
+            buffer_bytes: k.buffers.iter().map(|b| 4 * b.len as u64).collect(),
+            parallel_extent: k.parallel_extent,
+            flops: k.flops,
+        });
+    }
+    progress(program.kernels.len(), program.kernels.len());
+    let enc = module.graph("encoder").context("no encoder graph")?;
+    let mel_shape = &enc.ty(enc.inputs[0]).shape;
+    let header = wbin::Header {
+        wcc_version: env!("CARGO_PKG_VERSION").into(),
+        model_name: module.name.clone(),
+        target: wbin::TargetInfo { arch: target.arch.clone(), features: target.features.clone() },
+        params: module.params.clone(),
+        timesteps: mel_shape[1],
+        n_mels: mel_shape[0],
+        weight_dtype: "f32".into(),
+        generation,
+        alignment_heads: loaded.checkpoint.generation.alignment_heads.clone(),
+        arena_bytes: program.arena_bytes,
+        kernels,
+        graphs: program.graphs,
+    };
+    let filters: Vec<u8> =
+        wcc_runtime::mel::mel_filters(mel_shape[0]).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let sections = wbin::Sections { code: &code, weights: &program.weights, tokenizer: &tokenizer, mel_filters: &filters };
+    let bytes = wbin::write(out, &header, &sections)?;
+    let launches = header.graphs.iter().map(|g| g.launches.len()).sum();
+    Ok(CompileReport { kernels: header.kernels.len(), launches, bytes, arena_bytes: header.arena_bytes })
+}
+
+/// Where the time of a transcription went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub encode_s: f64,
+    pub encodes: usize,
+    pub step_s: f64,
+    pub steps: usize,
+}
+
+/// Wraps any model to time its encoder runs and decoder steps.
+pub struct Timed<'a, M: wcc_runtime::transcribe::WhisperModel> {
+    pub model: &'a mut M,
+    pub stats: Stats,
+}
+
+impl<'a, M: wcc_runtime::transcribe::WhisperModel> Timed<'a, M> {
+    pub fn new(model: &'a mut M) -> Self {
+        Timed { model, stats: Stats::default() }
+    }
+}
+
+impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::Decoder for Timed<'_, M> {
+    fn step(&mut self, token: u32, position: usize) -> std::result::Result<&[f32], String> {
+        let t0 = std::time::Instant::now();
+        let r = self.model.step(token, position);
+        self.stats.step_s += t0.elapsed().as_secs_f64();
+        self.stats.steps += 1;
+        r
+    }
+}
+
+impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperModel for Timed<'_, M> {
+    fn input_shape(&self) -> (usize, usize) {
+        self.model.input_shape()
+    }
+    fn encode(&mut self, mel: &[f32]) -> std::result::Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let r = self.model.encode(mel);
+        self.stats.encode_s += t0.elapsed().as_secs_f64();
+        self.stats.encodes += 1;
+        r
+    }
+    fn mel_filters(&self) -> Vec<f64> {
+        self.model.mel_filters()
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
-use wcc_runtime::transcribe::{transcribe, TranscribeOptions};
+use wcc_runtime::transcribe::{transcribe, Transcript, TranscribeOptions};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,40 @@ enum Command {
         json: bool,
         audio: PathBuf,
     },
+    /// Compile a model ahead of time into one `.wbin` file.
+    Compile {
+        /// Model name (tiny.en, base, ...) or checkpoint directory.
+        #[arg(long)]
+        model: String,
+        /// Mel frames of the static encoder input (only 3000 until the timesteps pass lands).
+        #[arg(long, default_value_t = wcc_runtime::N_FRAMES)]
+        timesteps: usize,
+        /// host, x86_64-v2, x86_64-v3, x86_64-v4 or aarch64.
+        #[arg(long, default_value = "host")]
+        target: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Transcribe an audio file with a compiled model.
+    Run {
+        wbin: PathBuf,
+        audio: PathBuf,
+        /// Threads for the kernels.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long)]
+        language: Option<String>,
+        #[arg(long)]
+        translate: bool,
+        /// Print JSON (text, tokens, language, timings) instead of the text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the header of a `.wbin`.
+    Info { wbin: PathBuf },
     /// Write the log-mel features wcc computes for an audio file (first window) as .npy.
     Features {
         audio: PathBuf,
@@ -97,6 +131,27 @@ enum CheckpointCommand {
         #[arg(short, long)]
         output: PathBuf,
     },
+}
+
+fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "text": out.text(),
+            "language": out.language,
+            "tokens": out.tokens(),
+            "segments": out.segments.iter().map(|s| serde_json::json!({
+                "start": s.start, "end": s.end, "tokens": s.tokens, "text": s.text.trim(),
+            })).collect::<Vec<_>>(),
+            "timings": {
+                "load_s": load_s, "transcribe_s": run_s,
+                "encode_s": st.encode_s, "decoder_steps": st.steps, "decoder_s": st.step_s,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", out.text());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -156,26 +211,74 @@ fn run(cli: Cli) -> Result<()> {
                 translate,
             };
             let t1 = Instant::now();
-            let out = transcribe(&mut m, &tokenizer, &cfg, &samples, &opts)?;
+            let mut timed = wcc::Timed::new(&mut m);
+            let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
             let run_s = t1.elapsed().as_secs_f64();
-            if json {
-                let st = m.stats();
-                let v = serde_json::json!({
-                    "text": out.text(),
-                    "language": out.language,
-                    "tokens": out.tokens(),
-                    "segments": out.segments.iter().map(|s| serde_json::json!({
-                        "start": s.start, "end": s.end, "tokens": s.tokens, "text": s.text.trim(),
-                    })).collect::<Vec<_>>(),
-                    "timings": {
-                        "load_s": load_s, "transcribe_s": run_s,
-                        "encode_s": st.encode_s, "decoder_steps": st.steps, "decoder_s": st.step_s,
-                    },
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{}", out.text());
+            let st = timed.stats;
+            print_transcript(&out, json, load_s, run_s, st)?;
+        }
+        Command::Compile { model, timesteps, target, output, force } => {
+            if timesteps != wcc_runtime::N_FRAMES {
+                bail!("--timesteps {timesteps}: only {} is supported until the timesteps pass lands", wcc_runtime::N_FRAMES);
             }
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to replace it", output.display());
+            }
+            let t0 = Instant::now();
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("compiling kernels {bar:30} {pos}/{len} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = wcc::compile(&model, &target, &output, &|done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            eprintln!(
+                "wrote {} ({:.1} MB, {} kernels, {} launches, arena {:.1} MB) in {:.1} s",
+                output.display(),
+                report.bytes as f64 / 1e6,
+                report.kernels,
+                report.launches,
+                report.arena_bytes as f64 / 1e6,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        Command::Run { wbin, audio, threads, language, translate, json } => {
+            if threads == 0 {
+                bail!("--threads must be at least 1");
+            }
+            let t0 = Instant::now();
+            let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
+            let tokenizer = m.tokenizer()?;
+            let cfg = m.header().generation.clone();
+            let load_s = t0.elapsed().as_secs_f64();
+            let samples = wcc::load_audio(&audio)?;
+            let t1 = Instant::now();
+            let mut timed = wcc::Timed::new(&mut m);
+            let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &TranscribeOptions { language, translate })?;
+            let run_s = t1.elapsed().as_secs_f64();
+            let st = timed.stats;
+            print_transcript(&out, json, load_s, run_s, st)?;
+        }
+        Command::Info { wbin } => {
+            let f = wcc_runtime::wbin::WbinFile::open(&wbin)?;
+            let h = &f.header;
+            println!("file          {} ({} bytes)", wbin.display(), f.file_len());
+            println!("model         {}", h.model_name);
+            println!("target        {} [{}]", h.target.arch, h.target.features.join(", "));
+            println!("timesteps     {} mel frames x {} bins", h.timesteps, h.n_mels);
+            println!("weights       {} ({} bytes)", h.weight_dtype, f.sections().weights.len());
+            for (k, v) in &h.params {
+                println!("param         {k} = {v}");
+            }
+            println!("kernels       {} ({} bytes of code)", h.kernels.len(), f.sections().code.len());
+            for g in &h.graphs {
+                println!("program       {}: {} launches, {} inputs, {} outputs", g.name, g.launches.len(), g.inputs.len(), g.outputs.len());
+            }
+            println!("arena         {} bytes", h.arena_bytes);
+            println!("vocabulary    multilingual={} languages={}", h.generation.multilingual, h.generation.languages.len());
         }
         Command::Features {
             audio,

@@ -6,6 +6,7 @@
 //! This crate depends on no compiler crate: a compiled model runs with it alone.
 
 pub mod audio;
+pub mod compiled;
 pub mod decode;
 pub mod mel;
 pub mod npy;

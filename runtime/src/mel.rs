@@ -62,11 +62,16 @@ pub fn mel_filters(n_mels: usize) -> Vec<f64> {
 /// Log-mel features `[n_mels, frames]` (row-major) of 16 kHz mono `samples`, with
 /// openai-whisper's padding: the audio followed by 30 s of zeros, cut to `frames` columns.
 pub fn log_mel_spectrogram(samples: &[f32], n_mels: usize, frames: usize) -> Vec<f32> {
+    log_mel_spectrogram_with(samples, &mel_filters(n_mels), frames)
+}
+
+/// [`log_mel_spectrogram`] with a given `[n_mels, 201]` filter bank (a `.wbin` carries its own).
+pub fn log_mel_spectrogram_with(samples: &[f32], filters: &[f64], frames: usize) -> Vec<f32> {
+    let n_mels = filters.len() / N_FREQS;
     let mut audio: Vec<f64> = samples.iter().map(|&x| x as f64).collect();
     audio.resize(samples.len() + N_SAMPLES, 0.0);
     let power = power_spectrogram(&audio);
     let n_total = power.len() / N_FREQS;
-    let filters = mel_filters(n_mels);
     let mut logmel = vec![0.0f64; n_mels * n_total];
     for t in 0..n_total {
         let spec = &power[t * N_FREQS..(t + 1) * N_FREQS];

@@ -2,7 +2,7 @@
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
 use crate::decode::{detect_language, greedy, transcribe_prompt, DecodeError, Decoder};
-use crate::mel::log_mel_spectrogram;
+use crate::mel::log_mel_spectrogram_with;
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
 use crate::{HOP_LENGTH, SAMPLE_RATE};
 
@@ -14,6 +14,10 @@ pub trait WhisperModel: Decoder {
     /// Runs the encoder on `mel` (`[n_mels, frames]`, row-major); later decoder steps attend
     /// to its output.
     fn encode(&mut self, mel: &[f32]) -> Result<(), String>;
+    /// The `[n_mels, 201]` mel filter bank to compute features with.
+    fn mel_filters(&self) -> Vec<f64> {
+        crate::mel::mel_filters(self.input_shape().0)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -83,7 +87,8 @@ pub fn transcribe(
     if samples.is_empty() {
         return Err(TranscribeError::EmptyAudio);
     }
-    let (n_mels, frames) = model.input_shape();
+    let (_, frames) = model.input_shape();
+    let filters = model.mel_filters();
     let window = frames * HOP_LENGTH;
     let mut language: Option<(String, u32)> = None;
     if cfg.multilingual {
@@ -99,7 +104,7 @@ pub fn transcribe(
     }
     let mut segments = Vec::new();
     for (w, chunk) in samples.chunks(window).enumerate() {
-        let mel = log_mel_spectrogram(chunk, n_mels, frames);
+        let mel = log_mel_spectrogram_with(chunk, &filters, frames);
         model.encode(&mel).map_err(TranscribeError::Encode)?;
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);

@@ -1,0 +1,266 @@
+//! Running a compiled `.wbin`: its kernels placed in executable memory, its program driven
+//! over one arena allocated at load time. Nothing is allocated per kernel or per token.
+
+use std::path::Path;
+
+use memmap2::{Mmap, MmapMut};
+use rayon::prelude::*;
+
+use crate::decode::Decoder;
+use crate::tokenizer::WhisperTokenizer;
+use crate::transcribe::WhisperModel;
+use crate::wbin::{BufRef, Header, IoSlot, WbinError, WbinFile};
+
+/// The kernel ABI: `(buffer pointers, runtime function table, start, end)`.
+type KernelFn = unsafe extern "C" fn(*const *mut u8, *const u8, i64, i64);
+
+/// Functions the runtime offers kernels (reserved for micro-kernels; empty in format v1).
+#[repr(C)]
+struct RuntimeTable {
+    version: u64,
+}
+
+static RUNTIME_TABLE: RuntimeTable = RuntimeTable { version: 1 };
+
+/// Below this much work per call a kernel runs on one thread: waking the others costs more.
+const PARALLEL_MIN_FLOPS: u64 = 200_000;
+
+struct PreparedLaunch {
+    f: KernelFn,
+    ptrs: Vec<*mut u8>,
+    extent: u64,
+    split: bool,
+}
+
+// SAFETY: the pointers point into the arena and the mapped weights, both owned by the
+// `CompiledModel` for as long as the launches exist. When a launch is split across
+// threads, each thread runs a disjoint sub-range of the kernel's parallel loop, and every
+// kernel writes only the output elements of its own parallel indices (a property of the
+// lowering), so the threads never write the same memory.
+unsafe impl Sync for PreparedLaunch {}
+unsafe impl Send for PreparedLaunch {}
+
+struct PreparedGraph {
+    launches: Vec<PreparedLaunch>,
+    inputs: Vec<IoSlot>,
+    outputs: Vec<IoSlot>,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+/// A loaded `.wbin`.
+pub struct CompiledModel {
+    file: WbinFile,
+    // Kept alive: the kernels' machine code (read + execute, never writable).
+    _code: Mmap,
+    arena: Vec<Line>,
+    encoder: PreparedGraph,
+    decoder: PreparedGraph,
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+    logits: IoSlot,
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> WbinError {
+    WbinError::Invalid { path: path.display().to_string(), msg: msg.into() }
+}
+
+impl CompiledModel {
+    /// Loads `path` to run on `threads` threads.
+    pub fn load(path: &Path, threads: usize) -> Result<CompiledModel, WbinError> {
+        let file = WbinFile::open(path)?;
+        let h = &file.header;
+        check_host(h).map_err(|m| invalid(path, m))?;
+        let s = file.sections();
+        // Code: copied into fresh anonymous memory, then made read+execute (W^X: it is
+        // never writable and executable at once).
+        let mut code = MmapMut::map_anon(s.code.len().max(1)).map_err(|e| invalid(path, format!("code memory: {e}")))?;
+        code[..s.code.len()].copy_from_slice(s.code);
+        let code = code.make_exec().map_err(|e| invalid(path, format!("making code executable: {e}")))?;
+        let mut fns = Vec::new();
+        for k in &h.kernels {
+            if k.offset.checked_add(k.len).is_none_or(|e| e > s.code.len() as u64) || k.len == 0 {
+                return Err(invalid(path, format!("kernel {} lies outside the code section", k.name)));
+            }
+            // SAFETY: the bytes at this offset are the entry of a function compiled by wcc
+            // with the KernelFn signature for this target, whose features the host has
+            // (checked above); the file's checksum vouches that they are what wcc wrote.
+            fns.push(unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) });
+        }
+        let arena_bytes = h.arena_bytes as usize;
+        let mut arena = vec![Line([0; 64]); arena_bytes.div_ceil(64).max(1)];
+        let arena_ptr = arena.as_mut_ptr() as *mut u8;
+        let weights_ptr = s.weights.as_ptr() as *mut u8;
+        let prepare = |name: &str| -> Result<PreparedGraph, WbinError> {
+            let g = h.graph(name).ok_or_else(|| invalid(path, format!("no `{name}` program")))?;
+            let mut launches = Vec::new();
+            for l in &g.launches {
+                let entry = h.kernels.get(l.kernel as usize).ok_or_else(|| invalid(path, "launch of a missing kernel"))?;
+                if l.buffers.len() != entry.buffer_bytes.len() {
+                    return Err(invalid(path, format!("kernel {} takes {} buffers, launched with {}", entry.name, entry.buffer_bytes.len(), l.buffers.len())));
+                }
+                let mut ptrs = Vec::with_capacity(l.buffers.len());
+                for (b, &need) in l.buffers.iter().zip(&entry.buffer_bytes) {
+                    let (base, limit, offset, len) = match *b {
+                        BufRef::Arena { offset, len } => (arena_ptr, arena_bytes as u64, offset, len),
+                        BufRef::Weight { offset, len } => (weights_ptr, s.weights.len() as u64, offset, len),
+                    };
+                    if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % 4 != 0 {
+                        return Err(invalid(path, format!("a buffer of kernel {} is out of bounds", entry.name)));
+                    }
+                    // SAFETY: offset + len is inside the arena / weights section (checked).
+                    ptrs.push(unsafe { base.add(offset as usize) });
+                }
+                let split = threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
+                launches.push(PreparedLaunch { f: fns[l.kernel as usize], ptrs, extent: entry.parallel_extent, split });
+            }
+            for slot in g.inputs.iter().chain(&g.outputs) {
+                if slot.offset.checked_add(slot.bytes()).is_none_or(|e| e > arena_bytes as u64) {
+                    return Err(invalid(path, format!("`{}` lies outside the arena", slot.name)));
+                }
+            }
+            Ok(PreparedGraph { launches, inputs: g.inputs.clone(), outputs: g.outputs.clone() })
+        };
+        let encoder = prepare("encoder")?;
+        let decoder = prepare("decoder_step")?;
+        let logits = decoder
+            .outputs
+            .iter()
+            .find(|o| o.name == "logits")
+            .cloned()
+            .ok_or_else(|| invalid(path, "the decoder has no logits output"))?;
+        let pool = if threads > 1 {
+            Some(rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| invalid(path, format!("threads: {e}")))?)
+        } else {
+            None
+        };
+        Ok(CompiledModel { file, _code: code, arena, encoder, decoder, pool, threads, logits })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.file.header
+    }
+
+    pub fn tokenizer(&self) -> Result<WhisperTokenizer, crate::tokenizer::TokenizerError> {
+        WhisperTokenizer::from_bytes(self.file.sections().tokenizer)
+    }
+
+    fn arena_bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.file.header.arena_bytes as usize;
+        // SAFETY: `arena` holds at least `arena_bytes` initialised bytes (u8 has no invalid values).
+        unsafe { std::slice::from_raw_parts_mut(self.arena.as_mut_ptr() as *mut u8, n) }
+    }
+
+    fn write_f32(&mut self, slot: &IoSlot, data: &[f32]) {
+        let at = slot.offset as usize;
+        let dst = &mut self.arena_bytes_mut()[at..at + 4 * data.len()];
+        for (d, v) in dst.chunks_exact_mut(4).zip(data) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn run(&self, g: &PreparedGraph) {
+        for l in &g.launches {
+            let call = |start: u64, end: u64| {
+                if start < end {
+                    let rt = &RUNTIME_TABLE as *const RuntimeTable as *const u8;
+                    // SAFETY: see `PreparedLaunch`: buffers bounds-checked at load, code
+                    // compiled for this CPU, disjoint ranges per thread.
+                    unsafe { (l.f)(l.ptrs.as_ptr(), rt, start as i64, end as i64) };
+                }
+            };
+            match (&self.pool, l.split) {
+                (Some(pool), true) => {
+                    let n = self.threads as u64;
+                    let chunk = l.extent.div_ceil(n);
+                    pool.install(|| (0..n).into_par_iter().for_each(|t| call(t * chunk, ((t + 1) * chunk).min(l.extent))));
+                }
+                _ => call(0, l.extent),
+            }
+        }
+    }
+}
+
+/// Refuses a file built for another architecture or for CPU features this host lacks.
+fn check_host(h: &Header) -> Result<(), String> {
+    let arch = std::env::consts::ARCH;
+    if h.target.arch != arch {
+        return Err(format!("compiled for {}, this machine is {arch}: recompile with --target host", h.target.arch));
+    }
+    let missing: Vec<&str> = h.target.features.iter().filter(|f| !wcc_targets::host_has(f)).map(|s| s.as_str()).collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "compiled for CPU features this CPU lacks ({}): recompile with --target host",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+impl WhisperModel for CompiledModel {
+    fn input_shape(&self) -> (usize, usize) {
+        (self.file.header.n_mels, self.file.header.timesteps)
+    }
+
+    /// The filter bank stored in the file.
+    fn mel_filters(&self) -> Vec<f64> {
+        self.file.sections().mel_filters.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    fn encode(&mut self, mel: &[f32]) -> Result<(), String> {
+        let slot = self.encoder.inputs.first().cloned().ok_or("the encoder has no input")?;
+        if slot.bytes() != 4 * mel.len() as u64 {
+            return Err(format!("the encoder takes {:?} features, got {}", slot.shape, mel.len()));
+        }
+        self.write_f32(&slot, mel);
+        // A new window: empty self-attention caches (every decoder input that is neither the
+        // token, the position, nor an encoder output).
+        let enc_out: Vec<String> = self.encoder.outputs.iter().map(|o| o.name.clone()).collect();
+        let state: Vec<IoSlot> = self
+            .decoder
+            .inputs
+            .iter()
+            .filter(|i| i.name != "tokens" && i.name != "position" && !enc_out.contains(&i.name))
+            .cloned()
+            .collect();
+        for s in state {
+            let at = s.offset as usize;
+            self.arena_bytes_mut()[at..at + s.bytes() as usize].fill(0);
+        }
+        self.run(&self.encoder);
+        Ok(())
+    }
+}
+
+impl Decoder for CompiledModel {
+    fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
+        for i in 0..self.decoder.inputs.len() {
+            let (name, at) = (self.decoder.inputs[i].name.clone(), self.decoder.inputs[i].offset as usize);
+            let v = match name.as_str() {
+                "tokens" => token as i32,
+                "position" => position as i32,
+                _ => continue,
+            };
+            self.arena_bytes_mut()[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        self.run(&self.decoder);
+        // Caches not updated in place are copied back to their inputs.
+        for o in 0..self.decoder.outputs.len() {
+            let out = self.decoder.outputs[o].clone();
+            if let Some(state) = out.name.strip_suffix(".next") {
+                if let Some(inp) = self.decoder.inputs.iter().find(|i| i.name == state).cloned() {
+                    if inp.offset != out.offset {
+                        let (a, b, n) = (out.offset as usize, inp.offset as usize, out.bytes() as usize);
+                        self.arena_bytes_mut().copy_within(a..a + n, b);
+                    }
+                }
+            }
+        }
+        let (at, n) = (self.logits.offset as usize, self.logits.bytes() as usize / 4);
+        // SAFETY: the logits slot is inside the arena (checked at load) and 4-byte aligned
+        // (arena offsets are multiples of 64); f32 has no invalid bit patterns.
+        Ok(unsafe { std::slice::from_raw_parts(self.arena.as_ptr().cast::<u8>().add(at).cast::<f32>(), n) })
+    }
+}
