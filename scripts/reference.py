@@ -4,7 +4,9 @@
   mel AUDIO.wav --n-mels N -o OUT.npy      faster-whisper's FeatureExtractor, openai-whisper's padding
                                             (30 s of zero audio before the STFT), first 3000 frames
   encode MODEL_DIR MEL.npy -o OUT.npy      CTranslate2 float32 encoder output [frames/2, d]
-  greedy MODEL_DIR MEL.npy --prompt IDS    CTranslate2 float32 greedy ids (JSON list, no prompt, no EOT)
+  greedy MODEL_DIR MEL.npy... --prompt IDS...
+                                            CTranslate2 float32 greedy ids (JSON list, no prompt, no EOT;
+                                            a list of lists for several files)
   hf-encode HF_DIR MEL.npy -o OUT.npy      a plain numpy Whisper encoder over a Hugging Face safetensors
                                             checkpoint (checks wcc's converter independently of wcc)
 """
@@ -58,11 +60,18 @@ def cmd_encode(a):
 
 
 def cmd_greedy(a):
-    prompt = [int(t) for t in a.prompt.split(",")]
-    r = whisper(a.model).generate(
-        features(a.mel), [prompt], beam_size=1, max_length=a.max_length, suppress_blank=True, suppress_tokens=[-1]
-    )[0]
-    print(json.dumps(r.sequences_ids[0]))
+    # One model load for any number of (features, prompt) pairs: --mel and --prompt repeat.
+    if len(a.mel) != len(a.prompt):
+        sys.exit("give one --prompt per features file")
+    model = whisper(a.model)
+    out = []
+    for mel, prompt in zip(a.mel, a.prompt):
+        ids = [int(t) for t in prompt.split(",")]
+        r = model.generate(
+            features(mel), [ids], beam_size=1, max_length=a.max_length, suppress_blank=True, suppress_tokens=[-1]
+        )[0]
+        out.append(r.sequences_ids[0])
+    print(json.dumps(out[0] if a.single else out))
 
 
 def erf(x):
@@ -140,11 +149,13 @@ def main():
         p.set_defaults(f=f)
     p = sub.add_parser("greedy")
     p.add_argument("model")
-    p.add_argument("mel")
-    p.add_argument("--prompt", required=True, help="comma-separated token ids")
+    p.add_argument("mel", nargs="+")
+    p.add_argument("--prompt", required=True, action="append", help="comma-separated token ids, one per features file")
     p.add_argument("--max-length", type=int, default=224)
     p.set_defaults(f=cmd_greedy)
     a = ap.parse_args()
+    if a.cmd == "greedy":
+        a.single = len(a.mel) == 1
     a.f(a)
 
 

@@ -43,7 +43,12 @@ pub struct CompileReport {
 
 /// Compiles `model` for `target` into a `.wbin` at `out`. `progress(done, total)` is called
 /// as kernels are compiled.
-pub fn compile(model: &str, target: &str, out: &Path, progress: &dyn Fn(usize, usize)) -> Result<CompileReport> {
+pub fn compile(
+    model: &str,
+    target: &str,
+    out: &Path,
+    progress: &dyn Fn(usize, usize),
+) -> Result<CompileReport> {
     use wcc_runtime::wbin;
 
     let target = wcc_targets::Target::named(target)?;
@@ -76,7 +81,10 @@ pub fn compile(model: &str, target: &str, out: &Path, progress: &dyn Fn(usize, u
     let header = wbin::Header {
         wcc_version: env!("CARGO_PKG_VERSION").into(),
         model_name: module.name.clone(),
-        target: wbin::TargetInfo { arch: target.arch.clone(), features: target.features.clone() },
+        target: wbin::TargetInfo {
+            arch: target.arch.clone(),
+            features: target.features.clone(),
+        },
         params: module.params.clone(),
         timesteps: mel_shape[1],
         n_mels: mel_shape[0],
@@ -87,12 +95,24 @@ pub fn compile(model: &str, target: &str, out: &Path, progress: &dyn Fn(usize, u
         kernels,
         graphs: program.graphs,
     };
-    let filters: Vec<u8> =
-        wcc_runtime::mel::mel_filters(mel_shape[0]).iter().flat_map(|v| v.to_le_bytes()).collect();
-    let sections = wbin::Sections { code: &code, weights: &program.weights, tokenizer: &tokenizer, mel_filters: &filters };
+    let filters: Vec<u8> = wcc_runtime::mel::mel_filters(mel_shape[0])
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let sections = wbin::Sections {
+        code: &code,
+        weights: &program.weights,
+        tokenizer: &tokenizer,
+        mel_filters: &filters,
+    };
     let bytes = wbin::write(out, &header, &sections)?;
     let launches = header.graphs.iter().map(|g| g.launches.len()).sum();
-    Ok(CompileReport { kernels: header.kernels.len(), launches, bytes, arena_bytes: header.arena_bytes })
+    Ok(CompileReport {
+        kernels: header.kernels.len(),
+        launches,
+        bytes,
+        arena_bytes: header.arena_bytes,
+    })
 }
 
 /// Where the time of a transcription went.
@@ -112,7 +132,10 @@ pub struct Timed<'a, M: wcc_runtime::transcribe::WhisperModel> {
 
 impl<'a, M: wcc_runtime::transcribe::WhisperModel> Timed<'a, M> {
     pub fn new(model: &'a mut M) -> Self {
-        Timed { model, stats: Stats::default() }
+        Timed {
+            model,
+            stats: Stats::default(),
+        }
     }
 }
 
@@ -126,7 +149,9 @@ impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::Decoder for 
     }
 }
 
-impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperModel for Timed<'_, M> {
+impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperModel
+    for Timed<'_, M>
+{
     fn input_shape(&self) -> (usize, usize) {
         self.model.input_shape()
     }

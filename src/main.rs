@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
-use wcc_runtime::transcribe::{transcribe, Transcript, TranscribeOptions};
+use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript};
 
 #[derive(Parser)]
 #[command(
@@ -133,7 +133,13 @@ enum CheckpointCommand {
     },
 }
 
-fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
+fn print_transcript(
+    out: &Transcript,
+    json: bool,
+    load_s: f64,
+    run_s: f64,
+    st: wcc::Stats,
+) -> Result<()> {
     if json {
         let v = serde_json::json!({
             "text": out.text(),
@@ -217,9 +223,18 @@ fn run(cli: Cli) -> Result<()> {
             let st = timed.stats;
             print_transcript(&out, json, load_s, run_s, st)?;
         }
-        Command::Compile { model, timesteps, target, output, force } => {
+        Command::Compile {
+            model,
+            timesteps,
+            target,
+            output,
+            force,
+        } => {
             if timesteps != wcc_runtime::N_FRAMES {
-                bail!("--timesteps {timesteps}: only {} is supported until the timesteps pass lands", wcc_runtime::N_FRAMES);
+                bail!(
+                    "--timesteps {timesteps}: only {} is supported until the timesteps pass lands",
+                    wcc_runtime::N_FRAMES
+                );
             }
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
@@ -227,8 +242,10 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = Instant::now();
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("compiling kernels {bar:30} {pos}/{len} {elapsed}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "compiling kernels {bar:30} {pos}/{len} {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             let report = wcc::compile(&model, &target, &output, &|done, total| {
                 bar.set_length(total as u64);
@@ -245,7 +262,14 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
-        Command::Run { wbin, audio, threads, language, translate, json } => {
+        Command::Run {
+            wbin,
+            audio,
+            threads,
+            language,
+            translate,
+            json,
+        } => {
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
@@ -257,7 +281,16 @@ fn run(cli: Cli) -> Result<()> {
             let samples = wcc::load_audio(&audio)?;
             let t1 = Instant::now();
             let mut timed = wcc::Timed::new(&mut m);
-            let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &TranscribeOptions { language, translate })?;
+            let out = transcribe(
+                &mut timed,
+                &tokenizer,
+                &cfg,
+                &samples,
+                &TranscribeOptions {
+                    language,
+                    translate,
+                },
+            )?;
             let run_s = t1.elapsed().as_secs_f64();
             let st = timed.stats;
             print_transcript(&out, json, load_s, run_s, st)?;
@@ -267,18 +300,43 @@ fn run(cli: Cli) -> Result<()> {
             let h = &f.header;
             println!("file          {} ({} bytes)", wbin.display(), f.file_len());
             println!("model         {}", h.model_name);
-            println!("target        {} [{}]", h.target.arch, h.target.features.join(", "));
-            println!("timesteps     {} mel frames x {} bins", h.timesteps, h.n_mels);
-            println!("weights       {} ({} bytes)", h.weight_dtype, f.sections().weights.len());
+            println!(
+                "target        {} [{}]",
+                h.target.arch,
+                h.target.features.join(", ")
+            );
+            println!(
+                "timesteps     {} mel frames x {} bins",
+                h.timesteps, h.n_mels
+            );
+            println!(
+                "weights       {} ({} bytes)",
+                h.weight_dtype,
+                f.sections().weights.len()
+            );
             for (k, v) in &h.params {
                 println!("param         {k} = {v}");
             }
-            println!("kernels       {} ({} bytes of code)", h.kernels.len(), f.sections().code.len());
+            println!(
+                "kernels       {} ({} bytes of code)",
+                h.kernels.len(),
+                f.sections().code.len()
+            );
             for g in &h.graphs {
-                println!("program       {}: {} launches, {} inputs, {} outputs", g.name, g.launches.len(), g.inputs.len(), g.outputs.len());
+                println!(
+                    "program       {}: {} launches, {} inputs, {} outputs",
+                    g.name,
+                    g.launches.len(),
+                    g.inputs.len(),
+                    g.outputs.len()
+                );
             }
             println!("arena         {} bytes", h.arena_bytes);
-            println!("vocabulary    multilingual={} languages={}", h.generation.multilingual, h.generation.languages.len());
+            println!(
+                "vocabulary    multilingual={} languages={}",
+                h.generation.multilingual,
+                h.generation.languages.len()
+            );
         }
         Command::Features {
             audio,

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
-use cranelift_codegen::ir::{AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value};
+use cranelift_codegen::ir::{
+    AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
+};
 use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
@@ -83,7 +85,10 @@ pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendErro
         vars: vec![None; k.vars.max(2) as usize],
         bases: vec![],
         elems: k.buffers.iter().map(|b| b.elem).collect(),
-        fma: isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
+        fma: isa
+            .isa_flags()
+            .iter()
+            .any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
             || isa.name() == "aarch64",
         name: k.name.clone(),
     };
@@ -112,7 +117,10 @@ pub fn compile(k: &Kernel, isa: &dyn TargetIsa) -> Result<Vec<u8>, BackendError>
         .compile(isa, &mut ControlPlane::default())
         .map_err(|e| BackendError(format!("kernel {}: cranelift: {:?}", k.name, e.inner)))?;
     if !code.buffer.relocs().is_empty() {
-        return Err(BackendError(format!("kernel {} needs relocations; kernels must be self-contained", k.name)));
+        return Err(BackendError(format!(
+            "kernel {} needs relocations; kernels must be self-contained",
+            k.name
+        )));
     }
     Ok(code.code_buffer().to_vec())
 }
@@ -140,7 +148,11 @@ impl Emitter<'_> {
     }
 
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, BackendError> {
-        Err(BackendError(format!("kernel {}: {}", self.name, msg.into())))
+        Err(BackendError(format!(
+            "kernel {}: {}",
+            self.name,
+            msg.into()
+        )))
     }
 
     fn stmts(&mut self, body: &[Stmt]) -> Result<(), BackendError> {
@@ -181,7 +193,13 @@ impl Emitter<'_> {
                 let fl = self.notrap();
                 self.b.ins().store(fl, v, addr, 0);
             }
-            Stmt::For { var, start, end, step, body } => {
+            Stmt::For {
+                var,
+                start,
+                end,
+                step,
+                body,
+            } => {
                 if *step <= 0 {
                     return self.err("loop step must be positive");
                 }
@@ -197,7 +215,11 @@ impl Emitter<'_> {
                     self.vars.resize(slot + 1, None);
                 }
                 self.vars[slot] = Some((iv, Ty::I64));
-                let (header, body_block, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+                let (header, body_block, exit) = (
+                    self.b.create_block(),
+                    self.b.create_block(),
+                    self.b.create_block(),
+                );
                 self.b.ins().jump(header, &[]);
                 self.b.switch_to_block(header);
                 let i = self.b.use_var(iv);
@@ -244,7 +266,7 @@ impl Emitter<'_> {
         }
     }
 
-    fn to_bits(&mut self, ty: Ty, v: Value) -> Value {
+    fn float_bits(&mut self, ty: Ty, v: Value) -> Value {
         match ty {
             Ty::F32x4 => {
                 let fl = MemFlagsData::new().with_endianness(Endianness::Little);
@@ -257,7 +279,7 @@ impl Emitter<'_> {
         }
     }
 
-    fn from_bits(&mut self, ty: Ty, v: Value) -> Value {
+    fn bits_as_float(&mut self, ty: Ty, v: Value) -> Value {
         match ty {
             Ty::F32x4 => {
                 let fl = MemFlagsData::new().with_endianness(Endianness::Little);
@@ -289,7 +311,10 @@ impl Emitter<'_> {
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
         let t = self.b.ins().fmul(xc, log2e);
         let n = self.b.ins().nearest(t);
-        let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
+        let (ln2_hi, ln2_lo) = (
+            self.fconst(ty, -0.693_145_75),
+            self.fconst(ty, -1.428_606_8e-6),
+        );
         let r = self.fma(n, ln2_hi, xc);
         let r = self.fma(n, ln2_lo, r);
         let mut p = self.fconst(ty, 1.0 / 720.0);
@@ -304,13 +329,13 @@ impl Emitter<'_> {
         let bias = self.iconst32(ty, 127);
         let e = self.b.ins().iadd(ni, bias);
         let e = self.b.ins().ishl_imm_u(e, 23);
-        let scale = self.from_bits(ty, e);
+        let scale = self.bits_as_float(ty, e);
         let res = self.b.ins().fmul(p, scale);
         let zero = self.fconst(ty, 0.0);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         match ty {
             Ty::F32x4 => {
-                let mask = self.from_bits(ty, under);
+                let mask = self.bits_as_float(ty, under);
                 self.b.ins().bitselect(mask, zero, res)
             }
             _ => self.b.ins().select(under, zero, res),
@@ -326,7 +351,7 @@ impl Emitter<'_> {
         let d = self.fma(p, a, one);
         let t = self.b.ins().fdiv(one, d);
         let mut poly = self.fconst(ty, 1.061_405_4);
-        for c in [-1.453_152_0, 1.421_413_7, -0.284_496_72, 0.254_829_6] {
+        for c in [-1.453_152, 1.421_413_7, -0.284_496_72, 0.254_829_6] {
             let cv = self.fconst(ty, c);
             poly = self.fma(poly, t, cv);
         }
@@ -336,12 +361,12 @@ impl Emitter<'_> {
         let e = self.exp(ty, na2);
         let pe = self.b.ins().fmul(poly, e);
         let y = self.b.ins().fsub(one, pe);
-        let xb = self.to_bits(ty, x);
+        let xb = self.float_bits(ty, x);
         let sign_mask = self.iconst32(ty, i32::MIN as i64);
         let sign = self.b.ins().band(xb, sign_mask);
-        let yb = self.to_bits(ty, y);
+        let yb = self.float_bits(ty, y);
         let r = self.b.ins().bor(yb, sign);
-        self.from_bits(ty, r)
+        self.bits_as_float(ty, r)
     }
 
     fn expr(&mut self, e: &Expr) -> Result<(Value, Ty), BackendError> {
@@ -358,7 +383,9 @@ impl Emitter<'_> {
                 let flags = self.notrap();
                 match (elem, ty) {
                     (Elem::I32, Ty::I64) => (self.b.ins().sload32(flags, addr, 0), Ty::I64),
-                    (Elem::F32, Ty::F32 | Ty::F32x4) => (self.b.ins().load(clif(*ty), flags, addr, 0), *ty),
+                    (Elem::F32, Ty::F32 | Ty::F32x4) => {
+                        (self.b.ins().load(clif(*ty), flags, addr, 0), *ty)
+                    }
                     _ => return self.err(format!("cannot load {ty:?} from a {elem:?} buffer")),
                 }
             }
@@ -422,12 +449,24 @@ impl Emitter<'_> {
                 }
                 let lanes: Vec<Value> = (0..4).map(|l| self.b.ins().extractlane(x, l)).collect();
                 let sum = matches!(e, Expr::HSum(_));
-                let pair = |s: &mut Self, p: Value, q: Value| if sum { s.b.ins().fadd(p, q) } else { s.b.ins().fmax(p, q) };
+                let pair = |s: &mut Self, p: Value, q: Value| {
+                    if sum {
+                        s.b.ins().fadd(p, q)
+                    } else {
+                        s.b.ins().fmax(p, q)
+                    }
+                };
                 let l = pair(self, lanes[0], lanes[1]);
                 let r = pair(self, lanes[2], lanes[3]);
                 (pair(self, l, r), Ty::F32)
             }
-            Expr::Select { op, a, b, then, otherwise } => {
+            Expr::Select {
+                op,
+                a,
+                b,
+                then,
+                otherwise,
+            } => {
                 let (x, tx) = self.expr(a)?;
                 let (y, ty) = self.expr(b)?;
                 if tx != Ty::I64 || ty != Ty::I64 {

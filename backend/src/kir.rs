@@ -65,7 +65,11 @@ pub enum Expr {
     F32(f32),
     Var(Var),
     /// Element `index` of buffer `buf` (four consecutive elements when `ty` is `F32x4`).
-    Load { buf: u32, index: Box<Expr>, ty: Ty },
+    Load {
+        buf: u32,
+        index: Box<Expr>,
+        ty: Ty,
+    },
     Bin(BinOp, Box<Expr>, Box<Expr>),
     /// `a * b + c`.
     Fma(Box<Expr>, Box<Expr>, Box<Expr>),
@@ -76,17 +80,39 @@ pub enum Expr {
     HSum(Box<Expr>),
     HMax(Box<Expr>),
     /// `if a <op> b (i64) then x else y`.
-    Select { op: CmpOp, a: Box<Expr>, b: Box<Expr>, then: Box<Expr>, otherwise: Box<Expr> },
+    Select {
+        op: CmpOp,
+        a: Box<Expr>,
+        b: Box<Expr>,
+        then: Box<Expr>,
+        otherwise: Box<Expr>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
     /// Declares a local variable with its first value.
-    Let { var: Var, value: Expr },
-    Set { var: Var, value: Expr },
-    Store { buf: u32, index: Expr, value: Expr },
+    Let {
+        var: Var,
+        value: Expr,
+    },
+    Set {
+        var: Var,
+        value: Expr,
+    },
+    Store {
+        buf: u32,
+        index: Expr,
+        value: Expr,
+    },
     /// `for var in (start..end).step_by(step)`, `step > 0`.
-    For { var: Var, start: Expr, end: Expr, step: i64, body: Vec<Stmt> },
+    For {
+        var: Var,
+        start: Expr,
+        end: Expr,
+        step: i64,
+        body: Vec<Stmt>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -160,16 +186,34 @@ pub mod build {
         Expr::HMax(Box::new(a))
     }
     pub fn load(buf: u32, index: Expr) -> Expr {
-        Expr::Load { buf, index: Box::new(index), ty: Ty::F32 }
+        Expr::Load {
+            buf,
+            index: Box::new(index),
+            ty: Ty::F32,
+        }
     }
     pub fn load4(buf: u32, index: Expr) -> Expr {
-        Expr::Load { buf, index: Box::new(index), ty: Ty::F32x4 }
+        Expr::Load {
+            buf,
+            index: Box::new(index),
+            ty: Ty::F32x4,
+        }
     }
     pub fn load_i(buf: u32, index: Expr) -> Expr {
-        Expr::Load { buf, index: Box::new(index), ty: Ty::I64 }
+        Expr::Load {
+            buf,
+            index: Box::new(index),
+            ty: Ty::I64,
+        }
     }
     pub fn select(op: CmpOp, a: Expr, b: Expr, then: Expr, otherwise: Expr) -> Expr {
-        Expr::Select { op, a: Box::new(a), b: Box::new(b), then: Box::new(then), otherwise: Box::new(otherwise) }
+        Expr::Select {
+            op,
+            a: Box::new(a),
+            b: Box::new(b),
+            then: Box::new(then),
+            otherwise: Box::new(otherwise),
+        }
     }
     pub fn store(buf: u32, index: Expr, value: Expr) -> Stmt {
         Stmt::Store { buf, index, value }
@@ -181,13 +225,23 @@ pub mod build {
         Stmt::Set { var, value }
     }
     pub fn for_(var: Var, start: Expr, end: Expr, step: i64, body: Vec<Stmt>) -> Stmt {
-        Stmt::For { var, start, end, step, body }
+        Stmt::For {
+            var,
+            start,
+            end,
+            step,
+            body,
+        }
     }
 }
 
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "kernel {} (parallel 0..{}) {{", self.name, self.parallel_extent)?;
+        writeln!(
+            f,
+            "kernel {} (parallel 0..{}) {{",
+            self.name, self.parallel_extent
+        )?;
         for (i, b) in self.buffers.iter().enumerate() {
             writeln!(f, "  buf{i} {}: {:?}[{}]", b.name, b.elem, b.len)?;
         }
@@ -197,8 +251,16 @@ impl fmt::Display for Kernel {
                 match st {
                     Stmt::Let { var, value } => writeln!(f, "{pad}let v{var} = {value:?}")?,
                     Stmt::Set { var, value } => writeln!(f, "{pad}v{var} = {value:?}")?,
-                    Stmt::Store { buf, index, value } => writeln!(f, "{pad}buf{buf}[{index:?}] = {value:?}")?,
-                    Stmt::For { var, start, end, step, body } => {
+                    Stmt::Store { buf, index, value } => {
+                        writeln!(f, "{pad}buf{buf}[{index:?}] = {value:?}")?
+                    }
+                    Stmt::For {
+                        var,
+                        start,
+                        end,
+                        step,
+                        body,
+                    } => {
                         writeln!(f, "{pad}for v{var} in {start:?}..{end:?} step {step} {{")?;
                         stmts(f, body, depth + 1)?;
                         writeln!(f, "{pad}}}")?;

@@ -13,8 +13,8 @@ use crate::tokenizer::GenerationConfig;
 
 pub const MAGIC: [u8; 8] = *b"WCCWBIN\0";
 pub const VERSION: u32 = 1;
-/// Fixed-size start of the file: magic, version, checksum, header and section table.
-pub const PRELUDE_LEN: usize = 96;
+/// Fixed-size start of the file: magic, version, checksum, section table, file length.
+pub const PRELUDE_LEN: usize = 104;
 /// Alignment of the weights section (a page, so it maps cleanly).
 pub const WEIGHTS_ALIGN: usize = 4096;
 /// Alignment of every other section.
@@ -25,7 +25,10 @@ pub enum WbinError {
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,7 +133,10 @@ fn align(x: usize, a: usize) -> usize {
 /// Writes a `.wbin` to `path` (through a temporary file in the same directory, renamed at
 /// the end, so a failed write leaves nothing half-written behind).
 pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinError> {
-    let io = |source| WbinError::Io { path: path.display().to_string(), source };
+    let io = |source| WbinError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let header_json = serde_json::to_vec(header).expect("header serialises");
     let mut table = [Section::default(); 5];
     let mut pos = PRELUDE_LEN;
@@ -143,7 +149,10 @@ pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinErro
     ];
     for (i, (data, a)) in parts.iter().enumerate() {
         pos = align(pos, *a);
-        table[i] = Section { offset: pos as u64, len: data.len() as u64 };
+        table[i] = Section {
+            offset: pos as u64,
+            len: data.len() as u64,
+        };
         pos += data.len();
     }
     let mut buf = vec![0u8; pos];
@@ -154,13 +163,22 @@ pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinErro
         buf[at..at + 8].copy_from_slice(&sec.offset.to_le_bytes());
         buf[at + 8..at + 16].copy_from_slice(&sec.len.to_le_bytes());
     }
+    buf[96..104].copy_from_slice(&(pos as u64).to_le_bytes());
     for (sec, (data, _)) in table.iter().zip(parts) {
         buf[sec.offset as usize..sec.offset as usize + data.len()].copy_from_slice(data);
     }
     let crc = crc32fast::hash(&buf[16..]);
     buf[12..16].copy_from_slice(&crc.to_le_bytes());
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out.wbin")));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.partial",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("out.wbin")
+    ));
     let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(&buf).map_err(io)?;
     f.sync_all().ok();
@@ -180,11 +198,20 @@ impl WbinFile {
     /// Maps and validates `path`: magic, version, section bounds, checksum, header.
     pub fn open(path: &Path) -> Result<WbinFile, WbinError> {
         let p = path.display().to_string();
-        let bad = |msg: String| WbinError::Invalid { path: p.clone(), msg };
-        let f = File::open(path).map_err(|source| WbinError::Io { path: p.clone(), source })?;
+        let bad = |msg: String| WbinError::Invalid {
+            path: p.clone(),
+            msg,
+        };
+        let f = File::open(path).map_err(|source| WbinError::Io {
+            path: p.clone(),
+            source,
+        })?;
         // SAFETY: a read-only private map; wcc never writes to a .wbin it is running, and
         // every offset read from it is bounds-checked below before use.
-        let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io { path: p.clone(), source })?;
+        let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io {
+            path: p.clone(),
+            source,
+        })?;
         Self::from_map(map).map_err(bad)
     }
 
@@ -194,7 +221,10 @@ impl WbinFile {
             return Err("not a .wbin file (bad magic number)".into());
         }
         if b.len() < PRELUDE_LEN {
-            return Err(format!("truncated: {} bytes, shorter than the {PRELUDE_LEN}-byte prelude", b.len()));
+            return Err(format!(
+                "truncated: {} bytes, shorter than the {PRELUDE_LEN}-byte prelude",
+                b.len()
+            ));
         }
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
@@ -204,21 +234,32 @@ impl WbinFile {
                 "format version {version}, but this wcc reads version {VERSION}: recompile the model with this wcc"
             ));
         }
-        let mut table = [Section::default(); 5];
-        for (i, sec) in table.iter_mut().enumerate() {
-            *sec = Section { offset: u64_at(16 + 16 * i), len: u64_at(24 + 16 * i) };
-            let end = sec.offset.checked_add(sec.len).ok_or("corrupt section table")?;
-            if end > b.len() as u64 {
-                return Err(format!("truncated: a section ends at byte {end}, the file has {} bytes", b.len()));
-            }
+        let declared = u64_at(96);
+        if declared > b.len() as u64 {
+            return Err(format!("truncated: {} of its {declared} bytes", b.len()));
         }
         let crc = crc32fast::hash(&b[16..]);
-        if crc != u32_at(12) {
+        if crc != u32_at(12) || declared != b.len() as u64 {
             return Err("checksum mismatch: the file is corrupt".into());
         }
+        let mut table = [Section::default(); 5];
+        for (i, sec) in table.iter_mut().enumerate() {
+            *sec = Section {
+                offset: u64_at(16 + 16 * i),
+                len: u64_at(24 + 16 * i),
+            };
+            if sec
+                .offset
+                .checked_add(sec.len)
+                .is_none_or(|end| end > b.len() as u64)
+            {
+                return Err("corrupt section table".into());
+            }
+        }
         let h = table[0];
-        let header: Header = serde_json::from_slice(&b[h.offset as usize..(h.offset + h.len) as usize])
-            .map_err(|e| format!("corrupt header: {e}"))?;
+        let header: Header =
+            serde_json::from_slice(&b[h.offset as usize..(h.offset + h.len) as usize])
+                .map_err(|e| format!("corrupt header: {e}"))?;
         Ok(WbinFile { map, header, table })
     }
 
@@ -228,7 +269,12 @@ impl WbinFile {
     }
 
     pub fn sections(&self) -> Sections<'_> {
-        Sections { code: self.section(1), weights: self.section(2), tokenizer: self.section(3), mel_filters: self.section(4) }
+        Sections {
+            code: self.section(1),
+            weights: self.section(2),
+            tokenizer: self.section(3),
+            mel_filters: self.section(4),
+        }
     }
 
     pub fn file_len(&self) -> usize {

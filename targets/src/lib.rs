@@ -5,8 +5,25 @@
 
 /// x86-64 features wcc knows by name, in the order `host` reports them.
 pub const X86_FEATURES: &[&str] = &[
-    "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "avx512f",
-    "avx512vl", "avx512dq", "avx512bw", "avx512vnni", "avx512bf16", "avx512fp16", "f16c",
+    "sse3",
+    "ssse3",
+    "sse4.1",
+    "sse4.2",
+    "popcnt",
+    "avx",
+    "avx2",
+    "fma",
+    "bmi1",
+    "bmi2",
+    "lzcnt",
+    "avx512f",
+    "avx512vl",
+    "avx512dq",
+    "avx512bw",
+    "avx512vnni",
+    "avx512bf16",
+    "avx512fp16",
+    "f16c",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,15 +55,24 @@ impl Target {
 
     /// Resolves `host` or a named level.
     pub fn named(name: &str) -> Result<Target, TargetError> {
-        let x86 = |f: &[&str]| Target { arch: "x86_64".into(), features: f.iter().map(|s| s.to_string()).collect() };
+        let x86 = |f: &[&str]| Target {
+            arch: "x86_64".into(),
+            features: f.iter().map(|s| s.to_string()).collect(),
+        };
         const V2: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
-        const V3: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "f16c"];
+        const V3: &[&str] = &[
+            "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2",
+            "lzcnt", "f16c",
+        ];
         let t = match name {
             "host" => host()?,
             "x86_64-v2" => x86(V2),
             "x86_64-v3" => x86(V3),
             "x86_64-v4" => x86(&[V3, &["avx512f", "avx512vl", "avx512dq", "avx512bw"]].concat()),
-            "aarch64" => Target { arch: "aarch64".into(), features: vec!["neon".into()] },
+            "aarch64" => Target {
+                arch: "aarch64".into(),
+                features: vec!["neon".into()],
+            },
             other => return Err(TargetError::Unknown(other.into())),
         };
         if t.arch == "x86_64" && !t.has("sse4.1") {
@@ -70,8 +96,25 @@ pub fn host_has(feature: &str) -> bool {
             };
         }
         detect!(
-            "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "avx512f",
-            "avx512vl", "avx512dq", "avx512bw", "avx512vnni", "avx512bf16", "avx512fp16", "f16c"
+            "sse3",
+            "ssse3",
+            "sse4.1",
+            "sse4.2",
+            "popcnt",
+            "avx",
+            "avx2",
+            "fma",
+            "bmi1",
+            "bmi2",
+            "lzcnt",
+            "avx512f",
+            "avx512vl",
+            "avx512dq",
+            "avx512bw",
+            "avx512vnni",
+            "avx512bf16",
+            "avx512fp16",
+            "f16c"
         )
     }
     #[cfg(target_arch = "aarch64")]
@@ -91,9 +134,16 @@ pub fn host() -> Result<Target, TargetError> {
     match arch {
         "x86_64" => Ok(Target {
             arch: arch.into(),
-            features: X86_FEATURES.iter().filter(|f| host_has(f)).map(|f| f.to_string()).collect(),
+            features: X86_FEATURES
+                .iter()
+                .filter(|f| host_has(f))
+                .map(|f| f.to_string())
+                .collect(),
         }),
-        "aarch64" => Ok(Target { arch: arch.into(), features: vec!["neon".into()] }),
+        "aarch64" => Ok(Target {
+            arch: arch.into(),
+            features: vec!["neon".into()],
+        }),
         other => Err(TargetError::UnsupportedHost(other.into())),
     }
 }

@@ -1,0 +1,118 @@
+//! The compiled path end to end: `wcc compile` → `.wbin` → `wcc run`, against the
+//! interpreter and CTranslate2 (float32, fed wcc's own features), on every clip of the
+//! English dev set.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+use wcc_runtime::compiled::CompiledModel;
+use wcc_runtime::decode::transcribe_prompt;
+use wcc_runtime::transcribe::{transcribe, TranscribeOptions, WhisperModel};
+
+fn compile(model: &str, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("{model}.wbin"));
+    wcc_ok(&["compile", "--model", model, "-o", p(&out)]);
+    out
+}
+
+fn manifest_clips() -> Vec<PathBuf> {
+    let dir = shared_data().join("audio/en");
+    let text = std::fs::read_to_string(dir.join("manifest.tsv")).unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| dir.join(l.split('\t').next().unwrap()))
+        .collect()
+}
+
+#[test]
+fn jfk_compiled_equals_interpreter_and_exact_base_sentence() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (model, want) in [
+        ("tiny.en", "And so my fellow Americans ask not what your country can do for you, ask what you can do for your country."),
+        ("base", "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."),
+    ] {
+        let wbin = compile(model, tmp.path());
+        let compiled = wcc_ok(&["run", p(&wbin), p(&jfk()), "--threads", "2"]);
+        let interpreted = wcc_ok(&["transcribe", "--interpret", "--model", model, p(&jfk())]);
+        assert_eq!(compiled.trim(), interpreted.trim(), "{model}");
+        assert_eq!(compiled.trim(), want, "{model}");
+    }
+}
+
+/// Greedy ids of the compiled model on every dev clip equal CTranslate2's from the same
+/// features and prompt.
+fn dev_set_matches_ctranslate2(model: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let wbin = compile(model, tmp.path());
+    let mut m = CompiledModel::load(&wbin, 2).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let cfg = m.header().generation.clone();
+    let filters = m.mel_filters();
+    let (_, frames) = m.input_shape();
+    let clips = manifest_clips();
+    assert_eq!(clips.len(), 22);
+    let (mut mels, mut prompts, mut ours) = (vec![], vec![], vec![]);
+    for (i, clip) in clips.iter().enumerate() {
+        let samples = wcc_runtime::audio::load_audio(clip).unwrap();
+        let out = transcribe(&mut m, &tok, &cfg, &samples, &TranscribeOptions::default()).unwrap();
+        assert_eq!(
+            out.segments.len(),
+            1,
+            "{}: dev clips fit one window",
+            clip.display()
+        );
+        let mel = wcc_runtime::mel::log_mel_spectrogram_with(&samples, &filters, frames);
+        let path = tmp.path().join(format!("mel{i}.npy"));
+        wcc_runtime::npy::write_f32(&path, &[filters.len() / 201, frames], &mel).unwrap();
+        let lang = out
+            .language
+            .as_ref()
+            .map(|code| cfg.languages.iter().find(|(c, _)| c == code).unwrap().1);
+        let prompt: Vec<String> = transcribe_prompt(&cfg, lang, false)
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        mels.push(path);
+        prompts.push(prompt.join(","));
+        ours.push(out.tokens());
+    }
+    let mut args = vec!["greedy".to_string(), p(&model_dir(model)).to_string()];
+    args.extend(mels.iter().map(|m| p(m).to_string()));
+    for pr in &prompts {
+        args.push("--prompt".into());
+        args.push(pr.clone());
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let theirs: Vec<Vec<u32>> = serde_json::from_str(&reference(&arg_refs)).unwrap();
+    let mut differ = vec![];
+    for ((clip, a), b) in clips.iter().zip(&ours).zip(&theirs) {
+        if a != b {
+            differ.push(format!(
+                "{}:\n  wcc  {}\n  ct2  {}",
+                clip.display(),
+                tok.decode(a, cfg.special.eot).unwrap(),
+                tok.decode(b, cfg.special.eot).unwrap()
+            ));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{model}: {} of {} clips differ from CTranslate2:\n{}",
+        differ.len(),
+        clips.len(),
+        differ.join("\n")
+    );
+}
+
+#[test]
+fn tiny_en_dev_set_tokens_equal_ctranslate2() {
+    dev_set_matches_ctranslate2("tiny.en");
+}
+
+#[test]
+fn base_dev_set_tokens_equal_ctranslate2() {
+    dev_set_matches_ctranslate2("base");
+}

@@ -1,0 +1,159 @@
+//! The `.wbin` artifact: what is written is what the compiler built, and damaged, foreign
+//! or incompatible files are refused with a clear message (never a panic).
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+use wcc_runtime::wbin::{self, WbinFile};
+
+fn compile_tiny(dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("tiny.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "-o", p(&out)]);
+    out
+}
+
+/// Rewrites a valid file with `edit` applied to its header (checksum recomputed).
+fn with_header(src: &Path, dst: &Path, edit: impl Fn(&mut wbin::Header)) {
+    let f = WbinFile::open(src).unwrap();
+    let mut h = f.header.clone();
+    edit(&mut h);
+    wbin::write(dst, &h, &f.sections()).unwrap();
+}
+
+fn refused(path: &Path, needle: &str) {
+    for cmd in [vec!["run", p(path), p(&jfk())], vec!["info", p(path)]] {
+        let e = wcc_err(&cmd);
+        assert!(e.contains(needle), "{cmd:?}: `{e}` does not say `{needle}`");
+    }
+}
+
+#[test]
+fn written_program_and_weights_are_what_the_compiler_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = compile_tiny(tmp.path());
+    let f = WbinFile::open(&path).unwrap();
+    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    let module = wcc_passes::run(loaded.module, wcc::COMPILE_PASSES).unwrap();
+    let program = wcc_backend::program::build(&module, &loaded.checkpoint).unwrap();
+    assert_eq!(f.header.graphs, program.graphs);
+    assert_eq!(f.header.arena_bytes, program.arena_bytes);
+    assert!(f.sections().weights == &program.weights[..]);
+    let names: Vec<&str> = program.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(
+        f.header
+            .kernels
+            .iter()
+            .map(|k| k.name.as_str())
+            .collect::<Vec<_>>(),
+        names
+    );
+    assert_eq!(f.header.timesteps, 3000);
+    assert_eq!(f.header.params["n_vocab"], 51864);
+    assert_eq!(
+        f.sections().tokenizer,
+        &std::fs::read(model_dir("tiny.en").join("tokenizer.json")).unwrap()[..]
+    );
+    // Written again from what was read: byte-identical.
+    let again = tmp.path().join("again.wbin");
+    wbin::write(&again, &f.header, &f.sections()).unwrap();
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&path).unwrap());
+    // The output is never overwritten without --force.
+    let e = wcc_err(&["compile", "--model", "tiny.en", "-o", p(&path)]);
+    assert!(e.contains("--force"), "{e}");
+}
+
+#[test]
+fn damaged_foreign_and_incompatible_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = compile_tiny(tmp.path());
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = tmp.path().join("bad.wbin");
+    let n = bytes.len();
+    for cut in [0, 5, 60, 96, 4000, n / 2, n - 1] {
+        std::fs::write(&bad, &bytes[..cut]).unwrap();
+        let needle = if cut < 8 { "not a .wbin" } else { "truncated" };
+        refused(&bad, needle);
+    }
+    for at in [20, 200, n / 3, n - 10] {
+        let mut b = bytes.clone();
+        b[at] ^= 0x40;
+        std::fs::write(&bad, &b).unwrap();
+        refused(&bad, "checksum mismatch");
+    }
+    let mut b = bytes.clone();
+    b[..4].copy_from_slice(b"RIFF");
+    std::fs::write(&bad, &b).unwrap();
+    refused(&bad, "not a .wbin file");
+    let mut b = bytes.clone();
+    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&bad, &b).unwrap();
+    refused(&bad, "format version 2");
+
+    // A CPU feature this host lacks, and another architecture.
+    let lacking = wcc_targets::X86_FEATURES
+        .iter()
+        .find(|f| !wcc_targets::host_has(f))
+        .expect("some feature is absent");
+    with_header(&good, &bad, |h| h.target.features.push(lacking.to_string()));
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("lacks") && e.contains(lacking), "{e}");
+    with_header(&good, &bad, |h| h.target.arch = "aarch64".into());
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("compiled for aarch64"), "{e}");
+    // A well-formed file whose program points outside its buffers.
+    with_header(&good, &bad, |h| {
+        if let Some(wbin::BufRef::Arena { offset, .. }) =
+            h.graphs[0].launches[0].buffers.first_mut()
+        {
+            *offset = u64::MAX - 8;
+        }
+    });
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("out of bounds"), "{e}");
+}
+
+#[test]
+fn the_runtime_depends_on_no_compiler_crate() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "wcc-runtime",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        tree.lines().count() > 10,
+        "suspiciously small tree:\n{tree}"
+    );
+    for line in tree.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        for banned in [
+            "wcc-frontend",
+            "wcc-passes",
+            "wcc-backend",
+            "wcc-ir",
+            "egg",
+            "cranelift",
+        ] {
+            assert!(!name.starts_with(banned), "wcc-runtime depends on {name}");
+        }
+    }
+}
