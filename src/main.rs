@@ -91,6 +91,9 @@ enum Command {
         /// Print JSON (text, tokens, language, timings) instead of the text.
         #[arg(long)]
         json: bool,
+        /// Time every kernel and print a table (stderr) at the end.
+        #[arg(long)]
+        profile: bool,
     },
     /// Print the header of a `.wbin`.
     Info { wbin: PathBuf },
@@ -269,12 +272,16 @@ fn run(cli: Cli) -> Result<()> {
             language,
             translate,
             json,
+            profile,
         } => {
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
             let t0 = Instant::now();
             let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
+            if profile {
+                m.enable_profiling();
+            }
             let tokenizer = m.tokenizer()?;
             let cfg = m.header().generation.clone();
             let load_s = t0.elapsed().as_secs_f64();
@@ -294,6 +301,12 @@ fn run(cli: Cli) -> Result<()> {
             let run_s = t1.elapsed().as_secs_f64();
             let st = timed.stats;
             print_transcript(&out, json, load_s, run_s, st)?;
+            if profile {
+                eprintln!("{:>9} {:>7}  kernel", "ms", "calls");
+                for (name, t, n) in m.profile() {
+                    eprintln!("{:>9.2} {n:>7}  {name}", t * 1e3);
+                }
+            }
         }
         Command::Info { wbin } => {
             let f = wcc_runtime::wbin::WbinFile::open(&wbin)?;

@@ -26,6 +26,7 @@ static RUNTIME_TABLE: RuntimeTable = RuntimeTable { version: 1 };
 const PARALLEL_MIN_FLOPS: u64 = 200_000;
 
 struct PreparedLaunch {
+    kernel: usize,
     f: KernelFn,
     ptrs: Vec<*mut u8>,
     extent: u64,
@@ -61,6 +62,8 @@ pub struct CompiledModel {
     pool: Option<rayon::ThreadPool>,
     threads: usize,
     logits: IoSlot,
+    /// Seconds and calls per kernel, when profiling.
+    profile: Option<std::cell::RefCell<Vec<(f64, u64)>>>,
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> WbinError {
@@ -154,6 +157,7 @@ impl CompiledModel {
                 let split =
                     threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
                 launches.push(PreparedLaunch {
+                    kernel: l.kernel as usize,
                     f: fns[l.kernel as usize],
                     ptrs,
                     extent: entry.parallel_extent,
@@ -205,7 +209,32 @@ impl CompiledModel {
             pool,
             threads,
             logits,
+            profile: None,
         })
+    }
+
+    /// Starts timing every kernel launch (see [`CompiledModel::profile`]).
+    pub fn enable_profiling(&mut self) {
+        self.profile = Some(std::cell::RefCell::new(vec![
+            (0.0, 0);
+            self.file.header.kernels.len()
+        ]));
+    }
+
+    /// `(kernel name, seconds, calls)` per kernel, most time first.
+    pub fn profile(&self) -> Vec<(String, f64, u64)> {
+        let Some(p) = &self.profile else {
+            return vec![];
+        };
+        let mut rows: Vec<(String, f64, u64)> = p
+            .borrow()
+            .iter()
+            .zip(&self.file.header.kernels)
+            .filter(|((_, n), _)| *n > 0)
+            .map(|(&(t, n), k)| (k.name.clone(), t, n))
+            .collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        rows
     }
 
     pub fn header(&self) -> &Header {
@@ -232,6 +261,7 @@ impl CompiledModel {
 
     fn run(&self, g: &PreparedGraph) {
         for l in &g.launches {
+            let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
             let call = |start: u64, end: u64| {
                 if start < end {
                     let rt = &RUNTIME_TABLE as *const RuntimeTable as *const u8;
@@ -251,6 +281,11 @@ impl CompiledModel {
                     });
                 }
                 _ => call(0, l.extent),
+            }
+            if let (Some(p), Some(t0)) = (&self.profile, t0) {
+                let e = &mut p.borrow_mut()[l.kernel];
+                e.0 += t0.elapsed().as_secs_f64();
+                e.1 += 1;
             }
         }
     }
