@@ -8,10 +8,6 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use wcc_frontend::LoadedModel;
 
-/// The passes the interpreter path applies: the cross-attention K/V hoisting, without which
-/// every decoder step would recompute them from the audio features.
-pub const INTERPRETER_PASSES: &[&str] = &["hoist-cross-kv"];
-
 /// Resolves `--model` (a directory or a name) and lowers the checkpoint.
 pub fn load_model(model: &str) -> Result<LoadedModel> {
     let dir = wcc_frontend::resolve_model(model)?;
@@ -30,8 +26,69 @@ pub fn module_after(model: &str, passes: &[&str]) -> Result<wcc_ir::Module> {
     wcc_passes::run(loaded.module, passes).context("running passes")
 }
 
-/// The passes `wcc compile` runs by default.
-pub const COMPILE_PASSES: &[&str] = &["hoist-cross-kv"];
+/// Where to show the module between passes (`--dump-ir`, `--dump-dir`).
+#[derive(Default)]
+pub struct Dumps {
+    /// Pass names (or `frontend`, or `all`) after which to print the module on stdout.
+    pub print_after: Vec<String>,
+    /// Directory to write `NN-pass.ir` and `NN-pass.dot` into, for every pass.
+    pub dir: Option<std::path::PathBuf>,
+}
+
+impl Dumps {
+    fn wanted(&self, pass: &str) -> bool {
+        self.print_after.iter().any(|p| p == "all" || p == pass)
+    }
+
+    fn emit(&self, index: usize, pass: &str, m: &wcc_ir::Module) -> std::io::Result<()> {
+        if self.wanted(pass) {
+            println!("# after {pass}");
+            print!("{}", wcc_ir::print_module(m));
+        }
+        if let Some(dir) = &self.dir {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(
+                dir.join(format!("{index:02}-{pass}.ir")),
+                wcc_ir::print_module(m),
+            )?;
+            std::fs::write(
+                dir.join(format!("{index:02}-{pass}.dot")),
+                wcc_ir::module_to_dot(m),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `passes` over the frontend's module, dumping as asked.
+pub fn run_passes(
+    module: wcc_ir::Module,
+    passes: &[&str],
+    dumps: &Dumps,
+) -> Result<wcc_ir::Module> {
+    for p in &dumps.print_after {
+        if p != "all" && p != "frontend" && !passes.contains(&p.as_str()) {
+            anyhow::bail!(
+                "--dump-ir {p}: not a pass of this pipeline ({})",
+                passes.join(", ")
+            );
+        }
+    }
+    dumps
+        .emit(0, "frontend", &module)
+        .context("writing IR dumps")?;
+    let mut io_err = None;
+    let m = wcc_passes::run_observed(module, passes, &mut |i, name, m| {
+        if let Err(e) = dumps.emit(i, name, m) {
+            io_err = Some(e);
+        }
+        Ok(())
+    })?;
+    if let Some(e) = io_err {
+        return Err(e).context("writing IR dumps");
+    }
+    Ok(m)
+}
 
 /// What `compile` did, for the CLI to report.
 pub struct CompileReport {
@@ -46,6 +103,8 @@ pub struct CompileReport {
 pub fn compile(
     model: &str,
     target: &str,
+    passes: &[&str],
+    dumps: &Dumps,
     out: &Path,
     progress: &dyn Fn(usize, usize),
 ) -> Result<CompileReport> {
@@ -55,7 +114,7 @@ pub fn compile(
     let loaded = load_model(model)?;
     let (_, generation) = loaded.generation()?;
     let tokenizer = loaded.checkpoint.tokenizer_json()?;
-    let module = wcc_passes::run(loaded.module, COMPILE_PASSES)?;
+    let module = run_passes(loaded.module, passes, dumps)?;
     let program = wcc_backend::program::build(&module, &loaded.checkpoint)?;
     let isa = wcc_backend::cranelift::isa(&target)?;
     let mut code = Vec::new();

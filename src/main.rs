@@ -38,10 +38,15 @@ enum Command {
         graph: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         format: IrFormat,
-        /// Passes to run first, comma-separated (e.g. hoist-cross-kv).
+        /// Show the module after this pass of the default pipeline.
+        #[arg(long, conflicts_with = "passes")]
+        after: Option<String>,
+        /// Run this list of passes instead (comma-separated, e.g. hoist-cross-kv).
         #[arg(long, value_delimiter = ',')]
         passes: Vec<String>,
     },
+    /// List the passes of the default pipeline.
+    Passes,
     /// Transcribe an audio file.
     Transcribe {
         /// Run the IR with the reference interpreter (slow; the development path).
@@ -76,6 +81,15 @@ enum Command {
         /// Replace the output file if it exists.
         #[arg(long)]
         force: bool,
+        /// Run these passes instead of the default pipeline (comma-separated; `none` for none).
+        #[arg(long, value_delimiter = ',')]
+        passes: Vec<String>,
+        /// Print the IR after these passes (comma-separated pass names, `frontend`, or `all`).
+        #[arg(long, value_delimiter = ',')]
+        dump_ir: Vec<String>,
+        /// Write `NN-pass.ir` and `NN-pass.dot` after every pass into this directory.
+        #[arg(long)]
+        dump_dir: Option<PathBuf>,
     },
     /// Transcribe an audio file with a compiled model.
     Run {
@@ -175,13 +189,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Passes => {
+            for p in wcc_passes::PASSES {
+                println!("{:16} {}", p.name, p.about);
+            }
+        }
         Command::Ir {
             model,
             graph,
             format,
+            after,
             passes,
         } => {
-            let passes: Vec<&str> = passes.iter().map(String::as_str).collect();
+            let passes: Vec<&str> = match &after {
+                Some(last) => wcc_passes::pipeline_until(last)?,
+                None => passes.iter().map(String::as_str).collect(),
+            };
             let module = wcc::module_after(&model, &passes)?;
             let graphs: Vec<&wcc_ir::Graph> = match &graph {
                 None => module.graphs.iter().collect(),
@@ -211,7 +234,7 @@ fn run(cli: Cli) -> Result<()> {
             let samples = wcc::load_audio(&audio)?;
             let loaded = wcc::load_model(&model)?;
             let (tokenizer, cfg) = loaded.generation()?;
-            let module = wcc_passes::run(loaded.module, wcc::INTERPRETER_PASSES)?;
+            let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline())?;
             let mut m =
                 InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
             let load_s = t0.elapsed().as_secs_f64();
@@ -232,7 +255,19 @@ fn run(cli: Cli) -> Result<()> {
             target,
             output,
             force,
+            passes,
+            dump_ir,
+            dump_dir,
         } => {
+            let passes: Vec<&str> = match passes.as_slice() {
+                [] => wcc_passes::default_pipeline(),
+                [none] if none == "none" => vec![],
+                list => list.iter().map(String::as_str).collect(),
+            };
+            let dumps = wcc::Dumps {
+                print_after: dump_ir,
+                dir: dump_dir,
+            };
             if timesteps != wcc_runtime::N_FRAMES {
                 bail!(
                     "--timesteps {timesteps}: only {} is supported until the timesteps pass lands",
@@ -250,10 +285,11 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let report = wcc::compile(&model, &target, &output, &|done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })?;
+            let report =
+                wcc::compile(&model, &target, &passes, &dumps, &output, &|done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                })?;
             bar.finish_and_clear();
             eprintln!(
                 "wrote {} ({:.1} MB, {} kernels, {} launches, arena {:.1} MB) in {:.1} s",

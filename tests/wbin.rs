@@ -35,7 +35,7 @@ fn written_program_and_weights_are_what_the_compiler_built() {
     let path = compile_tiny(tmp.path());
     let f = WbinFile::open(&path).unwrap();
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
-    let module = wcc_passes::run(loaded.module, wcc::COMPILE_PASSES).unwrap();
+    let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
     let program = wcc_backend::program::build(&module, &loaded.checkpoint).unwrap();
     assert_eq!(f.header.graphs, program.graphs);
     assert_eq!(f.header.arena_bytes, program.arena_bytes);

@@ -6,6 +6,35 @@ use crate::graph::{Graph, ValueDef};
 /// flows along them. Weights are left out (they would drown the dataflow); a node lists how
 /// many weights it reads.
 pub fn to_dot(g: &Graph) -> String {
+    let mut s = format!(
+        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n",
+        g.name
+    );
+    s.push_str(&body(g, "n", "  "));
+    s.push_str("}\n");
+    s
+}
+
+/// DOT of every graph of a module, one cluster per graph.
+pub fn module_to_dot(m: &crate::Module) -> String {
+    let mut s = format!(
+        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n",
+        m.name
+    );
+    for (gi, g) in m.graphs.iter().enumerate() {
+        s.push_str(&format!(
+            "  subgraph cluster_{gi} {{\n    label=\"{}\";\n",
+            g.name
+        ));
+        s.push_str(&body(g, &format!("g{gi}n"), "    "));
+        s.push_str("  }\n");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// The node and edge lines of one graph, node ids prefixed with `id`.
+fn body(g: &Graph, id: &str, indent: &str) -> String {
     let mut dg: DiGraph<String, String> = DiGraph::new();
     let mut index: Vec<Option<NodeIndex>> = vec![None; g.values.len()];
     for &i in &g.inputs {
@@ -40,26 +69,19 @@ pub fn to_dot(g: &Graph) -> String {
             dg.add_edge(src, n, g.ty(o).to_string());
         }
     }
-    let mut s = format!(
-        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n",
-        g.name
-    );
+    let mut s = String::new();
     for n in dg.node_indices() {
-        s.push_str(&format!(
-            "  n{} [label=\"{}\"];\n",
-            n.index(),
-            dg[n].replace('"', "\\\"")
-        ));
+        let label = dg[n].replace('"', "\\\"");
+        s.push_str(&format!("{indent}{id}{} [label=\"{label}\"];\n", n.index()));
     }
     for e in dg.edge_indices() {
         let (a, b) = dg.edge_endpoints(e).unwrap();
         s.push_str(&format!(
-            "  n{} -> n{} [label=\"{}\"];\n",
+            "{indent}{id}{} -> {id}{} [label=\"{}\"];\n",
             a.index(),
             b.index(),
             dg[e]
         ));
     }
-    s.push_str("}\n");
     s
 }

@@ -15,7 +15,7 @@ mod text;
 mod types;
 mod verify;
 
-pub use dot::to_dot;
+pub use dot::{module_to_dot, to_dot};
 pub use graph::{Graph, Module, Node, Value, ValueDef, ValueId, WeightDecl, WeightSource};
 pub use op::{infer_type, Op};
 pub use text::{parse_module, print_graph, print_module, ParseError};

@@ -1,6 +1,7 @@
 //! IR → IR transformations. Each pass is a function `Module -> Result<Module>` in a file of
-//! its own, whose doc comment says what it rewrites and why that is sound. [`run`] applies
-//! passes by name and verifies the module after each one.
+//! its own, whose doc comment says what it rewrites and why that is sound. The pass manager
+//! ([`run_observed`]) applies passes by name, verifies the module after each one (a failure
+//! names the pass), and lets the caller look at the module after every pass (`--dump-ir`).
 
 mod hoist_cross_kv;
 
@@ -12,27 +13,66 @@ use wcc_ir::Module;
 pub enum PassError {
     #[error("pass `{pass}`: {msg}")]
     Failed { pass: &'static str, msg: String },
-    #[error("unknown pass `{0}` (passes: {list})", list = PASSES.iter().map(|p| p.0).collect::<Vec<_>>().join(", "))]
+    #[error("unknown pass `{0}` (passes: {list})", list = PASSES.iter().map(|p| p.name).collect::<Vec<_>>().join(", "))]
     Unknown(String),
 }
 
-type PassFn = fn(Module) -> Result<Module, PassError>;
+pub struct Pass {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(Module) -> Result<Module, PassError>,
+}
 
-/// Every pass, by name, in the default order.
-pub const PASSES: &[(&str, PassFn)] = &[("hoist-cross-kv", hoist_cross_kv)];
+/// Every pass, in the default order.
+pub const PASSES: &[Pass] = &[Pass {
+    name: "hoist-cross-kv",
+    about: "move the decoder's cross-attention K/V projections into the encoder",
+    run: hoist_cross_kv,
+}];
 
-/// Runs the named passes in order; the verifier runs after each and a failure names the pass.
-pub fn run(mut module: Module, names: &[&str]) -> Result<Module, PassError> {
-    for &name in names {
-        let (pass_name, f) = PASSES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .ok_or_else(|| PassError::Unknown(name.to_string()))?;
-        module = f(module)?;
+/// The default pipeline: every pass, in order.
+pub fn default_pipeline() -> Vec<&'static str> {
+    PASSES.iter().map(|p| p.name).collect()
+}
+
+/// The passes of the default pipeline up to and including `last`.
+pub fn pipeline_until(last: &str) -> Result<Vec<&'static str>, PassError> {
+    let all = default_pipeline();
+    let end = all
+        .iter()
+        .position(|&p| p == last)
+        .ok_or_else(|| PassError::Unknown(last.to_string()))?;
+    Ok(all[..=end].to_vec())
+}
+
+/// Runs the named passes in order, verifying after each.
+pub fn run(module: Module, names: &[&str]) -> Result<Module, PassError> {
+    run_observed(module, names, &mut |_, _, _| Ok(()))
+}
+
+/// [`run`], calling `after(index, pass name, module)` after each pass (index from 1).
+pub fn run_observed(
+    mut module: Module,
+    names: &[&str],
+    after: &mut dyn FnMut(usize, &str, &Module) -> Result<(), PassError>,
+) -> Result<Module, PassError> {
+    // Resolve every name first: a typo fails before any work.
+    let passes: Vec<&Pass> = names
+        .iter()
+        .map(|&n| {
+            PASSES
+                .iter()
+                .find(|p| p.name == n)
+                .ok_or_else(|| PassError::Unknown(n.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    for (i, pass) in passes.into_iter().enumerate() {
+        module = (pass.run)(module)?;
         wcc_ir::verify(&module).map_err(|e| PassError::Failed {
-            pass: pass_name,
+            pass: pass.name,
             msg: format!("left the module malformed: {e}"),
         })?;
+        after(i + 1, pass.name, &module)?;
     }
     Ok(module)
 }
