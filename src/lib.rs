@@ -151,6 +151,13 @@ pub fn compile(
         generation,
         alignment_heads: loaded.checkpoint.generation.alignment_heads.clone(),
         arena_bytes: program.arena_bytes,
+        arena_persistent_bytes: program.persistent_bytes,
+        arena_unshared_temporaries_bytes: program
+            .temporaries
+            .iter()
+            .flatten()
+            .map(|t| t.bytes as u64)
+            .sum(),
         kernels,
         graphs: program.graphs,
     };

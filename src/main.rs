@@ -380,7 +380,13 @@ fn run(cli: Cli) -> Result<()> {
                     g.outputs.len()
                 );
             }
-            println!("arena         {} bytes", h.arena_bytes);
+            println!(
+                "arena         {} bytes: {} persistent (inputs, outputs, caches) + {} temporaries, shared ({} unshared)",
+                h.arena_bytes,
+                h.arena_persistent_bytes,
+                h.arena_bytes - h.arena_persistent_bytes,
+                h.arena_unshared_temporaries_bytes
+            );
             println!(
                 "vocabulary    multilingual={} languages={}",
                 h.generation.multilingual,

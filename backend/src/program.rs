@@ -37,6 +37,18 @@ pub struct Program {
     pub arena_bytes: u64,
     /// Bytes of the persistent part of the arena.
     pub persistent_bytes: u64,
+    /// The temporaries of each graph, as placed (for checking and reporting the plan).
+    pub temporaries: Vec<Vec<Placed>>,
+}
+
+/// One temporary buffer of the arena plan: live from node `first` to node `last`
+/// (inclusive), at `offset` bytes into the temporary region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub first: usize,
+    pub last: usize,
+    pub offset: usize,
+    pub bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -274,7 +286,19 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         plans.push((g, place, temps, launches_by_node));
     }
 
+    let mut temporaries = Vec::new();
     for (g, place, temps, launches_by_node) in plans {
+        temporaries.push(
+            temps
+                .iter()
+                .map(|t| Placed {
+                    first: t.first,
+                    last: t.last,
+                    offset: t.offset,
+                    bytes: t.bytes,
+                })
+                .collect(),
+        );
         let to_ref = |p: Place, len: usize| -> BufRef {
             match p {
                 Place::Weight(at) => BufRef::Weight {
@@ -331,5 +355,6 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         weights,
         arena_bytes: (persistent + temp_peak) as u64,
         persistent_bytes: persistent as u64,
+        temporaries,
     })
 }

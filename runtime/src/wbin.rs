@@ -101,6 +101,10 @@ pub struct Header {
     pub generation: GenerationConfig,
     pub alignment_heads: Vec<(usize, usize)>,
     pub arena_bytes: u64,
+    /// How the arena splits: graph inputs/outputs (persistent), the shared region of
+    /// temporaries, and what the temporaries would take unshared.
+    pub arena_persistent_bytes: u64,
+    pub arena_unshared_temporaries_bytes: u64,
     pub kernels: Vec<KernelEntry>,
     pub graphs: Vec<GraphProgram>,
 }
