@@ -111,3 +111,25 @@ fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
         cases.len()
     );
 }
+
+#[test]
+fn every_kernel_compiles_for_every_target_level() {
+    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
+    let program = wcc_backend::program::build(&module, &loaded.checkpoint).unwrap();
+    for level in ["x86_64-v2", "x86_64-v3", "x86_64-v4", "aarch64"] {
+        let target = wcc_targets::Target::named(level).unwrap();
+        let isa = wcc_backend::cranelift::isa(&target).unwrap();
+        let mut bytes = 0;
+        for k in &program.kernels {
+            bytes += wcc_backend::cranelift::compile(k, &*isa)
+                .unwrap_or_else(|e| panic!("{level}: {e}"))
+                .len();
+        }
+        eprintln!(
+            "{level}: {} kernels, {bytes} bytes of code",
+            program.kernels.len()
+        );
+        assert!(bytes > 0);
+    }
+}
