@@ -20,27 +20,15 @@ pub struct InterpretedModel<'m> {
 
 impl<'m> InterpretedModel<'m> {
     pub fn new(module: &'m Module, weights: &dyn WeightLoader) -> Result<Self, String> {
-        let enc = module
-            .graph("encoder")
-            .ok_or("the module has no `encoder` graph")?;
-        module
-            .graph("decoder_step")
-            .ok_or("the module has no `decoder_step` graph")?;
+        let enc = module.graph("encoder").ok_or("the module has no `encoder` graph")?;
+        module.graph("decoder_step").ok_or("the module has no `decoder_step` graph")?;
         let mel = enc.ty(*enc.inputs.first().ok_or("the encoder has no input")?);
         if mel.rank() != 2 {
-            return Err(format!(
-                "the encoder input is {mel}, expected [n_mels, frames]"
-            ));
+            return Err(format!("the encoder input is {mel}, expected [n_mels, frames]"));
         }
         let input_shape = (mel.shape[0], mel.shape[1]);
         let interp = Interpreter::new(module, weights).map_err(|e| e.to_string())?;
-        Ok(InterpretedModel {
-            interp,
-            input_shape,
-            encoder_out: HashMap::new(),
-            state: HashMap::new(),
-            logits: vec![],
-        })
+        Ok(InterpretedModel { interp, input_shape, encoder_out: HashMap::new(), state: HashMap::new(), logits: vec![] })
     }
 
     /// The encoder's outputs after the last [`WhisperModel::encode`], by name.
@@ -58,16 +46,8 @@ impl WhisperModel for InterpretedModel<'_> {
         let module = self.interp.module();
         let enc = module.graph("encoder").expect("checked in new");
         let input = Tensor::f32([self.input_shape.0, self.input_shape.1], mel.to_vec());
-        let outs = self
-            .interp
-            .run("encoder", &[input])
-            .map_err(|e| e.to_string())?;
-        self.encoder_out = enc
-            .outputs
-            .iter()
-            .map(|&o| enc.value(o).name.clone())
-            .zip(outs)
-            .collect();
+        let outs = self.interp.run("encoder", &[input]).map_err(|e| e.to_string())?;
+        self.encoder_out = enc.outputs.iter().map(|&o| enc.value(o).name.clone()).zip(outs).collect();
         // A new window starts a new sequence: empty caches.
         self.state.clear();
         Ok(())
@@ -93,10 +73,7 @@ impl Decoder for InterpretedModel<'_> {
             };
             inputs.push(t);
         }
-        let outs = self
-            .interp
-            .run("decoder_step", &inputs)
-            .map_err(|e| e.to_string())?;
+        let outs = self.interp.run("decoder_step", &inputs).map_err(|e| e.to_string())?;
         let mut logits = None;
         for (&o, t) in dec.outputs.iter().zip(outs) {
             let name = &dec.value(o).name;

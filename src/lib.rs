@@ -21,9 +21,49 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>> {
 }
 
 /// Lowers `model`, runs `passes`, and returns the module.
-pub fn module_after(model: &str, passes: &[&str]) -> Result<wcc_ir::Module> {
+pub fn module_after(model: &str, passes: &[&str], options: &wcc_passes::PassOptions) -> Result<wcc_ir::Module> {
     let loaded = load_model(model)?;
-    wcc_passes::run(loaded.module, passes).context("running passes")
+    run_passes(loaded.module, passes, options, &Dumps::default())
+}
+
+/// `--timesteps`: a number of mel frames, or `auto` (decided per clip).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timesteps {
+    Frames(usize),
+    Auto,
+}
+
+impl std::str::FromStr for Timesteps {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(Timesteps::Auto);
+        }
+        let n: usize = s.parse().map_err(|_| format!("`{s}` is neither a number of mel frames nor `auto`"))?;
+        if n < 2 || n > wcc_passes::MAX_TIMESTEPS || n % 2 != 0 {
+            return Err(format!(
+                "{n} is out of range: an even number of mel frames from 2 to {}",
+                wcc_passes::MAX_TIMESTEPS
+            ));
+        }
+        Ok(Timesteps::Frames(n))
+    }
+}
+
+impl Timesteps {
+    /// The pass options for a clip of `samples` (16 kHz) samples, if known.
+    pub fn options(self, samples: Option<usize>) -> Result<wcc_passes::PassOptions> {
+        let timesteps = match (self, samples) {
+            (Timesteps::Frames(n), _) => Some(n),
+            (Timesteps::Auto, Some(s)) => Some(wcc_passes::auto_timesteps(s)),
+            (Timesteps::Auto, None) => {
+                anyhow::bail!(
+                    "--timesteps auto needs the clip: give a number of frames, or use it with `wcc transcribe`"
+                )
+            }
+        };
+        Ok(wcc_passes::PassOptions { timesteps })
+    }
 }
 
 /// Where to show the module between passes (`--dump-ir`, `--dump-dir`).
@@ -47,14 +87,8 @@ impl Dumps {
         }
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir)?;
-            std::fs::write(
-                dir.join(format!("{index:02}-{pass}.ir")),
-                wcc_ir::print_module(m),
-            )?;
-            std::fs::write(
-                dir.join(format!("{index:02}-{pass}.dot")),
-                wcc_ir::module_to_dot(m),
-            )?;
+            std::fs::write(dir.join(format!("{index:02}-{pass}.ir")), wcc_ir::print_module(m))?;
+            std::fs::write(dir.join(format!("{index:02}-{pass}.dot")), wcc_ir::module_to_dot(m))?;
         }
         Ok(())
     }
@@ -64,21 +98,17 @@ impl Dumps {
 pub fn run_passes(
     module: wcc_ir::Module,
     passes: &[&str],
+    options: &wcc_passes::PassOptions,
     dumps: &Dumps,
 ) -> Result<wcc_ir::Module> {
     for p in &dumps.print_after {
         if p != "all" && p != "frontend" && !passes.contains(&p.as_str()) {
-            anyhow::bail!(
-                "--dump-ir {p}: not a pass of this pipeline ({})",
-                passes.join(", ")
-            );
+            anyhow::bail!("--dump-ir {p}: not a pass of this pipeline ({})", passes.join(", "));
         }
     }
-    dumps
-        .emit(0, "frontend", &module)
-        .context("writing IR dumps")?;
+    dumps.emit(0, "frontend", &module).context("writing IR dumps")?;
     let mut io_err = None;
-    let m = wcc_passes::run_observed(module, passes, &mut |i, name, m| {
+    let m = wcc_passes::run_observed(module, passes, options, &mut |i, name, m| {
         if let Err(e) = dumps.emit(i, name, m) {
             io_err = Some(e);
         }
@@ -104,6 +134,7 @@ pub fn compile(
     model: &str,
     target: &str,
     passes: &[&str],
+    options: &wcc_passes::PassOptions,
     dumps: &Dumps,
     out: &Path,
     progress: &dyn Fn(usize, usize),
@@ -114,7 +145,7 @@ pub fn compile(
     let loaded = load_model(model)?;
     let (_, generation) = loaded.generation()?;
     let tokenizer = loaded.checkpoint.tokenizer_json()?;
-    let module = run_passes(loaded.module, passes, dumps)?;
+    let module = run_passes(loaded.module, passes, options, dumps)?;
     let program = wcc_backend::program::build(&module, &loaded.checkpoint)?;
     let isa = wcc_backend::cranelift::isa(&target)?;
     let mut code = Vec::new();
@@ -140,10 +171,7 @@ pub fn compile(
     let header = wbin::Header {
         wcc_version: env!("CARGO_PKG_VERSION").into(),
         model_name: module.name.clone(),
-        target: wbin::TargetInfo {
-            arch: target.arch.clone(),
-            features: target.features.clone(),
-        },
+        target: wbin::TargetInfo { arch: target.arch.clone(), features: target.features.clone() },
         params: module.params.clone(),
         timesteps: mel_shape[1],
         n_mels: mel_shape[0],
@@ -152,33 +180,16 @@ pub fn compile(
         alignment_heads: loaded.checkpoint.generation.alignment_heads.clone(),
         arena_bytes: program.arena_bytes,
         arena_persistent_bytes: program.persistent_bytes,
-        arena_unshared_temporaries_bytes: program
-            .temporaries
-            .iter()
-            .flatten()
-            .map(|t| t.bytes as u64)
-            .sum(),
+        arena_unshared_temporaries_bytes: program.temporaries.iter().flatten().map(|t| t.bytes as u64).sum(),
         kernels,
         graphs: program.graphs,
     };
-    let filters: Vec<u8> = wcc_runtime::mel::mel_filters(mel_shape[0])
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let sections = wbin::Sections {
-        code: &code,
-        weights: &program.weights,
-        tokenizer: &tokenizer,
-        mel_filters: &filters,
-    };
+    let filters: Vec<u8> = wcc_runtime::mel::mel_filters(mel_shape[0]).iter().flat_map(|v| v.to_le_bytes()).collect();
+    let sections =
+        wbin::Sections { code: &code, weights: &program.weights, tokenizer: &tokenizer, mel_filters: &filters };
     let bytes = wbin::write(out, &header, &sections)?;
     let launches = header.graphs.iter().map(|g| g.launches.len()).sum();
-    Ok(CompileReport {
-        kernels: header.kernels.len(),
-        launches,
-        bytes,
-        arena_bytes: header.arena_bytes,
-    })
+    Ok(CompileReport { kernels: header.kernels.len(), launches, bytes, arena_bytes: header.arena_bytes })
 }
 
 /// Where the time of a transcription went.
@@ -198,10 +209,7 @@ pub struct Timed<'a, M: wcc_runtime::transcribe::WhisperModel> {
 
 impl<'a, M: wcc_runtime::transcribe::WhisperModel> Timed<'a, M> {
     pub fn new(model: &'a mut M) -> Self {
-        Timed {
-            model,
-            stats: Stats::default(),
-        }
+        Timed { model, stats: Stats::default() }
     }
 }
 
@@ -215,9 +223,7 @@ impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::Decoder for 
     }
 }
 
-impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperModel
-    for Timed<'_, M>
-{
+impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperModel for Timed<'_, M> {
     fn input_shape(&self) -> (usize, usize) {
         self.model.input_shape()
     }

@@ -10,11 +10,7 @@ use wcc::interpret::InterpretedModel;
 use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript};
 
 #[derive(Parser)]
-#[command(
-    name = "wcc",
-    version,
-    about = "An ahead-of-time compiler for Whisper speech recognition"
-)]
+#[command(name = "wcc", version, about = "An ahead-of-time compiler for Whisper speech recognition")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,19 +37,30 @@ enum Command {
         /// Show the module after this pass of the default pipeline.
         #[arg(long, conflicts_with = "passes")]
         after: Option<String>,
+        /// Mel frames for the `timesteps` pass (an even number up to 3000).
+        #[arg(long)]
+        timesteps: Option<wcc::Timesteps>,
         /// Run this list of passes instead (comma-separated, e.g. hoist-cross-kv).
         #[arg(long, value_delimiter = ',')]
         passes: Vec<String>,
     },
     /// List the passes of the default pipeline.
     Passes,
-    /// Transcribe an audio file.
+    /// Transcribe an audio file: compile the model for this machine and run it (or, with
+    /// --interpret, run its IR with the reference interpreter).
     Transcribe {
         /// Run the IR with the reference interpreter (slow; the development path).
         #[arg(long)]
         interpret: bool,
         #[arg(long, default_value = "tiny.en")]
         model: String,
+        /// Mel frames of the encoder input: an even number up to 3000, or `auto` (the clip's
+        /// length plus one second, rounded up to a multiple of 64).
+        #[arg(long, default_value = "3000")]
+        timesteps: wcc::Timesteps,
+        /// Threads for the compiled kernels.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
         /// Language code for multilingual models; detected when not given.
         #[arg(long)]
         language: Option<String>,
@@ -70,9 +77,10 @@ enum Command {
         /// Model name (tiny.en, base, ...) or checkpoint directory.
         #[arg(long)]
         model: String,
-        /// Mel frames of the static encoder input (only 3000 until the timesteps pass lands).
-        #[arg(long, default_value_t = wcc_runtime::N_FRAMES)]
-        timesteps: usize,
+        /// Mel frames of the static encoder input: an even number up to 3000 (30 s). Longer
+        /// audio is transcribed in windows of this length.
+        #[arg(long, default_value = "3000")]
+        timesteps: wcc::Timesteps,
         /// host, x86_64-v2, x86_64-v3, x86_64-v4 or aarch64.
         #[arg(long, default_value = "host")]
         target: String,
@@ -150,13 +158,7 @@ enum CheckpointCommand {
     },
 }
 
-fn print_transcript(
-    out: &Transcript,
-    json: bool,
-    load_s: f64,
-    run_s: f64,
-    st: wcc::Stats,
-) -> Result<()> {
+fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
     if json {
         let v = serde_json::json!({
             "text": out.text(),
@@ -164,6 +166,7 @@ fn print_transcript(
             "tokens": out.tokens(),
             "segments": out.segments.iter().map(|s| serde_json::json!({
                 "start": s.start, "end": s.end, "tokens": s.tokens, "text": s.text.trim(),
+                "no_speech_prob": s.no_speech_prob, "avg_logprob": s.avg_logprob, "skipped": s.skipped,
             })).collect::<Vec<_>>(),
             "timings": {
                 "load_s": load_s, "transcribe_s": run_s,
@@ -194,18 +197,16 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{:16} {}", p.name, p.about);
             }
         }
-        Command::Ir {
-            model,
-            graph,
-            format,
-            after,
-            passes,
-        } => {
+        Command::Ir { model, graph, format, after, timesteps, passes } => {
             let passes: Vec<&str> = match &after {
                 Some(last) => wcc_passes::pipeline_until(last)?,
                 None => passes.iter().map(String::as_str).collect(),
             };
-            let module = wcc::module_after(&model, &passes)?;
+            let options = match timesteps {
+                Some(t) => t.options(None)?,
+                None => wcc_passes::PassOptions::default(),
+            };
+            let module = wcc::module_after(&model, &passes, &options)?;
             let graphs: Vec<&wcc_ir::Graph> = match &graph {
                 None => module.graphs.iter().collect(),
                 Some(name) => vec![module.graph(name).with_context(|| {
@@ -219,77 +220,60 @@ fn run(cli: Cli) -> Result<()> {
                 (IrFormat::Dot, _) => graphs.iter().for_each(|g| print!("{}", wcc_ir::to_dot(g))),
             }
         }
-        Command::Transcribe {
-            interpret,
-            model,
-            language,
-            translate,
-            json,
-            audio,
-        } => {
-            if !interpret {
-                bail!("only the interpreter path exists so far: add --interpret");
-            }
+        Command::Transcribe { interpret, model, timesteps, threads, language, translate, json, audio } => {
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
-            let loaded = wcc::load_model(&model)?;
-            let (tokenizer, cfg) = loaded.generation()?;
-            let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline())?;
-            let mut m =
-                InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
-            let load_s = t0.elapsed().as_secs_f64();
-            let opts = TranscribeOptions {
-                language,
-                translate,
-            };
-            let t1 = Instant::now();
-            let mut timed = wcc::Timed::new(&mut m);
-            let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
-            let run_s = t1.elapsed().as_secs_f64();
-            let st = timed.stats;
-            print_transcript(&out, json, load_s, run_s, st)?;
+            let options = timesteps.options(Some(samples.len()))?;
+            let opts = TranscribeOptions { language, translate };
+            let pipeline = wcc_passes::default_pipeline();
+            if interpret {
+                let loaded = wcc::load_model(&model)?;
+                let (tokenizer, cfg) = loaded.generation()?;
+                let module = wcc::run_passes(loaded.module, &pipeline, &options, &wcc::Dumps::default())?;
+                let mut m = InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
+                let load_s = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let mut timed = wcc::Timed::new(&mut m);
+                let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
+                let st = timed.stats;
+                print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), st)?;
+            } else {
+                // Compile for this machine into a temporary file, then run it.
+                let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+                let wbin = tmp.path().join("model.wbin");
+                wcc::compile(&model, "host", &pipeline, &options, &wcc::Dumps::default(), &wbin, &|_, _| {})?;
+                let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads.max(1))?;
+                let tokenizer = m.tokenizer()?;
+                let cfg = m.header().generation.clone();
+                let load_s = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let mut timed = wcc::Timed::new(&mut m);
+                let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
+                let st = timed.stats;
+                print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), st)?;
+            }
         }
-        Command::Compile {
-            model,
-            timesteps,
-            target,
-            output,
-            force,
-            passes,
-            dump_ir,
-            dump_dir,
-        } => {
+        Command::Compile { model, timesteps, target, output, force, passes, dump_ir, dump_dir } => {
             let passes: Vec<&str> = match passes.as_slice() {
                 [] => wcc_passes::default_pipeline(),
                 [none] if none == "none" => vec![],
                 list => list.iter().map(String::as_str).collect(),
             };
-            let dumps = wcc::Dumps {
-                print_after: dump_ir,
-                dir: dump_dir,
-            };
-            if timesteps != wcc_runtime::N_FRAMES {
-                bail!(
-                    "--timesteps {timesteps}: only {} is supported until the timesteps pass lands",
-                    wcc_runtime::N_FRAMES
-                );
-            }
+            let dumps = wcc::Dumps { print_after: dump_ir, dir: dump_dir };
+            let options = timesteps.options(None)?;
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }
             let t0 = Instant::now();
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "compiling kernels {bar:30} {pos}/{len} {elapsed}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template("compiling kernels {bar:30} {pos}/{len} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let report =
-                wcc::compile(&model, &target, &passes, &dumps, &output, &|done, total| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                })?;
+            let report = wcc::compile(&model, &target, &passes, &options, &dumps, &output, &|done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
             bar.finish_and_clear();
             eprintln!(
                 "wrote {} ({:.1} MB, {} kernels, {} launches, arena {:.1} MB) in {:.1} s",
@@ -301,15 +285,7 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
-        Command::Run {
-            wbin,
-            audio,
-            threads,
-            language,
-            translate,
-            json,
-            profile,
-        } => {
+        Command::Run { wbin, audio, threads, language, translate, json, profile } => {
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
@@ -324,16 +300,7 @@ fn run(cli: Cli) -> Result<()> {
             let samples = wcc::load_audio(&audio)?;
             let t1 = Instant::now();
             let mut timed = wcc::Timed::new(&mut m);
-            let out = transcribe(
-                &mut timed,
-                &tokenizer,
-                &cfg,
-                &samples,
-                &TranscribeOptions {
-                    language,
-                    translate,
-                },
-            )?;
+            let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &TranscribeOptions { language, translate })?;
             let run_s = t1.elapsed().as_secs_f64();
             let st = timed.stats;
             print_transcript(&out, json, load_s, run_s, st)?;
@@ -349,28 +316,13 @@ fn run(cli: Cli) -> Result<()> {
             let h = &f.header;
             println!("file          {} ({} bytes)", wbin.display(), f.file_len());
             println!("model         {}", h.model_name);
-            println!(
-                "target        {} [{}]",
-                h.target.arch,
-                h.target.features.join(", ")
-            );
-            println!(
-                "timesteps     {} mel frames x {} bins",
-                h.timesteps, h.n_mels
-            );
-            println!(
-                "weights       {} ({} bytes)",
-                h.weight_dtype,
-                f.sections().weights.len()
-            );
+            println!("target        {} [{}]", h.target.arch, h.target.features.join(", "));
+            println!("timesteps     {} mel frames x {} bins", h.timesteps, h.n_mels);
+            println!("weights       {} ({} bytes)", h.weight_dtype, f.sections().weights.len());
             for (k, v) in &h.params {
                 println!("param         {k} = {v}");
             }
-            println!(
-                "kernels       {} ({} bytes of code)",
-                h.kernels.len(),
-                f.sections().code.len()
-            );
+            println!("kernels       {} ({} bytes of code)", h.kernels.len(), f.sections().code.len());
             for g in &h.graphs {
                 println!(
                     "program       {}: {} launches, {} inputs, {} outputs",
@@ -393,12 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                 h.generation.languages.len()
             );
         }
-        Command::Features {
-            audio,
-            n_mels,
-            frames,
-            output,
-        } => {
+        Command::Features { audio, n_mels, frames, output } => {
             if frames == 0 || n_mels == 0 {
                 bail!("--frames and --n-mels must be positive");
             }
@@ -406,14 +353,8 @@ fn run(cli: Cli) -> Result<()> {
             let mel = wcc_runtime::mel::log_mel_spectrogram(&samples, n_mels, frames);
             wcc_runtime::npy::write_f32(&output, &[n_mels, frames], &mel)?;
         }
-        Command::Checkpoint(CheckpointCommand::Random {
-            size,
-            seed,
-            dtype,
-            output,
-        }) => {
-            let dtype = wcc_ir::DType::from_name(&dtype)
-                .with_context(|| format!("unknown dtype `{dtype}`"))?;
+        Command::Checkpoint(CheckpointCommand::Random { size, seed, dtype, output }) => {
+            let dtype = wcc_ir::DType::from_name(&dtype).with_context(|| format!("unknown dtype `{dtype}`"))?;
             let dims = wcc_frontend::hf_writer::write_random(&output, &size, seed, dtype)?;
             eprintln!(
                 "wrote {size} ({} + {} layers, width {}) to {}",
@@ -427,11 +368,7 @@ fn run(cli: Cli) -> Result<()> {
             let dir = wcc_frontend::resolve_model(&model)?;
             let ck = wcc_frontend::Checkpoint::open(&dir)?;
             wcc_frontend::hf_writer::convert(&ck, &output)?;
-            eprintln!(
-                "wrote {} as a Hugging Face checkpoint to {}",
-                dir.display(),
-                output.display()
-            );
+            eprintln!("wrote {} as a Hugging Face checkpoint to {}", dir.display(), output.display());
         }
     }
     Ok(())

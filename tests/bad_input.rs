@@ -24,24 +24,13 @@ fn rewrite_safetensors(dir: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec
             owned.push((name, view.dtype(), shape, data));
         }
     }
-    let views: HashMap<String, TensorView> = owned
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: HashMap<String, TensorView> =
+        owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(&views, None, &path).unwrap();
 }
 
 fn random_tiny(dir: &Path) {
-    wcc_ok(&[
-        "checkpoint",
-        "random",
-        "--size",
-        "tiny",
-        "--seed",
-        "3",
-        "-o",
-        p(dir),
-    ]);
+    wcc_ok(&["checkpoint", "random", "--size", "tiny", "--seed", "3", "-o", p(dir)]);
     // A readable checkpoint needs no tokenizer for `wcc ir`.
     let e = wcc_ok(&["ir", "--model", p(dir), "--graph", "encoder"]);
     assert!(e.contains("graph encoder"));
@@ -52,14 +41,9 @@ fn checkpoint_with_a_missing_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ck");
     random_tiny(&dir);
-    rewrite_safetensors(&dir, |name, shape| {
-        (name != "model.encoder.layers.1.self_attn.v_proj.bias").then_some(shape)
-    });
+    rewrite_safetensors(&dir, |name, shape| (name != "model.encoder.layers.1.self_attn.v_proj.bias").then_some(shape));
     let e = wcc_err(&["ir", "--model", p(&dir)]);
-    assert!(
-        e.contains("encoder.layers.1.self_attn.v_proj.bias") && e.contains("missing"),
-        "{e}"
-    );
+    assert!(e.contains("encoder.layers.1.self_attn.v_proj.bias") && e.contains("missing"), "{e}");
 }
 
 #[test]
@@ -68,19 +52,10 @@ fn checkpoint_with_a_misshapen_tensor() {
     let dir = tmp.path().join("ck");
     random_tiny(&dir);
     rewrite_safetensors(&dir, |name, shape| {
-        Some(if name == "model.decoder.layers.0.fc2.weight" {
-            vec![shape[0], shape[1] - 1]
-        } else {
-            shape
-        })
+        Some(if name == "model.decoder.layers.0.fc2.weight" { vec![shape[0], shape[1] - 1] } else { shape })
     });
     let e = wcc_err(&["ir", "--model", p(&dir)]);
-    assert!(
-        e.contains("decoder.layers.0.fc2.weight")
-            && e.contains("[384, 1535]")
-            && e.contains("[384, 1536]"),
-        "{e}"
-    );
+    assert!(e.contains("decoder.layers.0.fc2.weight") && e.contains("[384, 1535]") && e.contains("[384, 1536]"), "{e}");
 }
 
 #[test]
@@ -122,36 +97,18 @@ fn empty_and_non_audio_files() {
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
-    hound::WavWriter::create(&silent, spec)
-        .unwrap()
-        .finalize()
-        .unwrap();
-    let e = wcc_err(&[
-        "transcribe",
-        "--interpret",
-        "--model",
-        "tiny.en",
-        p(&silent),
-    ]);
+    hound::WavWriter::create(&silent, spec).unwrap().finalize().unwrap();
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "tiny.en", p(&silent)]);
     assert!(e.contains("no audio samples"), "{e}");
 
-    let e = wcc_err(&[
-        "transcribe",
-        "--interpret",
-        "--model",
-        "tiny.en",
-        p(&tmp.path().join("absent.wav")),
-    ]);
+    let e = wcc_err(&["transcribe", "--interpret", "--model", "tiny.en", p(&tmp.path().join("absent.wav"))]);
     assert!(e.contains("absent.wav"), "{e}");
 }
 
 #[test]
 fn unknown_model_names_and_directories() {
     let e = wcc_err(&["ir", "--model", "tiny.nope"]);
-    assert!(
-        e.contains("model `tiny.nope` not found") && e.contains("fetch-models"),
-        "{e}"
-    );
+    assert!(e.contains("model `tiny.nope` not found") && e.contains("fetch-models"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
     let e = wcc_err(&["ir", "--model", p(tmp.path())]);
     assert!(e.contains("not a Whisper checkpoint"), "{e}");
@@ -165,27 +122,11 @@ fn writing_a_checkpoint_never_overwrites_one() {
     let dir = tmp.path().join("ck");
     random_tiny(&dir);
     let before = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let e = wcc_err(&[
-        "checkpoint",
-        "random",
-        "--size",
-        "tiny",
-        "--seed",
-        "4",
-        "-o",
-        p(&dir),
-    ]);
+    let e = wcc_err(&["checkpoint", "random", "--size", "tiny", "--seed", "4", "-o", p(&dir)]);
     assert!(e.contains("refusing to overwrite"), "{e}");
     let e = wcc_err(&["checkpoint", "convert", "--model", "tiny.en", "-o", p(&dir)]);
     assert!(e.contains("refusing to overwrite"), "{e}");
     assert!(std::fs::read(dir.join("model.safetensors")).unwrap() == before);
-    let e = wcc_err(&[
-        "checkpoint",
-        "random",
-        "--size",
-        "huge",
-        "-o",
-        p(&tmp.path().join("x")),
-    ]);
+    let e = wcc_err(&["checkpoint", "random", "--size", "huge", "-o", p(&tmp.path().join("x"))]);
     assert!(e.contains("unknown model size `huge`"), "{e}");
 }

@@ -20,11 +20,7 @@ fn compile(model: &str, dir: &Path) -> PathBuf {
 fn manifest_clips() -> Vec<PathBuf> {
     let dir = shared_data().join("audio/en");
     let text = std::fs::read_to_string(dir.join("manifest.tsv")).unwrap();
-    text.lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| dir.join(l.split('\t').next().unwrap()))
-        .collect()
+    text.lines().skip(1).filter(|l| !l.trim().is_empty()).map(|l| dir.join(l.split('\t').next().unwrap())).collect()
 }
 
 #[test]
@@ -58,23 +54,12 @@ fn dev_set_matches_ctranslate2(model: &str) {
     for (i, clip) in clips.iter().enumerate() {
         let samples = wcc_runtime::audio::load_audio(clip).unwrap();
         let out = transcribe(&mut m, &tok, &cfg, &samples, &TranscribeOptions::default()).unwrap();
-        assert_eq!(
-            out.segments.len(),
-            1,
-            "{}: dev clips fit one window",
-            clip.display()
-        );
+        assert_eq!(out.segments.len(), 1, "{}: dev clips fit one window", clip.display());
         let mel = wcc_runtime::mel::log_mel_spectrogram_with(&samples, &filters, frames);
         let path = tmp.path().join(format!("mel{i}.npy"));
         wcc_runtime::npy::write_f32(&path, &[filters.len() / 201, frames], &mel).unwrap();
-        let lang = out
-            .language
-            .as_ref()
-            .map(|code| cfg.languages.iter().find(|(c, _)| c == code).unwrap().1);
-        let prompt: Vec<String> = transcribe_prompt(&cfg, lang, false)
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
+        let lang = out.language.as_ref().map(|code| cfg.languages.iter().find(|(c, _)| c == code).unwrap().1);
+        let prompt: Vec<String> = transcribe_prompt(&cfg, lang, false).iter().map(|t| t.to_string()).collect();
         mels.push(path);
         prompts.push(prompt.join(","));
         ours.push(out.tokens());

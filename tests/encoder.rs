@@ -26,8 +26,5 @@ fn tiny_en_encoder_matches_ctranslate2_float32() {
     assert_eq!(ours.shape, ref_shape);
     let (l2, maxrel) = relative_errors(ours.as_f32().unwrap(), &theirs);
     eprintln!("encoder vs CTranslate2 f32: relative L2 {l2:e}, max |diff| / max |ref| {maxrel:e}");
-    assert!(
-        l2 < 1e-3 && maxrel < 1e-3,
-        "relative error {l2:e} / {maxrel:e}"
-    );
+    assert!(l2 < 1e-3 && maxrel < 1e-3, "relative error {l2:e} / {maxrel:e}");
 }

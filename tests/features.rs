@@ -41,10 +41,6 @@ fn base_model_with_128_bins_shape_is_supported_by_features() {
     reference(&["mel", p(&jfk()), "--n-mels", "128", "-o", p(&theirs)]);
     let (_, a) = read_npy(&ours);
     let (_, b) = read_npy(&theirs);
-    let max = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(max < 1e-4, "128-bin log-mel differs by {max}");
 }

@@ -11,10 +11,7 @@ use wcc_ir::{parse_module, print_graph, print_module, verify, ValueDef};
 fn tiny_en_and_base_round_trip_through_text() {
     for name in ["tiny.en", "base"] {
         let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
-        for m in [
-            loaded.module.clone(),
-            wcc_passes::run(loaded.module, &["hoist-cross-kv"]).unwrap(),
-        ] {
+        for m in [loaded.module.clone(), wcc_passes::run(loaded.module, &["hoist-cross-kv"]).unwrap()] {
             verify(&m).unwrap();
             let text = print_module(&m);
             let back = parse_module(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -31,9 +28,7 @@ fn cli_ir_prints_text_that_parses_and_dot() {
     verify(&m).unwrap();
     assert_eq!(m.param("n_audio_layer"), Some(6));
     assert_eq!(m.param("n_vocab"), Some(51865));
-    let dot = wcc_ok(&[
-        "ir", "--model", "tiny.en", "--graph", "encoder", "--format", "dot",
-    ]);
+    let dot = wcc_ok(&["ir", "--model", "tiny.en", "--graph", "encoder", "--format", "dot"]);
     assert!(dot.starts_with("digraph \"encoder\""));
     let e = wcc_err(&["ir", "--model", "tiny.en", "--graph", "nope"]);
     assert!(e.contains("no graph `nope`"), "{e}");
@@ -44,10 +39,7 @@ fn tiny_en_graph_snapshots() {
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
     let m = &loaded.module;
     insta::assert_snapshot!("tiny_en_encoder", print_graph(m.graph("encoder").unwrap()));
-    insta::assert_snapshot!(
-        "tiny_en_decoder_step",
-        print_graph(m.graph("decoder_step").unwrap())
-    );
+    insta::assert_snapshot!("tiny_en_decoder_step", print_graph(m.graph("decoder_step").unwrap()));
     let hoisted = wcc_passes::run(m.clone(), &["hoist-cross-kv"]).unwrap();
     insta::assert_snapshot!(
         "tiny_en_decoder_step_after_hoist_cross_kv",
@@ -57,14 +49,10 @@ fn tiny_en_graph_snapshots() {
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
@@ -80,9 +68,10 @@ fn hoist_cross_kv_moves_audio_work_out_of_the_step_and_preserves_outputs() {
     // No node of the step touches a tensor as long as the audio, except attention itself
     // (the score and context matmuls and the softmax).
     for n in &dec.nodes {
-        let long = n.inputs.iter().any(|&i| {
-            !matches!(dec.value(i).def, ValueDef::Weight(_)) && dec.ty(i).shape.contains(&n_ctx)
-        });
+        let long = n
+            .inputs
+            .iter()
+            .any(|&i| !matches!(dec.value(i).def, ValueDef::Weight(_)) && dec.ty(i).shape.contains(&n_ctx));
         if long {
             assert!(
                 matches!(n.op, wcc_ir::Op::MatMul { .. } | wcc_ir::Op::Softmax),
@@ -93,22 +82,14 @@ fn hoist_cross_kv_moves_audio_work_out_of_the_step_and_preserves_outputs() {
     }
     assert!(dec.find_value("audio_features").is_none());
     let enc = after.graph("encoder").unwrap();
-    assert_eq!(
-        enc.outputs.len(),
-        1 + 2 * before.param("n_text_layer").unwrap() as usize
-    );
+    assert_eq!(enc.outputs.len(), 1 + 2 * before.param("n_text_layer").unwrap() as usize);
 
     // Differential: the same random audio features and caches give the same logits and caches.
     let run = |m: &wcc_ir::Module| -> Vec<Tensor> {
         let interp = Interpreter::new(m, &loaded.checkpoint).unwrap();
         let enc = m.graph("encoder").unwrap();
         let mel_ty = enc.ty(enc.inputs[0]);
-        let enc_out = interp
-            .run(
-                "encoder",
-                &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))],
-            )
-            .unwrap();
+        let enc_out = interp.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
         let dec = m.graph("decoder_step").unwrap();
         let inputs: Vec<Tensor> = dec
             .inputs
@@ -118,15 +99,9 @@ fn hoist_cross_kv_moves_audio_work_out_of_the_step_and_preserves_outputs() {
                 match v.name.as_str() {
                     "tokens" => Tensor::i32([1], vec![50257]),
                     "position" => Tensor::i32([1], vec![3]),
-                    name if name.starts_with("self_") => {
-                        Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7))
-                    }
+                    name if name.starts_with("self_") => Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7)),
                     name => {
-                        let k = enc
-                            .outputs
-                            .iter()
-                            .position(|&o| enc.value(o).name == name)
-                            .unwrap();
+                        let k = enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap();
                         enc_out[k].clone()
                     }
                 }

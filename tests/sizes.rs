@@ -22,11 +22,7 @@ fn every_size_lowers_and_verifies() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join(size);
         // bf16 for the biggest, to exercise that storage type too.
-        let dtype = if size == "large-v3" {
-            DType::BF16
-        } else {
-            DType::F16
-        };
+        let dtype = if size == "large-v3" { DType::BF16 } else { DType::F16 };
         let t0 = std::time::Instant::now();
         write_random(&dir, size, 42, dtype).unwrap();
         let written = t0.elapsed().as_secs_f64();
@@ -36,13 +32,7 @@ fn every_size_lowers_and_verifies() {
         let dims = &loaded.checkpoint.dims;
         assert_eq!(dims, &size_dims(size).unwrap());
         assert_eq!(
-            (
-                dims.n_mels,
-                dims.n_audio_layer,
-                dims.n_text_layer,
-                dims.n_audio_state,
-                dims.n_vocab
-            ),
+            (dims.n_mels, dims.n_audio_layer, dims.n_text_layer, dims.n_audio_state, dims.n_vocab),
             (mels, enc, dec, d, vocab),
             "{size}"
         );

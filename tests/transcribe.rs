@@ -7,23 +7,12 @@ use common::*;
 use std::path::Path;
 
 fn transcribe_json(model: &str, audio: &Path) -> serde_json::Value {
-    let out = wcc_ok(&[
-        "transcribe",
-        "--interpret",
-        "--model",
-        model,
-        "--json",
-        p(audio),
-    ]);
+    let out = wcc_ok(&["transcribe", "--interpret", "--model", model, "--json", p(audio)]);
     serde_json::from_str(&out).unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
 /// CTranslate2's greedy ids for `model_dir` on wcc's features of `audio`, with `prompt`.
@@ -34,13 +23,7 @@ fn ct2_greedy(model_dir: &Path, audio: &Path, prompt: &[u32]) -> Vec<u64> {
     let n_mels = loaded.checkpoint.dims.n_mels.to_string();
     wcc_ok(&["features", p(audio), "--n-mels", &n_mels, "-o", p(&mel)]);
     let prompt: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-    let out = reference(&[
-        "greedy",
-        p(model_dir),
-        p(&mel),
-        "--prompt",
-        &prompt.join(","),
-    ]);
+    let out = reference(&["greedy", p(model_dir), p(&mel), "--prompt", &prompt.join(",")]);
     ids(&serde_json::from_str(&out).unwrap())
 }
 
@@ -103,24 +86,12 @@ fn hugging_face_conversion_of_tiny_en_loads_back_and_transcribes_the_same() {
     let orig = wcc_frontend::load(&ct2_dir).unwrap();
     let conv = wcc_frontend::load(&hf).unwrap();
     assert_eq!(orig.checkpoint.dims, conv.checkpoint.dims);
-    assert_eq!(
-        orig.checkpoint.generation.suppress,
-        conv.checkpoint.generation.suppress
-    );
+    assert_eq!(orig.checkpoint.generation.suppress, conv.checkpoint.generation.suppress);
     for w in &orig.module.weights {
-        let c = conv
-            .module
-            .weight(&w.name)
-            .unwrap_or_else(|| panic!("{} missing", w.name));
+        let c = conv.module.weight(&w.name).unwrap_or_else(|| panic!("{} missing", w.name));
         assert_eq!(c.ty, w.ty);
-        let x = orig
-            .checkpoint
-            .read_f32(&w.source.tensor, w.source.rows)
-            .unwrap();
-        let y = conv
-            .checkpoint
-            .read_f32(&c.source.tensor, c.source.rows)
-            .unwrap();
+        let x = orig.checkpoint.read_f32(&w.source.tensor, w.source.rows).unwrap();
+        let y = conv.checkpoint.read_f32(&c.source.tensor, c.source.rows).unwrap();
         assert!(x == y, "{} differs", w.name);
     }
 

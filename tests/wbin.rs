@@ -41,20 +41,10 @@ fn written_program_and_weights_are_what_the_compiler_built() {
     assert_eq!(f.header.arena_bytes, program.arena_bytes);
     assert!(f.sections().weights == &program.weights[..]);
     let names: Vec<&str> = program.kernels.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(
-        f.header
-            .kernels
-            .iter()
-            .map(|k| k.name.as_str())
-            .collect::<Vec<_>>(),
-        names
-    );
+    assert_eq!(f.header.kernels.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), names);
     assert_eq!(f.header.timesteps, 3000);
     assert_eq!(f.header.params["n_vocab"], 51864);
-    assert_eq!(
-        f.sections().tokenizer,
-        &std::fs::read(model_dir("tiny.en").join("tokenizer.json")).unwrap()[..]
-    );
+    assert_eq!(f.sections().tokenizer, &std::fs::read(model_dir("tiny.en").join("tokenizer.json")).unwrap()[..]);
     // Written again from what was read: byte-identical.
     let again = tmp.path().join("again.wbin");
     wbin::write(&again, &f.header, &f.sections()).unwrap();
@@ -92,10 +82,7 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
     refused(&bad, "format version 2");
 
     // A CPU feature this host lacks, and another architecture.
-    let lacking = wcc_targets::X86_FEATURES
-        .iter()
-        .find(|f| !wcc_targets::host_has(f))
-        .expect("some feature is absent");
+    let lacking = wcc_targets::X86_FEATURES.iter().find(|f| !wcc_targets::host_has(f)).expect("some feature is absent");
     with_header(&good, &bad, |h| h.target.features.push(lacking.to_string()));
     let e = wcc_err(&["run", p(&bad), p(&jfk())]);
     assert!(e.contains("lacks") && e.contains(lacking), "{e}");
@@ -104,9 +91,7 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
     assert!(e.contains("compiled for aarch64"), "{e}");
     // A well-formed file whose program points outside its buffers.
     with_header(&good, &bad, |h| {
-        if let Some(wbin::BufRef::Arena { offset, .. }) =
-            h.graphs[0].launches[0].buffers.first_mut()
-        {
+        if let Some(wbin::BufRef::Arena { offset, .. }) = h.graphs[0].launches[0].buffers.first_mut() {
             *offset = u64::MAX - 8;
         }
     });
@@ -118,41 +103,16 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
 fn the_runtime_depends_on_no_compiler_crate() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            "wcc-runtime",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-        ])
+        .args(["tree", "--offline", "-p", "wcc-runtime", "-e", "normal", "--prefix", "none", "--format", "{p}"])
         .current_dir(repo())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tree = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        tree.lines().count() > 10,
-        "suspiciously small tree:\n{tree}"
-    );
+    assert!(tree.lines().count() > 10, "suspiciously small tree:\n{tree}");
     for line in tree.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        for banned in [
-            "wcc-frontend",
-            "wcc-passes",
-            "wcc-backend",
-            "wcc-ir",
-            "egg",
-            "cranelift",
-        ] {
+        for banned in ["wcc-frontend", "wcc-passes", "wcc-backend", "wcc-ir", "egg", "cranelift"] {
             assert!(!name.starts_with(banned), "wcc-runtime depends on {name}");
         }
     }

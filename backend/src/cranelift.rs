@@ -85,10 +85,7 @@ pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendErro
         vars: vec![None; k.vars.max(2) as usize],
         bases: vec![],
         elems: k.buffers.iter().map(|b| b.elem).collect(),
-        fma: isa
-            .isa_flags()
-            .iter()
-            .any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
+        fma: isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
             || isa.name() == "aarch64",
         name: k.name.clone(),
     };
@@ -117,10 +114,7 @@ pub fn compile(k: &Kernel, isa: &dyn TargetIsa) -> Result<Vec<u8>, BackendError>
         .compile(isa, &mut ControlPlane::default())
         .map_err(|e| BackendError(format!("kernel {}: cranelift: {:?}", k.name, e.inner)))?;
     if !code.buffer.relocs().is_empty() {
-        return Err(BackendError(format!(
-            "kernel {} needs relocations; kernels must be self-contained",
-            k.name
-        )));
+        return Err(BackendError(format!("kernel {} needs relocations; kernels must be self-contained", k.name)));
     }
     Ok(code.code_buffer().to_vec())
 }
@@ -148,11 +142,7 @@ impl Emitter<'_> {
     }
 
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, BackendError> {
-        Err(BackendError(format!(
-            "kernel {}: {}",
-            self.name,
-            msg.into()
-        )))
+        Err(BackendError(format!("kernel {}: {}", self.name, msg.into())))
     }
 
     fn stmts(&mut self, body: &[Stmt]) -> Result<(), BackendError> {
@@ -193,13 +183,7 @@ impl Emitter<'_> {
                 let fl = self.notrap();
                 self.b.ins().store(fl, v, addr, 0);
             }
-            Stmt::For {
-                var,
-                start,
-                end,
-                step,
-                body,
-            } => {
+            Stmt::For { var, start, end, step, body } => {
                 if *step <= 0 {
                     return self.err("loop step must be positive");
                 }
@@ -215,11 +199,7 @@ impl Emitter<'_> {
                     self.vars.resize(slot + 1, None);
                 }
                 self.vars[slot] = Some((iv, Ty::I64));
-                let (header, body_block, exit) = (
-                    self.b.create_block(),
-                    self.b.create_block(),
-                    self.b.create_block(),
-                );
+                let (header, body_block, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
                 self.b.ins().jump(header, &[]);
                 self.b.switch_to_block(header);
                 let i = self.b.use_var(iv);
@@ -311,10 +291,7 @@ impl Emitter<'_> {
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
         let t = self.b.ins().fmul(xc, log2e);
         let n = self.b.ins().nearest(t);
-        let (ln2_hi, ln2_lo) = (
-            self.fconst(ty, -0.693_145_75),
-            self.fconst(ty, -1.428_606_8e-6),
-        );
+        let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
         let r = self.fma(n, ln2_hi, xc);
         let r = self.fma(n, ln2_lo, r);
         let mut p = self.fconst(ty, 1.0 / 720.0);
@@ -383,9 +360,7 @@ impl Emitter<'_> {
                 let flags = self.notrap();
                 match (elem, ty) {
                     (Elem::I32, Ty::I64) => (self.b.ins().sload32(flags, addr, 0), Ty::I64),
-                    (Elem::F32, Ty::F32 | Ty::F32x4) => {
-                        (self.b.ins().load(clif(*ty), flags, addr, 0), *ty)
-                    }
+                    (Elem::F32, Ty::F32 | Ty::F32x4) => (self.b.ins().load(clif(*ty), flags, addr, 0), *ty),
                     _ => return self.err(format!("cannot load {ty:?} from a {elem:?} buffer")),
                 }
             }
@@ -460,13 +435,7 @@ impl Emitter<'_> {
                 let r = pair(self, lanes[2], lanes[3]);
                 (pair(self, l, r), Ty::F32)
             }
-            Expr::Select {
-                op,
-                a,
-                b,
-                then,
-                otherwise,
-            } => {
+            Expr::Select { op, a, b, then, otherwise } => {
                 let (x, tx) = self.expr(a)?;
                 let (y, ty) = self.expr(b)?;
                 if tx != Ty::I64 || ty != Ty::I64 {

@@ -20,33 +20,18 @@ pub struct JitKernel {
 pub fn compile(k: &Kernel) -> Result<JitKernel, BackendError> {
     let target = wcc_targets::host().map_err(|e| BackendError(e.to_string()))?;
     let isa = crate::cranelift::isa(&target)?;
-    let mut module = JITModule::new(JITBuilder::with_isa(
-        isa.clone(),
-        cranelift_module::default_libcall_names(),
-    ));
+    let mut module = JITModule::new(JITBuilder::with_isa(isa.clone(), cranelift_module::default_libcall_names()));
     let func = crate::cranelift::function(k, &*isa)?;
     let id = module
         .declare_function(&k.name, Linkage::Local, &func.signature)
         .map_err(|e| BackendError(format!("jit: {e}")))?;
     let mut ctx = Context::for_function(func);
-    module
-        .define_function(id, &mut ctx)
-        .map_err(|e| BackendError(format!("jit {}: {e:?}", k.name)))?;
-    module
-        .finalize_definitions()
-        .map_err(|e| BackendError(format!("jit: {e}")))?;
+    module.define_function(id, &mut ctx).map_err(|e| BackendError(format!("jit {}: {e:?}", k.name)))?;
+    module.finalize_definitions().map_err(|e| BackendError(format!("jit: {e}")))?;
     let ptr = module.get_finalized_function(id);
     // SAFETY: `ptr` is the entry of the function just compiled with exactly this signature.
-    let f = unsafe {
-        std::mem::transmute::<*const u8, unsafe extern "C" fn(*const *mut u8, *const u8, i64, i64)>(
-            ptr,
-        )
-    };
-    Ok(JitKernel {
-        _module: module,
-        f,
-        kernel: k.clone(),
-    })
+    let f = unsafe { std::mem::transmute::<*const u8, unsafe extern "C" fn(*const *mut u8, *const u8, i64, i64)>(ptr) };
+    Ok(JitKernel { _module: module, f, kernel: k.clone() })
 }
 
 /// A host buffer for a kernel argument.
@@ -89,14 +74,7 @@ impl JitKernel {
         }
         // SAFETY: every buffer is at least as long as the kernel's declaration, and the
         // kernel's accesses stay inside its declared lengths (by construction in `lower`).
-        unsafe {
-            (self.f)(
-                ptrs.as_ptr(),
-                std::ptr::null(),
-                0,
-                self.kernel.parallel_extent as i64,
-            )
-        };
+        unsafe { (self.f)(ptrs.as_ptr(), std::ptr::null(), 0, self.kernel.parallel_extent as i64) };
         Ok(())
     }
 }
@@ -128,15 +106,9 @@ pub fn run_op(
     let mut ins: Vec<Data> = inputs.iter().map(|t| t.data.clone()).collect();
     let mut result = match (&op, in_place) {
         (wcc_ir::Op::Reshape { .. }, _) => {
-            return Ok(Tensor {
-                shape: out.shape.clone(),
-                data: inputs[0].data.clone(),
-            })
+            return Ok(Tensor { shape: out.shape.clone(), data: inputs[0].data.clone() })
         }
-        (wcc_ir::Op::ScatterRow, true) => inputs[0]
-            .as_f32()
-            .map_err(|e| BackendError(e.to_string()))?
-            .to_vec(),
+        (wcc_ir::Op::ScatterRow, true) => inputs[0].as_f32().map_err(|e| BackendError(e.to_string()))?.to_vec(),
         _ => vec![0.0f32; out.numel()],
     };
     let mut scratch: Vec<Vec<f32>> = lowered.scratch.iter().map(|&n| vec![0.0; n]).collect();

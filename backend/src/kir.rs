@@ -186,34 +186,16 @@ pub mod build {
         Expr::HMax(Box::new(a))
     }
     pub fn load(buf: u32, index: Expr) -> Expr {
-        Expr::Load {
-            buf,
-            index: Box::new(index),
-            ty: Ty::F32,
-        }
+        Expr::Load { buf, index: Box::new(index), ty: Ty::F32 }
     }
     pub fn load4(buf: u32, index: Expr) -> Expr {
-        Expr::Load {
-            buf,
-            index: Box::new(index),
-            ty: Ty::F32x4,
-        }
+        Expr::Load { buf, index: Box::new(index), ty: Ty::F32x4 }
     }
     pub fn load_i(buf: u32, index: Expr) -> Expr {
-        Expr::Load {
-            buf,
-            index: Box::new(index),
-            ty: Ty::I64,
-        }
+        Expr::Load { buf, index: Box::new(index), ty: Ty::I64 }
     }
     pub fn select(op: CmpOp, a: Expr, b: Expr, then: Expr, otherwise: Expr) -> Expr {
-        Expr::Select {
-            op,
-            a: Box::new(a),
-            b: Box::new(b),
-            then: Box::new(then),
-            otherwise: Box::new(otherwise),
-        }
+        Expr::Select { op, a: Box::new(a), b: Box::new(b), then: Box::new(then), otherwise: Box::new(otherwise) }
     }
     pub fn store(buf: u32, index: Expr, value: Expr) -> Stmt {
         Stmt::Store { buf, index, value }
@@ -225,23 +207,13 @@ pub mod build {
         Stmt::Set { var, value }
     }
     pub fn for_(var: Var, start: Expr, end: Expr, step: i64, body: Vec<Stmt>) -> Stmt {
-        Stmt::For {
-            var,
-            start,
-            end,
-            step,
-            body,
-        }
+        Stmt::For { var, start, end, step, body }
     }
 }
 
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "kernel {} (parallel 0..{}) {{",
-            self.name, self.parallel_extent
-        )?;
+        writeln!(f, "kernel {} (parallel 0..{}) {{", self.name, self.parallel_extent)?;
         for (i, b) in self.buffers.iter().enumerate() {
             writeln!(f, "  buf{i} {}: {:?}[{}]", b.name, b.elem, b.len)?;
         }
@@ -251,16 +223,8 @@ impl fmt::Display for Kernel {
                 match st {
                     Stmt::Let { var, value } => writeln!(f, "{pad}let v{var} = {value:?}")?,
                     Stmt::Set { var, value } => writeln!(f, "{pad}v{var} = {value:?}")?,
-                    Stmt::Store { buf, index, value } => {
-                        writeln!(f, "{pad}buf{buf}[{index:?}] = {value:?}")?
-                    }
-                    Stmt::For {
-                        var,
-                        start,
-                        end,
-                        step,
-                        body,
-                    } => {
+                    Stmt::Store { buf, index, value } => writeln!(f, "{pad}buf{buf}[{index:?}] = {value:?}")?,
+                    Stmt::For { var, start, end, step, body } => {
                         writeln!(f, "{pad}for v{var} in {start:?}..{end:?} step {step} {{")?;
                         stmts(f, body, depth + 1)?;
                         writeln!(f, "{pad}}}")?;

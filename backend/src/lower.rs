@@ -52,44 +52,19 @@ impl Vars {
 }
 
 fn buf(name: &str, len: usize) -> Buffer {
-    Buffer {
-        name: name.into(),
-        elem: Elem::F32,
-        len,
-    }
+    Buffer { name: name.into(), elem: Elem::F32, len }
 }
 
 fn ibuf(name: &str, len: usize) -> Buffer {
-    Buffer {
-        name: name.into(),
-        elem: Elem::I32,
-        len,
-    }
+    Buffer { name: name.into(), elem: Elem::I32, len }
 }
 
-fn kernel(
-    name: String,
-    buffers: Vec<Buffer>,
-    extent: usize,
-    flops: usize,
-    body: Vec<Stmt>,
-    vars: Vars,
-) -> Kernel {
-    Kernel {
-        name,
-        buffers,
-        parallel_extent: extent as u64,
-        flops: flops as u64,
-        body,
-        vars: vars.0,
-    }
+fn kernel(name: String, buffers: Vec<Buffer>, extent: usize, flops: usize, body: Vec<Stmt>, vars: Vars) -> Kernel {
+    Kernel { name, buffers, parallel_extent: extent as u64, flops: flops as u64, body, vars: vars.0 }
 }
 
 fn shape_name(s: &[usize]) -> String {
-    s.iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("x")
+    s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
 }
 
 /// A constant of the given width.
@@ -103,21 +78,13 @@ fn cf(v: f32, vector: bool) -> Expr {
 
 /// `x * 0.5 * (1 + erf(x / √2))`.
 fn gelu(x: Expr, v: bool) -> Expr {
-    let e = un(
-        UnOp::Erf,
-        mul(x.clone(), cf(std::f32::consts::FRAC_1_SQRT_2, v)),
-    );
+    let e = un(UnOp::Erf, mul(x.clone(), cf(std::f32::consts::FRAC_1_SQRT_2, v)));
     mul(mul(x, cf(0.5, v)), add(cf(1.0, v), e))
 }
 
 /// A vectorised loop over `[lo, hi)`: `body(index, vector?)` produces the statements for
 /// four elements at a time, then for the scalar tail.
-fn vec_loop(
-    vars: &mut Vars,
-    lo: Expr,
-    hi: Expr,
-    body: &dyn Fn(Expr, bool, &mut Vars) -> Vec<Stmt>,
-) -> Vec<Stmt> {
+fn vec_loop(vars: &mut Vars, lo: Expr, hi: Expr, body: &dyn Fn(Expr, bool, &mut Vars) -> Vec<Stmt>) -> Vec<Stmt> {
     let (vhi, j, t) = (vars.next(), vars.next(), vars.next());
     let len = sub(hi.clone(), lo.clone());
     vec![
@@ -134,17 +101,7 @@ fn map_kernel(name: String, n: usize, flops_per: usize, f: &dyn Fn(Expr, bool) -
     let (b, lo, hi) = (vars.next(), vars.next(), vars.next());
     let inner = vec_loop(&mut vars, var(lo), var(hi), &|i, v, vars| {
         let x = vars.next();
-        vec![
-            let_(
-                x,
-                if v {
-                    load4(0, i.clone())
-                } else {
-                    load(0, i.clone())
-                },
-            ),
-            store(1, i, f(var(x), v)),
-        ]
+        vec![let_(x, if v { load4(0, i.clone()) } else { load(0, i.clone()) }), store(1, i, f(var(x), v))]
     });
     let body = vec![for_(
         b,
@@ -160,14 +117,7 @@ fn map_kernel(name: String, n: usize, flops_per: usize, f: &dyn Fn(Expr, bool) -
         ]
         .concat(),
     )];
-    kernel(
-        name,
-        vec![buf("x", n), buf("out", n)],
-        n.div_ceil(BLOCK),
-        n * flops_per,
-        body,
-        vars,
-    )
+    kernel(name, vec![buf("x", n), buf("out", n)], n.div_ceil(BLOCK), n * flops_per, body, vars)
 }
 
 /// Batched `out[b, i, j] = Σ_k x[b, i, k] · w[b, j, k] (+ bias[j])`. Batch strides of 0
@@ -205,19 +155,11 @@ fn dot_kernel(
         let accs: Vec<Var> = (0..width).map(|_| vars.next()).collect();
         let sums: Vec<Var> = (0..width).map(|_| vars.next()).collect();
         let (kk, xv, kt, xs) = (vars.next(), vars.next(), vars.next(), vars.next());
-        let wrow = |q: usize| {
-            add(
-                var(wbase),
-                mul(add(j.clone(), int(q as i64)), int(k as i64)),
-            )
-        };
+        let wrow = |q: usize| add(var(wbase), mul(add(j.clone(), int(q as i64)), int(k as i64)));
         let mut s: Vec<Stmt> = accs.iter().map(|&a| let_(a, splat(f(0.0)))).collect();
         let mut inner = vec![let_(xv, load4(xb, add(var(xrow), var(kk))))];
         for (q, &a) in accs.iter().enumerate() {
-            inner.push(set(
-                a,
-                fma(var(xv), load4(wb, add(wrow(q), var(kk))), var(a)),
-            ));
+            inner.push(set(a, fma(var(xv), load4(wb, add(wrow(q), var(kk))), var(a))));
         }
         s.push(for_(kk, int(0), int(k4), 4, inner));
         for (q, (&a, &sm)) in accs.iter().zip(&sums).enumerate() {
@@ -227,20 +169,13 @@ fn dot_kernel(
         if k4 < k as i64 {
             let mut tail = vec![let_(xs, load(xb, add(var(xrow), var(kt))))];
             for (q, &sm) in sums.iter().enumerate() {
-                tail.push(set(
-                    sm,
-                    fma(var(xs), load(wb, add(wrow(q), var(kt))), var(sm)),
-                ));
+                tail.push(set(sm, fma(var(xs), load(wb, add(wrow(q), var(kt))), var(sm))));
             }
             s.push(for_(kt, int(k4), int(k as i64), 1, tail));
         }
         for (q, &sm) in sums.iter().enumerate() {
             let col = add(j.clone(), int(q as i64));
-            let v = if bias {
-                add(var(sm), load(bb, col.clone()))
-            } else {
-                var(sm)
-            };
+            let v = if bias { add(var(sm), load(bb, col.clone())) } else { var(sm) };
             s.push(store(ob, add(var(orow), col), v));
         }
         s
@@ -256,30 +191,12 @@ fn dot_kernel(
         vec![
             let_(bi, div(var(p), int((nb * m) as i64))),
             let_(rem, sub(var(p), mul(var(bi), int((nb * m) as i64)))),
-            let_(
-                i,
-                sub(var(rem), mul(div(var(rem), int(m as i64)), int(m as i64))),
-            ),
+            let_(i, sub(var(rem), mul(div(var(rem), int(m as i64)), int(m as i64)))),
             let_(j0, mul(div(var(rem), int(m as i64)), int(NB as i64))),
             let_(j1, min(add(var(j0), int(NB as i64)), int(n as i64))),
-            let_(
-                j4,
-                add(var(j0), mul(div(sub(var(j1), var(j0)), int(4)), int(4))),
-            ),
-            let_(
-                xrow,
-                add(
-                    mul(var(bi), int(x_bstride as i64)),
-                    mul(var(i), int(k as i64)),
-                ),
-            ),
-            let_(
-                orow,
-                add(
-                    mul(var(bi), int((m * n) as i64)),
-                    mul(var(i), int(n as i64)),
-                ),
-            ),
+            let_(j4, add(var(j0), mul(div(sub(var(j1), var(j0)), int(4)), int(4)))),
+            let_(xrow, add(mul(var(bi), int(x_bstride as i64)), mul(var(i), int(k as i64)))),
+            let_(orow, add(mul(var(bi), int((m * n) as i64)), mul(var(i), int(n as i64)))),
             let_(wbase, mul(var(bi), int(w_bstride as i64))),
             for_(j, var(j0), var(j4), 4, quad),
             for_(jt, var(j4), var(j1), 1, single),
@@ -292,47 +209,20 @@ fn dot_kernel(
         buffers.push(buf("bias", n));
     }
     buffers.push(buf("out", batch * m * n));
-    kernel(
-        name,
-        buffers,
-        batch * nb * m,
-        2 * batch * m * n * k,
-        body,
-        vars,
-    )
+    kernel(name, buffers, batch * nb * m, 2 * batch * m * n * k, body, vars)
 }
 
 /// `out[b, i, :] = Σ_k a[b, i, k] · v[b, k, :]` (the attention context product).
 fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) -> Kernel {
     let mut vars = Vars::new();
-    let (p, bi, i, orow, kk, s) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
-    let zero = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| {
-        vec![store(2, add(var(orow), j), cf(0.0, v))]
-    });
+    let (p, bi, i, orow, kk, s) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let zero = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| vec![store(2, add(var(orow), j), cf(0.0, v))]);
     let update = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| {
-        let brow = add(
-            mul(var(bi), int((k * n) as i64)),
-            mul(var(kk), int(n as i64)),
-        );
+        let brow = add(mul(var(bi), int((k * n) as i64)), mul(var(kk), int(n as i64)));
         let (bv, ov, sv) = if v {
-            (
-                load4(1, add(brow, j.clone())),
-                load4(2, add(var(orow), j.clone())),
-                splat(var(s)),
-            )
+            (load4(1, add(brow, j.clone())), load4(2, add(var(orow), j.clone())), splat(var(s)))
         } else {
-            (
-                load(1, add(brow, j.clone())),
-                load(2, add(var(orow), j.clone())),
-                var(s),
-            )
+            (load(1, add(brow, j.clone())), load(2, add(var(orow), j.clone())), var(s))
         };
         vec![store(2, add(var(orow), j), fma(sv, bv, ov))]
     });
@@ -353,11 +243,7 @@ fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) 
                 int(0),
                 int(k as i64),
                 1,
-                [
-                    vec![let_(s, load(0, add(mul(var(p), int(k as i64)), var(kk))))],
-                    update,
-                ]
-                .concat(),
+                [vec![let_(s, load(0, add(mul(var(p), int(k as i64)), var(kk))))], update].concat(),
             )],
         ]
         .concat(),
@@ -365,11 +251,7 @@ fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) 
     let _ = i;
     kernel(
         name,
-        vec![
-            buf("a", batch * m * k),
-            buf("v", batch * k * n),
-            buf("out", batch * m * n),
-        ],
+        vec![buf("a", batch * m * k), buf("v", batch * k * n), buf("out", batch * m * n)],
         batch * m,
         2 * batch * m * n * k,
         body,
@@ -380,26 +262,11 @@ fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) 
 /// Row statistics kernels: softmax and layer norm over the last axis, one row per task.
 fn softmax_kernel(rows: usize, d: usize) -> Kernel {
     let mut vars = Vars::new();
-    let (r, base, mx4, mx, s4, s, inv) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
+    let (r, base, mx4, mx, s4, s, inv) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let d4 = (d / 4 * 4) as i64;
-    let (j, jt, j2, jt2, j3, jt3, e4, e1) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
+    let (j, jt, j2, jt2, j3, jt3, e4, e1) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let idx = |j: Var| add(var(base), var(j));
     let body = vec![for_(
         r,
@@ -409,21 +276,9 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
         vec![
             let_(base, mul(var(r), int(d as i64))),
             let_(mx4, splat(f(f32::NEG_INFINITY))),
-            for_(
-                j,
-                int(0),
-                int(d4),
-                4,
-                vec![set(mx4, max(var(mx4), load4(0, idx(j))))],
-            ),
+            for_(j, int(0), int(d4), 4, vec![set(mx4, max(var(mx4), load4(0, idx(j))))]),
             let_(mx, hmax(var(mx4))),
-            for_(
-                jt,
-                int(d4),
-                int(d as i64),
-                1,
-                vec![set(mx, max(var(mx), load(0, idx(jt))))],
-            ),
+            for_(jt, int(d4), int(d as i64), 1, vec![set(mx, max(var(mx), load(0, idx(jt))))]),
             let_(s4, splat(f(0.0))),
             for_(
                 j2,
@@ -449,20 +304,8 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
                 ],
             ),
             let_(inv, div(f(1.0), var(s))),
-            for_(
-                j3,
-                int(0),
-                int(d4),
-                4,
-                vec![store(1, idx(j3), mul(load4(1, idx(j3)), splat(var(inv))))],
-            ),
-            for_(
-                jt3,
-                int(d4),
-                int(d as i64),
-                1,
-                vec![store(1, idx(jt3), mul(load(1, idx(jt3)), var(inv)))],
-            ),
+            for_(j3, int(0), int(d4), 4, vec![store(1, idx(j3), mul(load4(1, idx(j3)), splat(var(inv))))]),
+            for_(jt3, int(d4), int(d as i64), 1, vec![store(1, idx(jt3), mul(load(1, idx(jt3)), var(inv)))]),
         ],
     )];
     kernel(
@@ -477,24 +320,10 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
 
 fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
     let mut vars = Vars::new();
-    let (r, base, s4, mean, q4, var_, inv) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
+    let (r, base, s4, mean, q4, var_, inv) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let d4 = (d / 4 * 4) as i64;
-    let (j, jt, j2, jt2, c4, c1) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
+    let (j, jt, j2, jt2, c4, c1) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let idx = |j: Var| add(var(base), var(j));
     let norm = vec_loop(&mut vars, int(0), int(d as i64), &|jj, v, _| {
         let (x, g, b, m, iv) = if v {
@@ -506,13 +335,7 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
                 splat(var(inv)),
             )
         } else {
-            (
-                load(0, add(var(base), jj.clone())),
-                load(1, jj.clone()),
-                load(2, jj.clone()),
-                var(mean),
-                var(inv),
-            )
+            (load(0, add(var(base), jj.clone())), load(1, jj.clone()), load(2, jj.clone()), var(mean), var(inv))
         };
         vec![store(3, add(var(base), jj), fma(mul(sub(x, m), iv), g, b))]
     });
@@ -525,21 +348,9 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
             vec![
                 let_(base, mul(var(r), int(d as i64))),
                 let_(s4, splat(f(0.0))),
-                for_(
-                    j,
-                    int(0),
-                    int(d4),
-                    4,
-                    vec![set(s4, add(var(s4), load4(0, idx(j))))],
-                ),
+                for_(j, int(0), int(d4), 4, vec![set(s4, add(var(s4), load4(0, idx(j))))]),
                 let_(mean, hsum(var(s4))),
-                for_(
-                    jt,
-                    int(d4),
-                    int(d as i64),
-                    1,
-                    vec![set(mean, add(var(mean), load(0, idx(jt))))],
-                ),
+                for_(jt, int(d4), int(d as i64), 1, vec![set(mean, add(var(mean), load(0, idx(jt))))]),
                 set(mean, div(var(mean), f(d as f32))),
                 let_(q4, splat(f(0.0))),
                 for_(
@@ -547,10 +358,7 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
                     int(0),
                     int(d4),
                     4,
-                    vec![
-                        let_(c4, sub(load4(0, idx(j2)), splat(var(mean)))),
-                        set(q4, fma(var(c4), var(c4), var(q4))),
-                    ],
+                    vec![let_(c4, sub(load4(0, idx(j2)), splat(var(mean)))), set(q4, fma(var(c4), var(c4), var(q4)))],
                 ),
                 let_(var_, hsum(var(q4))),
                 for_(
@@ -558,18 +366,9 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
                     int(d4),
                     int(d as i64),
                     1,
-                    vec![
-                        let_(c1, sub(load(0, idx(jt2)), var(mean))),
-                        set(var_, fma(var(c1), var(c1), var(var_))),
-                    ],
+                    vec![let_(c1, sub(load(0, idx(jt2)), var(mean))), set(var_, fma(var(c1), var(c1), var(var_)))],
                 ),
-                let_(
-                    inv,
-                    div(
-                        f(1.0),
-                        un(UnOp::Sqrt, add(div(var(var_), f(d as f32)), f(eps))),
-                    ),
-                ),
+                let_(inv, div(f(1.0), un(UnOp::Sqrt, add(div(var(var_), f(d as f32)), f(eps))))),
             ],
             norm,
         ]
@@ -577,12 +376,7 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
     )];
     kernel(
         format!("layer_norm_{rows}x{d}"),
-        vec![
-            buf("x", rows * d),
-            buf("gamma", d),
-            buf("beta", d),
-            buf("out", rows * d),
-        ],
+        vec![buf("x", rows * d), buf("gamma", d), buf("beta", d), buf("out", rows * d)],
         rows,
         8 * rows * d,
         body,
@@ -591,13 +385,7 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
 }
 
 /// `out[idx] = x[base + Σ idx_d · strides[d]]` over `out_shape`: transpose and slice.
-fn strided_copy_kernel(
-    name: String,
-    in_len: usize,
-    out_shape: &[usize],
-    strides: &[usize],
-    base: usize,
-) -> Kernel {
+fn strided_copy_kernel(name: String, in_len: usize, out_shape: &[usize], strides: &[usize], base: usize) -> Kernel {
     let mut vars = Vars::new();
     // Treat rank < 2 as [1, n].
     let (shape, strides): (Vec<usize>, Vec<usize>) = if out_shape.len() < 2 {
@@ -629,11 +417,8 @@ fn strided_copy_kernel(
         [
             vec![let_(src_row, src_of(last)), let_(dst_row, dst_of(last))],
             vec_loop(&mut vars, int(0), int(shape[last] as i64), &|j, v, _| {
-                let val = if v {
-                    load4(0, add(var(src_row), j.clone()))
-                } else {
-                    load(0, add(var(src_row), j.clone()))
-                };
+                let val =
+                    if v { load4(0, add(var(src_row), j.clone())) } else { load(0, add(var(src_row), j.clone())) };
                 vec![store(1, add(var(dst_row), j), val)]
             }),
         ]
@@ -650,10 +435,7 @@ fn strided_copy_kernel(
                 vec![store(
                     1,
                     add(var(dst_row), var(idx[last])),
-                    load(
-                        0,
-                        add(var(src_row), mul(var(idx[last]), int(strides[last] as i64))),
-                    ),
+                    load(0, add(var(src_row), mul(var(idx[last]), int(strides[last] as i64)))),
                 )],
             ),
         ]
@@ -664,31 +446,16 @@ fn strided_copy_kernel(
     }
     let body = vec![for_(idx[0], var(START), var(END), 1, body)];
     let n: usize = shape.iter().product();
-    kernel(
-        name,
-        vec![buf("x", in_len), buf("out", n)],
-        shape[0],
-        0,
-        body,
-        vars,
-    )
+    kernel(name, vec![buf("x", in_len), buf("out", n)], shape[0], 0, body, vars)
 }
 
 /// Row-major strides of `shape`.
 fn strides(shape: &[usize]) -> Vec<usize> {
-    (0..shape.len())
-        .map(|d| shape[d + 1..].iter().product())
-        .collect()
+    (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect()
 }
 
 /// `out = a ⊕ b` with numpy broadcasting; parallel over the output's first axis.
-fn broadcast_kernel(
-    name: &str,
-    a: &[usize],
-    b: &[usize],
-    out: &[usize],
-    op: crate::kir::BinOp,
-) -> Kernel {
+fn broadcast_kernel(name: &str, a: &[usize], b: &[usize], out: &[usize], op: crate::kir::BinOp) -> Kernel {
     let n: usize = out.iter().product();
     if a == b {
         // Same shapes: a flat element-wise loop, in blocks of 4096.
@@ -696,11 +463,8 @@ fn broadcast_kernel(
         let mut vars = Vars::new();
         let (blk, lo, hi) = (vars.next(), vars.next(), vars.next());
         let inner = vec_loop(&mut vars, var(lo), var(hi), &|i, v, _| {
-            let (x, y) = if v {
-                (load4(0, i.clone()), load4(1, i.clone()))
-            } else {
-                (load(0, i.clone()), load(1, i.clone()))
-            };
+            let (x, y) =
+                if v { (load4(0, i.clone()), load4(1, i.clone())) } else { (load(0, i.clone()), load(1, i.clone())) };
             vec![store(2, i, bin(op, x, y))]
         });
         let body = vec![for_(
@@ -755,21 +519,13 @@ fn broadcast_kernel(
         }
     };
     let row: Vec<Stmt> = {
-        let head = vec![
-            let_(oa, off(&sa, last)),
-            let_(ob, off(&sb, last)),
-            let_(oo, off(&st_o, last)),
-        ];
+        let head = vec![let_(oa, off(&sa, last)), let_(ob, off(&sb, last)), let_(oo, off(&st_o, last))];
         let lp = if vectorisable {
             vec_loop(&mut vars, int(0), int(so[last] as i64), &|j, v, _| {
                 vec![store(
                     2,
                     add(var(oo), j.clone()),
-                    bin(
-                        op,
-                        operand(0, oa, sa[last], j.clone(), v),
-                        operand(1, ob, sb[last], j, v),
-                    ),
+                    bin(op, operand(0, oa, sa[last], j.clone(), v), operand(1, ob, sb[last], j, v)),
                 )]
             })
         } else {
@@ -782,11 +538,7 @@ fn broadcast_kernel(
                 vec![store(
                     2,
                     add(var(oo), var(j)),
-                    bin(
-                        op,
-                        operand(0, oa, sa[last], var(j), false),
-                        operand(1, ob, sb[last], var(j), false),
-                    ),
+                    bin(op, operand(0, oa, sa[last], var(j), false), operand(1, ob, sb[last], var(j), false)),
                 )],
             )]
         };
@@ -799,11 +551,7 @@ fn broadcast_kernel(
     let body = vec![for_(idx[0], var(START), var(END), 1, body)];
     kernel(
         format!("{name}_{}_{}", shape_name(a), shape_name(b)),
-        vec![
-            buf("a", a.iter().product()),
-            buf("b", b.iter().product()),
-            buf("out", n),
-        ],
+        vec![buf("a", a.iter().product()), buf("b", b.iter().product()), buf("out", n)],
         so[0],
         n,
         body,
@@ -814,59 +562,23 @@ fn broadcast_kernel(
 /// Lowers `op` applied to operands of types `inputs` with result type `out`.
 /// `in_place`: a `ScatterRow` may update its cache operand's buffer (the caller has made
 /// the result share it).
-pub fn lower_op(
-    op: &Op,
-    inputs: &[&TensorType],
-    out: &TensorType,
-    in_place: bool,
-) -> Result<OpKernels, BackendError> {
+pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: bool) -> Result<OpKernels, BackendError> {
     use crate::kir::BinOp;
     let n_out = out.numel();
     let ins = |k: usize| -> Vec<Slot> { (0..k).map(Slot::Input).chain([Slot::Output]).collect() };
-    let one = |k: Kernel, slots: Vec<Slot>| {
-        Ok(OpKernels {
-            launches: vec![(k, slots)],
-            scratch: vec![],
-        })
-    };
+    let one = |k: Kernel, slots: Vec<Slot>| Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![] });
     match op {
         Op::Reshape { .. } => Ok(OpKernels::default()),
         Op::Scale { factor } => {
             let fac = *factor;
             one(
-                map_kernel(
-                    format!("scale_{}", shape_name(&out.shape)),
-                    n_out,
-                    1,
-                    &move |x, v| mul(x, cf(fac, v)),
-                ),
+                map_kernel(format!("scale_{}", shape_name(&out.shape)), n_out, 1, &move |x, v| mul(x, cf(fac, v))),
                 ins(1),
             )
         }
-        Op::Gelu => one(
-            map_kernel(format!("gelu_{}", shape_name(&out.shape)), n_out, 20, &gelu),
-            ins(1),
-        ),
-        Op::Add => one(
-            broadcast_kernel(
-                "add",
-                &inputs[0].shape,
-                &inputs[1].shape,
-                &out.shape,
-                BinOp::Add,
-            ),
-            ins(2),
-        ),
-        Op::Mul => one(
-            broadcast_kernel(
-                "mul",
-                &inputs[0].shape,
-                &inputs[1].shape,
-                &out.shape,
-                BinOp::Mul,
-            ),
-            ins(2),
-        ),
+        Op::Gelu => one(map_kernel(format!("gelu_{}", shape_name(&out.shape)), n_out, 20, &gelu), ins(1)),
+        Op::Add => one(broadcast_kernel("add", &inputs[0].shape, &inputs[1].shape, &out.shape, BinOp::Add), ins(2)),
+        Op::Mul => one(broadcast_kernel("mul", &inputs[0].shape, &inputs[1].shape, &out.shape, BinOp::Mul), ins(2)),
         Op::Linear => {
             let k = inputs[1].shape[1];
             let n = inputs[1].shape[0];
@@ -878,27 +590,12 @@ pub fn lower_op(
         Op::MatMul { transpose_b: true } => {
             let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
             let n = inputs[1].shape[1];
-            one(
-                dot_kernel(
-                    format!("matmul_nt_{b}x{m}x{n}x{k}"),
-                    b,
-                    m,
-                    n,
-                    k,
-                    m * k,
-                    n * k,
-                    false,
-                ),
-                ins(2),
-            )
+            one(dot_kernel(format!("matmul_nt_{b}x{m}x{n}x{k}"), b, m, n, k, m * k, n * k, false), ins(2))
         }
         Op::MatMul { transpose_b: false } => {
             let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
             let n = inputs[1].shape[2];
-            one(
-                axpy_matmul_kernel(format!("matmul_nn_{b}x{m}x{k}x{n}"), b, m, k, n),
-                ins(2),
-            )
+            one(axpy_matmul_kernel(format!("matmul_nn_{b}x{m}x{k}x{n}"), b, m, k, n), ins(2))
         }
         Op::Softmax => {
             let d = *out.shape.last().unwrap();
@@ -911,27 +608,13 @@ pub fn lower_op(
         Op::Transpose { perm } => {
             let st = strides(&inputs[0].shape);
             let s: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
-            let name = format!(
-                "transpose_{}_{}",
-                shape_name(&inputs[0].shape),
-                shape_name(perm)
-            );
-            one(
-                strided_copy_kernel(name, inputs[0].numel(), &out.shape, &s, 0),
-                ins(1),
-            )
+            let name = format!("transpose_{}_{}", shape_name(&inputs[0].shape), shape_name(perm));
+            one(strided_copy_kernel(name, inputs[0].numel(), &out.shape, &s, 0), ins(1))
         }
         Op::Slice { axis, start, .. } => {
             let st = strides(&inputs[0].shape);
-            let name = format!(
-                "slice_{}_{axis}_{start}_{}",
-                shape_name(&inputs[0].shape),
-                shape_name(&out.shape)
-            );
-            one(
-                strided_copy_kernel(name, inputs[0].numel(), &out.shape, &st, start * st[*axis]),
-                ins(1),
-            )
+            let name = format!("slice_{}_{axis}_{start}_{}", shape_name(&inputs[0].shape), shape_name(&out.shape));
+            one(strided_copy_kernel(name, inputs[0].numel(), &out.shape, &st, start * st[*axis]), ins(1))
         }
         Op::Gather => {
             let (v, d) = (inputs[0].shape[0], inputs[0].shape[1]);
@@ -939,11 +622,7 @@ pub fn lower_op(
             let mut vars = Vars::new();
             let (r, id, src, dst) = (vars.next(), vars.next(), vars.next(), vars.next());
             let copy = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
-                let x = if vv {
-                    load4(0, add(var(src), j.clone()))
-                } else {
-                    load(0, add(var(src), j.clone()))
-                };
+                let x = if vv { load4(0, add(var(src), j.clone())) } else { load(0, add(var(src), j.clone())) };
                 vec![store(2, add(var(dst), j), x)]
             });
             let body = vec![for_(
@@ -981,28 +660,13 @@ pub fn lower_op(
             let pos_e = min(max(load_i(1, int(0)), int(0)), int(s as i64 - 1));
             if in_place {
                 let row = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
-                    let x = if vv {
-                        load4(2, j.clone())
-                    } else {
-                        load(2, j.clone())
-                    };
+                    let x = if vv { load4(2, j.clone()) } else { load(2, j.clone()) };
                     vec![store(3, add(mul(var(pos), int(d as i64)), j), x)]
                 });
-                let body = vec![for_(
-                    r,
-                    var(START),
-                    var(END),
-                    1,
-                    [vec![let_(pos, pos_e)], row].concat(),
-                )];
+                let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], row].concat())];
                 let k = kernel(
                     format!("scatter_row_in_place_{s}x{d}"),
-                    vec![
-                        buf("cache", s * d),
-                        ibuf("index", 1),
-                        buf("row", d),
-                        buf("out", s * d),
-                    ],
+                    vec![buf("cache", s * d), ibuf("index", 1), buf("row", d), buf("out", s * d)],
                     1,
                     0,
                     body,
@@ -1012,37 +676,16 @@ pub fn lower_op(
             }
             let copy = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
                 let (new, old) = if vv {
-                    (
-                        load4(2, j.clone()),
-                        load4(0, add(mul(var(r), int(d as i64)), j.clone())),
-                    )
+                    (load4(2, j.clone()), load4(0, add(mul(var(r), int(d as i64)), j.clone())))
                 } else {
-                    (
-                        load(2, j.clone()),
-                        load(0, add(mul(var(r), int(d as i64)), j.clone())),
-                    )
+                    (load(2, j.clone()), load(0, add(mul(var(r), int(d as i64)), j.clone())))
                 };
-                vec![store(
-                    3,
-                    add(mul(var(r), int(d as i64)), j),
-                    select(CmpOp::Eq, var(r), var(pos), new, old),
-                )]
+                vec![store(3, add(mul(var(r), int(d as i64)), j), select(CmpOp::Eq, var(r), var(pos), new, old))]
             });
-            let body = vec![for_(
-                r,
-                var(START),
-                var(END),
-                1,
-                [vec![let_(pos, pos_e)], copy].concat(),
-            )];
+            let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], copy].concat())];
             let k = kernel(
                 format!("scatter_row_{s}x{d}"),
-                vec![
-                    buf("cache", s * d),
-                    ibuf("index", 1),
-                    buf("row", d),
-                    buf("out", s * d),
-                ],
+                vec![buf("cache", s * d), ibuf("index", 1), buf("row", d), buf("out", s * d)],
                 s,
                 0,
                 body,
@@ -1065,23 +708,12 @@ pub fn lower_op(
                         int(0),
                         int(*len as i64),
                         1,
-                        vec![store(
-                            1,
-                            var(j),
-                            select(CmpOp::Le, var(j), var(pos), f(0.0), f(f32::NEG_INFINITY)),
-                        )],
+                        vec![store(1, var(j), select(CmpOp::Le, var(j), var(pos), f(0.0), f(f32::NEG_INFINITY)))],
                     ),
                 ],
             )];
             one(
-                kernel(
-                    format!("causal_mask_{len}"),
-                    vec![ibuf("position", 1), buf("out", *len)],
-                    1,
-                    0,
-                    body,
-                    vars,
-                ),
+                kernel(format!("causal_mask_{len}"), vec![ibuf("position", 1), buf("out", *len)], 1, 0, body, vars),
                 ins(1),
             )
         }
@@ -1099,13 +731,7 @@ pub fn lower_op(
                 var(src),
                 int(0),
                 f(0.0),
-                select(
-                    CmpOp::Lt,
-                    var(src),
-                    int(t as i64),
-                    load(0, add(mul(var(ci), int(t as i64)), clamped)),
-                    f(0.0),
-                ),
+                select(CmpOp::Lt, var(src), int(t as i64), load(0, add(mul(var(ci), int(t as i64)), clamped)), f(0.0)),
             );
             let body = vec![for_(
                 to,
@@ -1123,19 +749,10 @@ pub fn lower_op(
                         int(kw as i64),
                         1,
                         vec![
-                            let_(
-                                src,
-                                sub(
-                                    add(mul(var(to), int(*stride as i64)), var(kk)),
-                                    int(*padding as i64),
-                                ),
-                            ),
+                            let_(src, sub(add(mul(var(to), int(*stride as i64)), var(kk)), int(*padding as i64))),
                             store(
                                 1,
-                                add(
-                                    mul(var(to), int(ck as i64)),
-                                    add(mul(var(ci), int(kw as i64)), var(kk)),
-                                ),
+                                add(mul(var(to), int(ck as i64)), add(mul(var(ci), int(kw as i64)), var(kk))),
                                 val.clone(),
                             ),
                         ],
@@ -1150,35 +767,13 @@ pub fn lower_op(
                 body,
                 vars,
             );
-            let mm = dot_kernel(
-                format!("linear_{tout}x{cout}x{ck}_bias"),
-                1,
-                tout,
-                cout,
-                ck,
-                0,
-                0,
-                true,
-            );
-            let tr = strided_copy_kernel(
-                format!("transpose_{tout}x{cout}_1x0"),
-                tout * cout,
-                &[cout, tout],
-                &[1, cout],
-                0,
-            );
+            let mm = dot_kernel(format!("linear_{tout}x{cout}x{ck}_bias"), 1, tout, cout, ck, 0, 0, true);
+            let tr =
+                strided_copy_kernel(format!("transpose_{tout}x{cout}_1x0"), tout * cout, &[cout, tout], &[1, cout], 0);
             Ok(OpKernels {
                 launches: vec![
                     (im2col, vec![Slot::Input(0), Slot::Scratch(0)]),
-                    (
-                        mm,
-                        vec![
-                            Slot::Scratch(0),
-                            Slot::Input(1),
-                            Slot::Input(2),
-                            Slot::Scratch(1),
-                        ],
-                    ),
+                    (mm, vec![Slot::Scratch(0), Slot::Input(1), Slot::Input(2), Slot::Scratch(1)]),
                     (tr, vec![Slot::Scratch(1), Slot::Output]),
                 ],
                 scratch: vec![tout * ck, tout * cout],

@@ -99,12 +99,8 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         // Weights and weight-only subgraphs.
         for (k, v) in g.values.iter().enumerate() {
             if let ValueDef::Weight(w) = &v.def {
-                let decl = module
-                    .weight(w)
-                    .ok_or_else(|| BackendError(format!("@{w} is not declared")))?;
-                let data = loader
-                    .load_f32(decl)
-                    .map_err(|e| BackendError(format!("@{w}: {e}")))?;
+                let decl = module.weight(w).ok_or_else(|| BackendError(format!("@{w} is not declared")))?;
+                let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
                 let at = match weight_at.get(w) {
                     Some(&at) => at,
                     None => {
@@ -118,19 +114,13 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
             }
         }
         for node in &g.nodes {
-            if !node.inputs.iter().all(|i| consts.contains_key(&i.index()))
-                || is_output(node.output)
-            {
+            if !node.inputs.iter().all(|i| consts.contains_key(&i.index())) || is_output(node.output) {
                 continue;
             }
             let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
-            let t = interp::eval(&node.op, &args).map_err(|e| {
-                BackendError(format!("folding %{}: {e}", g.value(node.output).name))
-            })?;
-            let data = t
-                .as_f32()
-                .map_err(|e| BackendError(e.to_string()))?
-                .to_vec();
+            let t = interp::eval(&node.op, &args)
+                .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
+            let data = t.as_f32().map_err(|e| BackendError(e.to_string()))?.to_vec();
             place[node.output.index()] = Some(Place::Weight(push_weight(&mut weights, &data)));
             consts.insert(node.output.index(), t);
         }
@@ -143,11 +133,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
             })
         };
         for &i in &g.inputs {
-            place[i.index()] = Some(Place::Persistent(persist(
-                &g.value(i).name,
-                bytes_of(g, i),
-                &mut persistent,
-            )));
+            place[i.index()] = Some(Place::Persistent(persist(&g.value(i).name, bytes_of(g, i), &mut persistent)));
         }
         // Aliases: reshape results and in-place cache updates share their operand's place.
         let mut alias_of: Vec<Option<ValueId>> = vec![None; g.values.len()];
@@ -176,11 +162,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
             let r = root(o);
             if place[r.index()].is_none() {
                 let name = &g.value(o).name;
-                place[r.index()] = Some(Place::Persistent(persist(
-                    name,
-                    bytes_of(g, r),
-                    &mut persistent,
-                )));
+                place[r.index()] = Some(Place::Persistent(persist(name, bytes_of(g, r), &mut persistent)));
             }
         }
         // Temporaries: live ranges over node indices, per alias root.
@@ -190,12 +172,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
             let r = root(node.output);
             if place[r.index()].is_none() && !temp_of.contains_key(&r.index()) {
                 temp_of.insert(r.index(), temps.len());
-                temps.push(Temp {
-                    bytes: bytes_of(g, r),
-                    first: n,
-                    last: n,
-                    offset: 0,
-                });
+                temps.push(Temp { bytes: bytes_of(g, r), first: n, last: n, offset: 0 });
             }
             for &i in &node.inputs {
                 if let Some(&t) = temp_of.get(&root(i).index()) {
@@ -225,12 +202,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
                 .scratch
                 .iter()
                 .map(|&elems| {
-                    temps.push(Temp {
-                        bytes: 4 * elems,
-                        first: n,
-                        last: n,
-                        offset: 0,
-                    });
+                    temps.push(Temp { bytes: 4 * elems, first: n, last: n, offset: 0 });
                     temps.len() - 1
                 })
                 .collect();
@@ -244,14 +216,10 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
                 let places: Vec<(Place, usize)> = slots
                     .iter()
                     .map(|s| match s {
-                        Slot::Input(i) => (
-                            place[node.inputs[*i].index()].expect("placed"),
-                            bytes_of(g, node.inputs[*i]),
-                        ),
-                        Slot::Output => (
-                            place[node.output.index()].expect("placed"),
-                            bytes_of(g, node.output),
-                        ),
+                        Slot::Input(i) => {
+                            (place[node.inputs[*i].index()].expect("placed"), bytes_of(g, node.inputs[*i]))
+                        }
+                        Slot::Output => (place[node.output.index()].expect("placed"), bytes_of(g, node.output)),
                         Slot::Scratch(j) => (Place::Temp(scratch[*j]), temps[scratch[*j]].bytes),
                     })
                     .collect();
@@ -289,30 +257,13 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
     let mut temporaries = Vec::new();
     for (g, place, temps, launches_by_node) in plans {
         temporaries.push(
-            temps
-                .iter()
-                .map(|t| Placed {
-                    first: t.first,
-                    last: t.last,
-                    offset: t.offset,
-                    bytes: t.bytes,
-                })
-                .collect(),
+            temps.iter().map(|t| Placed { first: t.first, last: t.last, offset: t.offset, bytes: t.bytes }).collect(),
         );
         let to_ref = |p: Place, len: usize| -> BufRef {
             match p {
-                Place::Weight(at) => BufRef::Weight {
-                    offset: at as u64,
-                    len: len as u64,
-                },
-                Place::Persistent(at) => BufRef::Arena {
-                    offset: at as u64,
-                    len: len as u64,
-                },
-                Place::Temp(t) => BufRef::Arena {
-                    offset: (persistent + temps[t].offset) as u64,
-                    len: len as u64,
-                },
+                Place::Weight(at) => BufRef::Weight { offset: at as u64, len: len as u64 },
+                Place::Persistent(at) => BufRef::Arena { offset: at as u64, len: len as u64 },
+                Place::Temp(t) => BufRef::Arena { offset: (persistent + temps[t].offset) as u64, len: len as u64 },
             }
         };
         let io = |v: ValueId| -> Result<IoSlot, BackendError> {
@@ -321,17 +272,10 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
                 Some(Place::Persistent(at)) => Ok(IoSlot {
                     name: value.name.clone(),
                     offset: at as u64,
-                    dtype: if value.ty.dtype == DType::I32 {
-                        "i32".into()
-                    } else {
-                        "f32".into()
-                    },
+                    dtype: if value.ty.dtype == DType::I32 { "i32".into() } else { "f32".into() },
                     shape: value.ty.shape.clone(),
                 }),
-                _ => Err(BackendError(format!(
-                    "graph `{}`: %{} is not in the arena",
-                    g.name, value.name
-                ))),
+                _ => Err(BackendError(format!("graph `{}`: %{} is not in the arena", g.name, value.name))),
             }
         };
         let launches = launches_by_node

@@ -21,26 +21,18 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 /// Max |a-b| / max(1, max|b|).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    let scale = b
-        .iter()
-        .fold(1f32, |m, v| if v.is_finite() { m.max(v.abs()) } else { m });
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() })
-        .fold(0f32, f32::max)
-        / scale
+    let scale = b.iter().fold(1f32, |m, v| if v.is_finite() { m.max(v.abs()) } else { m });
+    a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max) / scale
 }
 
 fn model_dir(name: &str) -> std::path::PathBuf {
-    wcc_frontend::resolve_model(name)
-        .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
+    wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
 }
 
 #[test]
 fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
     // One representative node per (op, operand shapes): the same kernel serves the others.
-    let mut cases: BTreeMap<String, (Op, Vec<wcc_ir::TensorType>, wcc_ir::TensorType)> =
-        BTreeMap::new();
+    let mut cases: BTreeMap<String, (Op, Vec<wcc_ir::TensorType>, wcc_ir::TensorType)> = BTreeMap::new();
     for name in ["tiny.en", "base"] {
         let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
         let m = wcc_passes::run(loaded.module, &["hoist-cross-kv"]).unwrap();
@@ -53,9 +45,7 @@ fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
                     n.op.attrs(),
                     tys.iter().map(|t| t.shape.clone()).collect::<Vec<_>>()
                 );
-                cases
-                    .entry(key)
-                    .or_insert((n.op.clone(), tys, g.ty(n.output).clone()));
+                cases.entry(key).or_insert((n.op.clone(), tys, g.ty(n.output).clone()));
             }
         }
     }
@@ -69,47 +59,26 @@ fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
                     // ids: a token or a position inside every table/cache used with them.
                     Tensor::i32(t.shape.clone(), vec![5; t.numel()])
                 }
-                _ => Tensor::f32(
-                    t.shape.clone(),
-                    noise(t.numel(), k as u64 + 1)
-                        .iter()
-                        .map(|v| v * 2.0)
-                        .collect(),
-                ),
+                _ => Tensor::f32(t.shape.clone(), noise(t.numel(), k as u64 + 1).iter().map(|v| v * 2.0).collect()),
             })
             .collect();
         let refs: Vec<&Tensor> = inputs.iter().collect();
         let want = eval(op, &refs).unwrap();
-        let variants: &[bool] = if matches!(op, Op::ScatterRow) {
-            &[false, true]
-        } else {
-            &[false]
-        };
+        let variants: &[bool] = if matches!(op, Op::ScatterRow) { &[false, true] } else { &[false] };
         for &in_place in variants {
             let got = wcc_backend::jit::run_op(op, &refs, out, in_place).unwrap();
             assert_eq!(got.shape, want.shape, "{key}");
-            let (Data::F32(g), Data::F32(w)) = (&got.data, &want.data) else {
-                panic!("{key}: not f32")
-            };
+            let (Data::F32(g), Data::F32(w)) = (&got.data, &want.data) else { panic!("{key}: not f32") };
             let e = rel_err(g, w);
-            eprintln!(
-                "{key}{}: max rel err {e:.2e}",
-                if in_place { " (in place)" } else { "" }
-            );
+            eprintln!("{key}{}: max rel err {e:.2e}", if in_place { " (in place)" } else { "" });
             worst = worst.max(e);
             assert!(e < 2e-5, "{key}: relative error {e}");
             for (x, y) in g.iter().zip(w) {
-                assert!(
-                    x.is_finite() == y.is_finite() && (x.is_finite() || x == y),
-                    "{key}: {x} vs {y}"
-                );
+                assert!(x.is_finite() == y.is_finite() && (x.is_finite() || x == y), "{key}: {x} vs {y}");
             }
         }
     }
-    eprintln!(
-        "{} kernels checked, worst relative error {worst:.2e}",
-        cases.len()
-    );
+    eprintln!("{} kernels checked, worst relative error {worst:.2e}", cases.len());
 }
 
 #[test]
@@ -122,14 +91,9 @@ fn every_kernel_compiles_for_every_target_level() {
         let isa = wcc_backend::cranelift::isa(&target).unwrap();
         let mut bytes = 0;
         for k in &program.kernels {
-            bytes += wcc_backend::cranelift::compile(k, &*isa)
-                .unwrap_or_else(|e| panic!("{level}: {e}"))
-                .len();
+            bytes += wcc_backend::cranelift::compile(k, &*isa).unwrap_or_else(|e| panic!("{level}: {e}")).len();
         }
-        eprintln!(
-            "{level}: {} kernels, {bytes} bytes of code",
-            program.kernels.len()
-        );
+        eprintln!("{level}: {} kernels, {bytes} bytes of code", program.kernels.len());
         assert!(bytes > 0);
     }
 }

@@ -5,8 +5,7 @@
 use wcc_runtime::wbin::BufRef;
 
 fn model_dir(name: &str) -> std::path::PathBuf {
-    wcc_frontend::resolve_model(name)
-        .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
+    wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
 }
 
 #[test]
@@ -24,10 +23,7 @@ fn live_temporaries_never_overlap_and_sharing_pays() {
                 for b in &temps[i + 1..] {
                     let live_together = a.first <= b.last && b.first <= a.last;
                     let overlap = a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes;
-                    assert!(
-                        !(live_together && overlap),
-                        "{name}: {a:?} and {b:?} share memory while both live"
-                    );
+                    assert!(!(live_together && overlap), "{name}: {a:?} and {b:?} share memory while both live");
                 }
             }
         }
@@ -40,10 +36,7 @@ fn live_temporaries_never_overlap_and_sharing_pays() {
             unshared as f64 / 1e6,
             unshared as f64 / temp_region as f64
         );
-        assert!(
-            (temp_region as usize) < unshared,
-            "{name}: sharing saved nothing"
-        );
+        assert!((temp_region as usize) < unshared, "{name}: sharing saved nothing");
         for g in &p.graphs {
             for l in &g.launches {
                 for b in &l.buffers {

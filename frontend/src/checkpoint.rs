@@ -79,10 +79,7 @@ impl Checkpoint {
         } else if dir.join("model.safetensors").is_file() {
             crate::hf::open(dir)
         } else if !dir.is_dir() {
-            Err(FrontendError::NotFound(format!(
-                "{}: no such model directory",
-                dir.display()
-            )))
+            Err(FrontendError::NotFound(format!("{}: no such model directory", dir.display())))
         } else {
             Err(FrontendError::Checkpoint {
                 path: dir.display().to_string(),
@@ -100,28 +97,15 @@ impl Checkpoint {
         dims: WhisperDims,
         generation: GenerationSettings,
     ) -> Checkpoint {
-        Checkpoint {
-            format,
-            dir: dir.to_path_buf(),
-            file,
-            mmap,
-            tensors,
-            dims,
-            generation,
-        }
+        Checkpoint { format, dir: dir.to_path_buf(), file, mmap, tensors, dims, generation }
     }
 
     pub fn error(&self, msg: impl Into<String>) -> FrontendError {
-        FrontendError::Checkpoint {
-            path: self.dir.display().to_string(),
-            msg: msg.into(),
-        }
+        FrontendError::Checkpoint { path: self.dir.display().to_string(), msg: msg.into() }
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo, FrontendError> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| self.error(format!("tensor `{name}` is missing")))
+        self.tensors.get(name).ok_or_else(|| self.error(format!("tensor `{name}` is missing")))
     }
 
     /// The raw bytes of a tensor, or of rows `[a, b)` of it (axis 0).
@@ -130,15 +114,9 @@ impl Checkpoint {
         let (start, len) = match rows {
             None => (t.offset, t.nbytes),
             Some((a, b)) => {
-                let n0 = *t
-                    .shape
-                    .first()
-                    .ok_or_else(|| self.error(format!("`{name}` is a scalar, it has no rows")))?;
+                let n0 = *t.shape.first().ok_or_else(|| self.error(format!("`{name}` is a scalar, it has no rows")))?;
                 if a >= b || b > n0 {
-                    return Err(self.error(format!(
-                        "rows [{a}:{b}] are out of range for `{name}` {:?}",
-                        t.shape
-                    )));
+                    return Err(self.error(format!("rows [{a}:{b}] are out of range for `{name}` {:?}", t.shape)));
                 }
                 let row = t.nbytes / n0;
                 (t.offset + a * row, (b - a) * row)
@@ -148,29 +126,14 @@ impl Checkpoint {
     }
 
     /// The tensor (or rows of it) widened to f32.
-    pub fn read_f32(
-        &self,
-        name: &str,
-        rows: Option<(usize, usize)>,
-    ) -> Result<Vec<f32>, FrontendError> {
+    pub fn read_f32(&self, name: &str, rows: Option<(usize, usize)>) -> Result<Vec<f32>, FrontendError> {
         let dtype = self.tensor(name)?.dtype;
         let b = self.bytes(name, rows)?;
         Ok(match dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(self.error(format!("`{name}` holds {other}, expected a float tensor")))
-            }
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => return Err(self.error(format!("`{name}` holds {other}, expected a float tensor"))),
         })
     }
 
@@ -210,12 +173,6 @@ pub(crate) fn read_int_scalar(ck: &Checkpoint, name: &str) -> Result<i64, Fronte
 }
 
 /// Counts `prefix{i}suffix` tensors for i = 0, 1, ... (the number of layers).
-pub(crate) fn count_layers(
-    tensors: &HashMap<String, TensorInfo>,
-    prefix: &str,
-    suffix: &str,
-) -> usize {
-    (0..)
-        .take_while(|i| tensors.contains_key(&format!("{prefix}{i}{suffix}")))
-        .count()
+pub(crate) fn count_layers(tensors: &HashMap<String, TensorInfo>, prefix: &str, suffix: &str) -> usize {
+    (0..).take_while(|i| tensors.contains_key(&format!("{prefix}{i}{suffix}"))).count()
 }

@@ -14,8 +14,7 @@ use memmap2::Mmap;
 use wcc_ir::{DType, WeightSource};
 
 use crate::checkpoint::{
-    count_layers, read_int_scalar, Checkpoint, Format, FrontendError, GenerationSettings,
-    TensorInfo, WhisperDims,
+    count_layers, read_int_scalar, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo, WhisperDims,
 };
 
 const SUPPORTED_VERSION: u32 = 6;
@@ -79,9 +78,7 @@ fn parse_model_bin(b: &[u8]) -> Result<HashMap<String, TensorInfo>, String> {
     }
     let spec = r.string("the spec name")?;
     if spec != "WhisperSpec" {
-        return Err(format!(
-            "model.bin holds a `{spec}` model, not Whisper (`WhisperSpec`)"
-        ));
+        return Err(format!("model.bin holds a `{spec}` model, not Whisper (`WhisperSpec`)"));
     }
     let _revision = r.u32("the spec revision")?;
     let n = r.u32("the variable count")?;
@@ -89,47 +86,29 @@ fn parse_model_bin(b: &[u8]) -> Result<HashMap<String, TensorInfo>, String> {
     for i in 0..n {
         let name = r.string(&format!("variable {i}'s name"))?;
         let rank = r.u8(&name)? as usize;
-        let shape = (0..rank)
-            .map(|_| r.u32(&name).map(|d| d as usize))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shape = (0..rank).map(|_| r.u32(&name).map(|d| d as usize)).collect::<Result<Vec<_>, _>>()?;
         let id = r.u8(&name)?;
         let dt = dtype(id).ok_or_else(|| format!("variable `{name}` has unknown dtype id {id}"))?;
         let nbytes = r.u32(&name)? as usize;
         if nbytes != shape.iter().product::<usize>() * dt.size_bytes() {
-            return Err(format!(
-                "variable `{name}`: {nbytes} bytes do not match {dt}{shape:?}"
-            ));
+            return Err(format!("variable `{name}`: {nbytes} bytes do not match {dt}{shape:?}"));
         }
         let offset = r.pos;
         r.take(nbytes, &format!("the data of `{name}`"))?;
-        tensors.insert(
-            name,
-            TensorInfo {
-                dtype: dt,
-                shape,
-                offset,
-                nbytes,
-            },
-        );
+        tensors.insert(name, TensorInfo { dtype: dt, shape, offset, nbytes });
     }
     let n_alias = r.u32("the alias count")?;
     for _ in 0..n_alias {
         let alias = r.string("an alias")?;
         let target = r.string("an alias target")?;
-        let t = tensors
-            .get(&target)
-            .cloned()
-            .ok_or_else(|| format!("alias `{alias}` names a missing `{target}`"))?;
+        let t = tensors.get(&target).cloned().ok_or_else(|| format!("alias `{alias}` names a missing `{target}`"))?;
         tensors.insert(alias, t);
     }
     Ok(tensors)
 }
 
 pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
-    let err = |msg: String| FrontendError::Checkpoint {
-        path: dir.display().to_string(),
-        msg,
-    };
+    let err = |msg: String| FrontendError::Checkpoint { path: dir.display().to_string(), msg };
     let file = dir.join("model.bin");
     let f = File::open(&file).map_err(|e| err(format!("cannot open model.bin: {e}")))?;
     // SAFETY: the map is read-only and the checkpoint is not modified while wcc runs; a
@@ -145,12 +124,7 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
     let ids = |key: &str| -> Vec<u32> {
         config[key]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64())
-                    .map(|v| v as u32)
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect())
             .unwrap_or_default()
     };
     let generation = GenerationSettings {
@@ -159,11 +133,7 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
         lang_ids: ids("lang_ids"),
         alignment_heads: config["alignment_heads"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| Some((p[0].as_u64()? as usize, p[1].as_u64()? as usize)))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|p| Some((p[0].as_u64()? as usize, p[1].as_u64()? as usize))).collect())
             .unwrap_or_default(),
     };
 
@@ -181,22 +151,12 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
         n_text_layer: 0,
         n_text_ffn: 0,
     };
-    let mut ck = Checkpoint::new(
-        Format::Ct2,
-        dir,
-        file,
-        mmap,
-        tensors,
-        placeholder,
-        generation,
-    );
+    let mut ck = Checkpoint::new(Format::Ct2, dir, file, mmap, tensors, placeholder, generation);
     ck.dims = dims(&ck)?;
     if let Ok(act) = read_int_scalar(&ck, "decoder/activation") {
         // CTranslate2's ActivationType: 3 is GELU with erf, the one Whisper uses.
         if act != 3 {
-            return Err(ck.error(format!(
-                "unsupported activation type {act} (Whisper uses GELU, type 3)"
-            )));
+            return Err(ck.error(format!("unsupported activation type {act} (Whisper uses GELU, type 3)")));
         }
     }
     Ok(ck)
@@ -206,10 +166,7 @@ fn dims(ck: &Checkpoint) -> Result<WhisperDims, FrontendError> {
     let shape = |name: &str, rank: usize| -> Result<Vec<usize>, FrontendError> {
         let t = ck.tensor(name)?;
         if t.shape.len() != rank {
-            return Err(ck.error(format!(
-                "`{name}` has shape {:?}, expected rank {rank}",
-                t.shape
-            )));
+            return Err(ck.error(format!("`{name}` has shape {:?}, expected rank {rank}", t.shape)));
         }
         Ok(t.shape.clone())
     };
@@ -256,36 +213,18 @@ pub(crate) fn source(logical: &str, d: usize) -> Option<WeightSource> {
         "bias" => Some("beta"),
         _ => None,
     };
-    let whole = |t: String| {
-        Some(WeightSource {
-            tensor: t,
-            rows: None,
-        })
-    };
-    let part = |t: String, k: usize| {
-        Some(WeightSource {
-            tensor: t,
-            rows: Some((k * d, (k + 1) * d)),
-        })
-    };
+    let whole = |t: String| Some(WeightSource { tensor: t, rows: None });
+    let part = |t: String, k: usize| Some(WeightSource { tensor: t, rows: Some((k * d, (k + 1) * d)) });
     match parts[1..] {
-        [conv @ ("conv1" | "conv2"), p] if side == "encoder" => {
-            whole(format!("encoder/{conv}/{p}"))
-        }
+        [conv @ ("conv1" | "conv2"), p] if side == "encoder" => whole(format!("encoder/{conv}/{p}")),
         ["embed_positions", "weight"] => whole(format!("{side}/position_encodings/encodings")),
-        ["embed_tokens", "weight"] if side == "decoder" => {
-            whole("decoder/embeddings/weight".into())
-        }
+        ["embed_tokens", "weight"] if side == "decoder" => whole("decoder/embeddings/weight".into()),
         ["layer_norm", p] => whole(format!("{side}/layer_norm/{}", norm(p)?)),
         ["layers", i, module, ref rest @ ..] => {
             let l = format!("{side}/layer_{i}");
             match (module, rest) {
-                ("self_attn_layer_norm", [p]) => {
-                    whole(format!("{l}/self_attention/layer_norm/{}", norm(p)?))
-                }
-                ("encoder_attn_layer_norm", [p]) => {
-                    whole(format!("{l}/attention/layer_norm/{}", norm(p)?))
-                }
+                ("self_attn_layer_norm", [p]) => whole(format!("{l}/self_attention/layer_norm/{}", norm(p)?)),
+                ("encoder_attn_layer_norm", [p]) => whole(format!("{l}/attention/layer_norm/{}", norm(p)?)),
                 ("final_layer_norm", [p]) => whole(format!("{l}/ffn/layer_norm/{}", norm(p)?)),
                 ("fc1", [p]) => whole(format!("{l}/ffn/linear_0/{p}")),
                 ("fc2", [p]) => whole(format!("{l}/ffn/linear_1/{p}")),

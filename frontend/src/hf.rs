@@ -9,15 +9,10 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use wcc_ir::{DType, WeightSource};
 
-use crate::checkpoint::{
-    count_layers, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo, WhisperDims,
-};
+use crate::checkpoint::{count_layers, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo, WhisperDims};
 
 pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
-    let err = |msg: String| FrontendError::Checkpoint {
-        path: dir.display().to_string(),
-        msg,
-    };
+    let err = |msg: String| FrontendError::Checkpoint { path: dir.display().to_string(), msg };
     let read_json = |name: &str, required: bool| -> Result<serde_json::Value, FrontendError> {
         match std::fs::read(dir.join(name)) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| err(format!("{name}: {e}"))),
@@ -31,10 +26,8 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
     let file = dir.join("model.safetensors");
     let f = File::open(&file).map_err(|e| err(format!("cannot open model.safetensors: {e}")))?;
     // SAFETY: read-only map of a file wcc does not modify (see ct2::open).
-    let mmap =
-        unsafe { Mmap::map(&f) }.map_err(|e| err(format!("cannot map model.safetensors: {e}")))?;
-    let (header_len, meta) =
-        SafeTensors::read_metadata(&mmap).map_err(|e| err(format!("model.safetensors: {e}")))?;
+    let mmap = unsafe { Mmap::map(&f) }.map_err(|e| err(format!("cannot map model.safetensors: {e}")))?;
+    let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| err(format!("model.safetensors: {e}")))?;
     let base = 8 + header_len;
     let mut tensors = HashMap::new();
     for (name, info) in meta.tensors() {
@@ -45,42 +38,22 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
             Dtype::I8 => DType::I8,
             Dtype::I16 => DType::I16,
             Dtype::I32 => DType::I32,
-            other => {
-                return Err(err(format!(
-                    "tensor `{name}` has unsupported dtype {other:?}"
-                )))
-            }
+            other => return Err(err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
         };
         let (a, b) = info.data_offsets;
         if base + b > mmap.len() {
-            return Err(err(format!(
-                "model.safetensors is truncated (tensor `{name}` ends past the file)"
-            )));
+            return Err(err(format!("model.safetensors is truncated (tensor `{name}` ends past the file)")));
         }
         // Drop the `model.` prefix so names are the logical ones the lowering uses.
         let logical = name.strip_prefix("model.").unwrap_or(&name).to_string();
-        tensors.insert(
-            logical,
-            TensorInfo {
-                dtype,
-                shape: info.shape.clone(),
-                offset: base + a,
-                nbytes: b - a,
-            },
-        );
+        tensors.insert(logical, TensorInfo { dtype, shape: info.shape.clone(), offset: base + a, nbytes: b - a });
     }
 
     let int = |key: &str| -> Result<usize, FrontendError> {
-        config[key]
-            .as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| err(format!("config.json has no integer `{key}`")))
+        config[key].as_u64().map(|v| v as usize).ok_or_else(|| err(format!("config.json has no integer `{key}`")))
     };
     let shape = |name: &str| -> Result<Vec<usize>, FrontendError> {
-        tensors
-            .get(name)
-            .map(|t| t.shape.clone())
-            .ok_or_else(|| err(format!("tensor `model.{name}` is missing")))
+        tensors.get(name).map(|t| t.shape.clone()).ok_or_else(|| err(format!("tensor `model.{name}` is missing")))
     };
     let conv1 = shape("encoder.conv1.weight")?;
     let emb = shape("decoder.embed_tokens.weight")?;
@@ -98,46 +71,25 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
         n_text_layer: int("decoder_layers")?,
         n_text_ffn: int("decoder_ffn_dim")?,
     };
-    if conv1.len() != 3
-        || conv1[1] != dims.n_mels
-        || conv1[0] != dims.n_audio_state
-        || emb[0] != dims.n_vocab
-    {
+    if conv1.len() != 3 || conv1[1] != dims.n_mels || conv1[0] != dims.n_audio_state || emb[0] != dims.n_vocab {
         return Err(err(format!(
             "config.json (num_mel_bins {}, d_model {}, vocab_size {}) disagrees with the weights (conv1 {:?}, embed_tokens {:?})",
             dims.n_mels, dims.n_audio_state, dims.n_vocab, conv1, emb
         )));
     }
-    for (side, n) in [
-        ("encoder", dims.n_audio_layer),
-        ("decoder", dims.n_text_layer),
-    ] {
+    for (side, n) in [("encoder", dims.n_audio_layer), ("decoder", dims.n_text_layer)] {
         let found = count_layers(&tensors, &format!("{side}.layers."), ".fc1.weight");
         if found < n {
-            return Err(err(format!(
-                "config.json says {n} {side} layers, the weights have {found}"
-            )));
+            return Err(err(format!("config.json says {n} {side} layers, the weights have {found}")));
         }
     }
 
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect()
-            })
-            .unwrap_or_default()
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()).unwrap_or_default()
     };
     let mut lang_ids: Vec<u32> = gen["lang_to_id"]
         .as_object()
-        .map(|m| {
-            m.values()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect()
-        })
+        .map(|m| m.values().filter_map(|v| v.as_u64()).map(|v| v as u32).collect())
         .unwrap_or_default();
     lang_ids.sort_unstable();
     let generation = GenerationSettings {
@@ -146,28 +98,13 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
         lang_ids,
         alignment_heads: gen["alignment_heads"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| Some((p[0].as_u64()? as usize, p[1].as_u64()? as usize)))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|p| Some((p[0].as_u64()? as usize, p[1].as_u64()? as usize))).collect())
             .unwrap_or_default(),
     };
-    Ok(Checkpoint::new(
-        Format::HuggingFace,
-        dir,
-        file,
-        mmap,
-        tensors,
-        dims,
-        generation,
-    ))
+    Ok(Checkpoint::new(Format::HuggingFace, dir, file, mmap, tensors, dims, generation))
 }
 
 /// HF tensors are stored under their logical names (the `model.` prefix is dropped on load).
 pub(crate) fn source(logical: &str) -> Option<WeightSource> {
-    Some(WeightSource {
-        tensor: logical.to_string(),
-        rows: None,
-    })
+    Some(WeightSource { tensor: logical.to_string(), rows: None })
 }

@@ -79,10 +79,7 @@ pub fn tensor_list(dims: &WhisperDims) -> Vec<(String, Vec<usize>)> {
         ("encoder.conv1.bias".into(), vec![d]),
         ("encoder.conv2.weight".into(), vec![d, d, 3]),
         ("encoder.conv2.bias".into(), vec![d]),
-        (
-            "encoder.embed_positions.weight".into(),
-            vec![dims.n_audio_ctx, d],
-        ),
+        ("encoder.embed_positions.weight".into(), vec![dims.n_audio_ctx, d]),
     ];
     let attn = |t: &mut Vec<(String, Vec<usize>)>, p: String| {
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
@@ -111,10 +108,7 @@ pub fn tensor_list(dims: &WhisperDims) -> Vec<(String, Vec<usize>)> {
     }
     norm(&mut t, "encoder.layer_norm".into());
     t.push(("decoder.embed_tokens.weight".into(), vec![dims.n_vocab, d]));
-    t.push((
-        "decoder.embed_positions.weight".into(),
-        vec![dims.n_text_ctx, d],
-    ));
+    t.push(("decoder.embed_positions.weight".into(), vec![dims.n_text_ctx, d]));
     for i in 0..dims.n_text_layer {
         let p = format!("decoder.layers.{i}");
         norm(&mut t, format!("{p}.self_attn_layer_norm"));
@@ -184,26 +178,19 @@ impl View for Lazy<'_> {
 }
 
 fn io_err(dir: &Path, e: impl std::fmt::Display) -> FrontendError {
-    FrontendError::Checkpoint {
-        path: dir.display().to_string(),
-        msg: e.to_string(),
-    }
+    FrontendError::Checkpoint { path: dir.display().to_string(), msg: e.to_string() }
 }
 
 /// Refuses to write into a directory that already holds a checkpoint.
 fn prepare_dir(dir: &Path) -> Result<(), FrontendError> {
     if dir.join("model.safetensors").exists() || dir.join("model.bin").exists() {
-        return Err(io_err(
-            dir,
-            "already holds a checkpoint; refusing to overwrite it",
-        ));
+        return Err(io_err(dir, "already holds a checkpoint; refusing to overwrite it"));
     }
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))
 }
 
 fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<(), FrontendError> {
-    std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).unwrap())
-        .map_err(|e| io_err(dir, e))
+    std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).unwrap()).map_err(|e| io_err(dir, e))
 }
 
 /// splitmix64: a tiny seeded generator, so random checkpoints are reproducible.
@@ -223,34 +210,18 @@ impl SplitMix {
 fn encode(values: impl Iterator<Item = f32>, dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
-        DType::BF16 => values
-            .flat_map(|v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-        _ => values
-            .flat_map(|v| f16::from_f32(v).to_le_bytes())
-            .collect(),
+        DType::BF16 => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        _ => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
     }
 }
 
 /// Writes a checkpoint of the published size `size` with weights drawn from `seed`:
 /// uniform in ±0.02·√3·(fan-in/384)^-½ for matrices, small biases, layer-norm gains near 1.
-pub fn write_random(
-    dir: &Path,
-    size: &str,
-    seed: u64,
-    dtype: DType,
-) -> Result<WhisperDims, FrontendError> {
-    let dims = size_dims(size).ok_or_else(|| {
-        FrontendError::NotFound(format!(
-            "unknown model size `{size}`; sizes: {}",
-            SIZES.join(", ")
-        ))
-    })?;
+pub fn write_random(dir: &Path, size: &str, seed: u64, dtype: DType) -> Result<WhisperDims, FrontendError> {
+    let dims = size_dims(size)
+        .ok_or_else(|| FrontendError::NotFound(format!("unknown model size `{size}`; sizes: {}", SIZES.join(", "))))?;
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(io_err(
-            dir,
-            format!("random checkpoints are f32, f16 or bf16, not {dtype}"),
-        ));
+        return Err(io_err(dir, format!("random checkpoints are f32, f16 or bf16, not {dtype}")));
     }
     prepare_dir(dir)?;
     write_json(dir, "config.json", &config_json(&dims, dtype))?;
@@ -272,18 +243,10 @@ pub fn write_random(
             };
             encode((0..n).map(|_| centre + amp * rng.next_f32()), dtype)
         };
-        (
-            format!("model.{name}"),
-            Lazy {
-                dtype,
-                shape: shape.clone(),
-                make: Box::new(make),
-            },
-        )
+        (format!("model.{name}"), Lazy { dtype, shape: shape.clone(), make: Box::new(make) })
     });
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors"))
-        .map_err(|e| io_err(dir, e))?;
+    safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors")).map_err(|e| io_err(dir, e))?;
     Ok(dims)
 }
 
@@ -295,25 +258,16 @@ pub fn convert(ck: &Checkpoint, dir: &Path) -> Result<(), FrontendError> {
     let mut views = Vec::new();
     let mut dtype = DType::F16;
     for (name, shape) in &tensors {
-        let src = ck
-            .source(name)
-            .ok_or_else(|| ck.error(format!("no tensor holds `{name}`")))?;
+        let src = ck.source(name).ok_or_else(|| ck.error(format!("no tensor holds `{name}`")))?;
         let info = ck.tensor(&src.tensor)?;
         dtype = info.dtype;
         let bytes = ck.bytes(&src.tensor, src.rows)?;
         if bytes.len() != shape.iter().product::<usize>() * info.dtype.size_bytes() {
-            return Err(ck.error(format!(
-                "`{}` does not have the shape {shape:?} of `{name}`",
-                src.tensor
-            )));
+            return Err(ck.error(format!("`{}` does not have the shape {shape:?} of `{name}`", src.tensor)));
         }
         views.push((
             format!("model.{name}"),
-            Lazy {
-                dtype: info.dtype,
-                shape: shape.clone(),
-                make: Box::new(move || bytes.to_vec()),
-            },
+            Lazy { dtype: info.dtype, shape: shape.clone(), make: Box::new(move || bytes.to_vec()) },
         ));
     }
     // Whisper's K projections have no bias; CTranslate2 stores zeros for them in its fused
@@ -325,9 +279,7 @@ pub fn convert(ck: &Checkpoint, dir: &Path) -> Result<(), FrontendError> {
                 if let Some(src) = ck.source(&name) {
                     if let Ok(v) = ck.read_f32(&src.tensor, src.rows) {
                         if v.iter().any(|&x| x != 0.0) {
-                            return Err(
-                                ck.error(format!("`{name}` is not zero; HF Whisper has no K bias"))
-                            );
+                            return Err(ck.error(format!("`{name}` is not zero; HF Whisper has no K bias")));
                         }
                     }
                 }
@@ -345,17 +297,12 @@ pub fn convert(ck: &Checkpoint, dir: &Path) -> Result<(), FrontendError> {
     if let Ok(json_bytes) = ck.tokenizer_json() {
         std::fs::write(dir.join("tokenizer.json"), &json_bytes).map_err(|e| io_err(dir, e))?;
         if let Ok(tok) = wcc_runtime::tokenizer::WhisperTokenizer::from_bytes(&json_bytes) {
-            let langs: serde_json::Map<String, serde_json::Value> = ck
-                .generation
-                .lang_ids
-                .iter()
-                .filter_map(|&id| Some((tok.token(id)?, json!(id))))
-                .collect();
+            let langs: serde_json::Map<String, serde_json::Value> =
+                ck.generation.lang_ids.iter().filter_map(|&id| Some((tok.token(id)?, json!(id)))).collect();
             gen["lang_to_id"] = serde_json::Value::Object(langs);
         }
     }
     write_json(dir, "generation_config.json", &gen)?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors"))
-        .map_err(|e| io_err(dir, e))
+    safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors")).map_err(|e| io_err(dir, e))
 }

@@ -27,20 +27,15 @@ struct Lowering<'a> {
 impl Lowering<'_> {
     /// Declares (once) and uses the weight with logical name `name`, checking that the
     /// checkpoint has it with `shape`.
-    fn weight(
-        &mut self,
-        g: &mut Graph,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<ValueId, FrontendError> {
+    fn weight(&mut self, g: &mut Graph, name: &str, shape: &[usize]) -> Result<ValueId, FrontendError> {
         if let Some(decl) = self.m.weight(name) {
             let decl = decl.clone();
             return Ok(g.use_weight(&decl));
         }
-        let source = self.ck.source(name).ok_or_else(|| {
-            self.ck
-                .error(format!("no tensor holds weight `{name}` in this format"))
-        })?;
+        let source = self
+            .ck
+            .source(name)
+            .ok_or_else(|| self.ck.error(format!("no tensor holds weight `{name}` in this format")))?;
         let info = self.ck.tensor(&source.tensor)?;
         let mut got = info.shape.clone();
         if let Some((a, b)) = source.rows {
@@ -53,44 +48,27 @@ impl Lowering<'_> {
             got[0] = b - a;
         }
         if got != shape {
-            return Err(self.ck.error(format!(
-                "tensor `{}` has shape {:?}, expected {:?} for `{name}`",
-                source.tensor, got, shape
-            )));
+            return Err(self
+                .ck
+                .error(format!("tensor `{}` has shape {:?}, expected {:?} for `{name}`", source.tensor, got, shape)));
         }
         if !info.dtype.is_float() {
-            return Err(self.ck.error(format!(
-                "tensor `{}` holds {}, expected floats",
-                source.tensor, info.dtype
-            )));
+            return Err(self.ck.error(format!("tensor `{}` holds {}, expected floats", source.tensor, info.dtype)));
         }
-        let decl: WeightDecl =
-            self.m
-                .add_weight(name, TensorType::new(info.dtype, shape.to_vec()), source);
+        let decl: WeightDecl = self.m.add_weight(name, TensorType::new(info.dtype, shape.to_vec()), source);
         Ok(g.use_weight(&decl))
     }
 }
 
 fn node(g: &mut Graph, name: String, op: Op, inputs: &[ValueId]) -> Result<ValueId, FrontendError> {
-    g.add_node(name, op, inputs)
-        .map_err(|e| FrontendError::Checkpoint {
-            path: String::new(),
-            msg: e,
-        })
+    g.add_node(name, op, inputs).map_err(|e| FrontendError::Checkpoint { path: String::new(), msg: e })
 }
 
 /// Builds the module of a checkpoint.
 pub fn lower(ck: &Checkpoint) -> Result<Module, FrontendError> {
     let dims = &ck.dims;
-    let name = ck
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "whisper".into());
-    let mut lw = Lowering {
-        ck,
-        m: Module::new(name),
-    };
+    let name = ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "whisper".into());
+    let mut lw = Lowering { ck, m: Module::new(name) };
     for (k, v) in [
         ("n_mels", dims.n_mels),
         ("n_audio_ctx", dims.n_audio_ctx),
@@ -108,10 +86,9 @@ pub fn lower(ck: &Checkpoint) -> Result<Module, FrontendError> {
     if dims.n_audio_state != dims.n_text_state {
         return Err(ck.error("audio and text widths differ; Whisper shares one width"));
     }
-    for (what, d, h) in [
-        ("audio", dims.n_audio_state, dims.n_audio_head),
-        ("text", dims.n_text_state, dims.n_text_head),
-    ] {
+    for (what, d, h) in
+        [("audio", dims.n_audio_state, dims.n_audio_head), ("text", dims.n_text_state, dims.n_text_head)]
+    {
         if h == 0 || d % h != 0 {
             return Err(ck.error(format!("{what} width {d} is not divisible by {h} heads")));
         }
@@ -170,56 +147,20 @@ fn attention(
     let tk = g.ty(k).shape[0];
     let dh = d / heads;
     let split = |g: &mut Graph, x: ValueId, t: usize, n: &str| -> Result<ValueId, FrontendError> {
-        let r = node(
-            g,
-            format!("{p}.{n}_split"),
-            Op::Reshape {
-                shape: vec![t, heads, dh],
-            },
-            &[x],
-        )?;
-        node(
-            g,
-            format!("{p}.{n}_heads"),
-            Op::Transpose {
-                perm: vec![1, 0, 2],
-            },
-            &[r],
-        )
+        let r = node(g, format!("{p}.{n}_split"), Op::Reshape { shape: vec![t, heads, dh] }, &[x])?;
+        node(g, format!("{p}.{n}_heads"), Op::Transpose { perm: vec![1, 0, 2] }, &[r])
     };
     let qh = split(g, q, tq, "q")?;
     let kh = split(g, k, tk, "k")?;
     let vh = split(g, v, tk, "v")?;
-    let mut s = node(
-        g,
-        format!("{p}.scores"),
-        Op::MatMul { transpose_b: true },
-        &[qh, kh],
-    )?;
+    let mut s = node(g, format!("{p}.scores"), Op::MatMul { transpose_b: true }, &[qh, kh])?;
     if let Some(m) = mask {
         s = node(g, format!("{p}.masked"), Op::Add, &[s, m])?;
     }
     let probs = node(g, format!("{p}.probs"), Op::Softmax, &[s])?;
-    let ctx = node(
-        g,
-        format!("{p}.ctx_heads"),
-        Op::MatMul { transpose_b: false },
-        &[probs, vh],
-    )?;
-    let t = node(
-        g,
-        format!("{p}.ctx_t"),
-        Op::Transpose {
-            perm: vec![1, 0, 2],
-        },
-        &[ctx],
-    )?;
-    node(
-        g,
-        format!("{p}.ctx"),
-        Op::Reshape { shape: vec![tq, d] },
-        &[t],
-    )
+    let ctx = node(g, format!("{p}.ctx_heads"), Op::MatMul { transpose_b: false }, &[probs, vh])?;
+    let t = node(g, format!("{p}.ctx_t"), Op::Transpose { perm: vec![1, 0, 2] }, &[ctx])?;
+    node(g, format!("{p}.ctx"), Op::Reshape { shape: vec![tq, d] }, &[t])
 }
 
 /// The feed-forward block with its residual: `x + fc2(gelu(fc1(ln(x))))`.
@@ -231,33 +172,10 @@ fn ffn(
     p: &str,
     (d, f): (usize, usize),
 ) -> Result<ValueId, FrontendError> {
-    let h = layer_norm(
-        lw,
-        g,
-        x,
-        &format!("{w}.final_layer_norm"),
-        format!("{p}.ffn_ln"),
-        d,
-    )?;
-    let h = linear(
-        lw,
-        g,
-        h,
-        &format!("{w}.fc1"),
-        format!("{p}.fc1"),
-        (f, d),
-        true,
-    )?;
+    let h = layer_norm(lw, g, x, &format!("{w}.final_layer_norm"), format!("{p}.ffn_ln"), d)?;
+    let h = linear(lw, g, h, &format!("{w}.fc1"), format!("{p}.fc1"), (f, d), true)?;
     let h = node(g, format!("{p}.gelu"), Op::Gelu, &[h])?;
-    let h = linear(
-        lw,
-        g,
-        h,
-        &format!("{w}.fc2"),
-        format!("{p}.fc2"),
-        (d, f),
-        true,
-    )?;
+    let h = linear(lw, g, h, &format!("{w}.fc2"), format!("{p}.fc2"), (d, f), true)?;
     node(g, format!("{p}.ffn_out"), Op::Add, &[x, h])
 }
 
@@ -273,45 +191,11 @@ fn qkv(
     heads: usize,
 ) -> Result<(ValueId, ValueId, ValueId), FrontendError> {
     let scale = ((d / heads) as f32).powf(-0.25);
-    let q = linear(
-        lw,
-        g,
-        xq,
-        &format!("{w}.q_proj"),
-        format!("{p}.q"),
-        (d, d),
-        true,
-    )?;
-    let q = node(
-        g,
-        format!("{p}.q_scaled"),
-        Op::Scale { factor: scale },
-        &[q],
-    )?;
-    let k = linear(
-        lw,
-        g,
-        xkv,
-        &format!("{w}.k_proj"),
-        format!("{p}.k"),
-        (d, d),
-        false,
-    )?;
-    let k = node(
-        g,
-        format!("{p}.k_scaled"),
-        Op::Scale { factor: scale },
-        &[k],
-    )?;
-    let v = linear(
-        lw,
-        g,
-        xkv,
-        &format!("{w}.v_proj"),
-        format!("{p}.v"),
-        (d, d),
-        true,
-    )?;
+    let q = linear(lw, g, xq, &format!("{w}.q_proj"), format!("{p}.q"), (d, d), true)?;
+    let q = node(g, format!("{p}.q_scaled"), Op::Scale { factor: scale }, &[q])?;
+    let k = linear(lw, g, xkv, &format!("{w}.k_proj"), format!("{p}.k"), (d, d), false)?;
+    let k = node(g, format!("{p}.k_scaled"), Op::Scale { factor: scale }, &[k])?;
+    let v = linear(lw, g, xkv, &format!("{w}.v_proj"), format!("{p}.v"), (d, d), true)?;
     Ok((q, k, v))
 }
 
@@ -323,86 +207,26 @@ fn encoder(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     let mel = g.add_input("mel", TensorType::f32([dims.n_mels, frames]));
     let c1w = lw.weight(&mut g, "encoder.conv1.weight", &[d, dims.n_mels, 3])?;
     let c1b = lw.weight(&mut g, "encoder.conv1.bias", &[d])?;
-    let x = node(
-        &mut g,
-        "enc.conv1".into(),
-        Op::Conv1d {
-            stride: 1,
-            padding: 1,
-        },
-        &[mel, c1w, c1b],
-    )?;
+    let x = node(&mut g, "enc.conv1".into(), Op::Conv1d { stride: 1, padding: 1 }, &[mel, c1w, c1b])?;
     let x = node(&mut g, "enc.conv1_gelu".into(), Op::Gelu, &[x])?;
     let c2w = lw.weight(&mut g, "encoder.conv2.weight", &[d, d, 3])?;
     let c2b = lw.weight(&mut g, "encoder.conv2.bias", &[d])?;
-    let x = node(
-        &mut g,
-        "enc.conv2".into(),
-        Op::Conv1d {
-            stride: 2,
-            padding: 1,
-        },
-        &[x, c2w, c2b],
-    )?;
+    let x = node(&mut g, "enc.conv2".into(), Op::Conv1d { stride: 2, padding: 1 }, &[x, c2w, c2b])?;
     let x = node(&mut g, "enc.conv2_gelu".into(), Op::Gelu, &[x])?;
-    let x = node(
-        &mut g,
-        "enc.frames".into(),
-        Op::Transpose { perm: vec![1, 0] },
-        &[x],
-    )?;
+    let x = node(&mut g, "enc.frames".into(), Op::Transpose { perm: vec![1, 0] }, &[x])?;
     let pos = lw.weight(&mut g, "encoder.embed_positions.weight", &[ctx, d])?;
-    let pos = node(
-        &mut g,
-        "enc.positions".into(),
-        Op::Slice {
-            axis: 0,
-            start: 0,
-            end: ctx,
-        },
-        &[pos],
-    )?;
+    let pos = node(&mut g, "enc.positions".into(), Op::Slice { axis: 0, start: 0, end: ctx }, &[pos])?;
     let mut x = node(&mut g, "enc.embedded".into(), Op::Add, &[x, pos])?;
     for i in 0..dims.n_audio_layer {
         let (w, p) = (format!("encoder.layers.{i}"), format!("enc.l{i}"));
-        let h = layer_norm(
-            lw,
-            &mut g,
-            x,
-            &format!("{w}.self_attn_layer_norm"),
-            format!("{p}.attn_ln"),
-            d,
-        )?;
-        let proj = qkv(
-            lw,
-            &mut g,
-            (h, h),
-            &format!("{w}.self_attn"),
-            &format!("{p}.attn"),
-            d,
-            heads,
-        )?;
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.self_attn_layer_norm"), format!("{p}.attn_ln"), d)?;
+        let proj = qkv(lw, &mut g, (h, h), &format!("{w}.self_attn"), &format!("{p}.attn"), d, heads)?;
         let a = attention(&mut g, &format!("{p}.attn"), proj, heads, None)?;
-        let a = linear(
-            lw,
-            &mut g,
-            a,
-            &format!("{w}.self_attn.out_proj"),
-            format!("{p}.attn_proj"),
-            (d, d),
-            true,
-        )?;
+        let a = linear(lw, &mut g, a, &format!("{w}.self_attn.out_proj"), format!("{p}.attn_proj"), (d, d), true)?;
         x = node(&mut g, format!("{p}.attn_out"), Op::Add, &[x, a])?;
         x = ffn(lw, &mut g, x, &w, &p, (d, dims.n_audio_ffn))?;
     }
-    let out = layer_norm(
-        lw,
-        &mut g,
-        x,
-        "encoder.layer_norm",
-        "audio_features".into(),
-        d,
-    )?;
+    let out = layer_norm(lw, &mut g, x, "encoder.layer_norm", "audio_features".into(), d)?;
     g.outputs.push(out);
     Ok(g)
 }
@@ -426,110 +250,31 @@ fn decoder_step(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     let emb = lw.weight(&mut g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
     let pos_table = lw.weight(&mut g, "decoder.embed_positions.weight", &[n_ctx, d])?;
     let tok = node(&mut g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
-    let pos = node(
-        &mut g,
-        "dec.position".into(),
-        Op::Gather,
-        &[pos_table, position],
-    )?;
+    let pos = node(&mut g, "dec.position".into(), Op::Gather, &[pos_table, position])?;
     let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
-    let mask = node(
-        &mut g,
-        "dec.causal_mask".into(),
-        Op::CausalMask { len: n_ctx },
-        &[position],
-    )?;
+    let mask = node(&mut g, "dec.causal_mask".into(), Op::CausalMask { len: n_ctx }, &[position])?;
     let mut new_caches = Vec::new();
     for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
         let (w, p) = (format!("decoder.layers.{i}"), format!("dec.l{i}"));
         // Self-attention: this token's K and V go into the cache at `position`; the mask
         // hides the slots after it.
-        let h = layer_norm(
-            lw,
-            &mut g,
-            x,
-            &format!("{w}.self_attn_layer_norm"),
-            format!("{p}.attn_ln"),
-            d,
-        )?;
-        let (q, k, v) = qkv(
-            lw,
-            &mut g,
-            (h, h),
-            &format!("{w}.self_attn"),
-            &format!("{p}.attn"),
-            d,
-            heads,
-        )?;
-        let k_all = node(
-            &mut g,
-            format!("self_k.{i}.next"),
-            Op::ScatterRow,
-            &[k_cache, position, k],
-        )?;
-        let v_all = node(
-            &mut g,
-            format!("self_v.{i}.next"),
-            Op::ScatterRow,
-            &[v_cache, position, v],
-        )?;
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.self_attn_layer_norm"), format!("{p}.attn_ln"), d)?;
+        let (q, k, v) = qkv(lw, &mut g, (h, h), &format!("{w}.self_attn"), &format!("{p}.attn"), d, heads)?;
+        let k_all = node(&mut g, format!("self_k.{i}.next"), Op::ScatterRow, &[k_cache, position, k])?;
+        let v_all = node(&mut g, format!("self_v.{i}.next"), Op::ScatterRow, &[v_cache, position, v])?;
         new_caches.extend([k_all, v_all]);
-        let a = attention(
-            &mut g,
-            &format!("{p}.attn"),
-            (q, k_all, v_all),
-            heads,
-            Some(mask),
-        )?;
-        let a = linear(
-            lw,
-            &mut g,
-            a,
-            &format!("{w}.self_attn.out_proj"),
-            format!("{p}.attn_proj"),
-            (d, d),
-            true,
-        )?;
+        let a = attention(&mut g, &format!("{p}.attn"), (q, k_all, v_all), heads, Some(mask))?;
+        let a = linear(lw, &mut g, a, &format!("{w}.self_attn.out_proj"), format!("{p}.attn_proj"), (d, d), true)?;
         x = node(&mut g, format!("{p}.attn_out"), Op::Add, &[x, a])?;
         // Cross-attention over the audio features.
-        let h = layer_norm(
-            lw,
-            &mut g,
-            x,
-            &format!("{w}.encoder_attn_layer_norm"),
-            format!("{p}.xattn_ln"),
-            d,
-        )?;
-        let proj = qkv(
-            lw,
-            &mut g,
-            (h, audio),
-            &format!("{w}.encoder_attn"),
-            &format!("{p}.xattn"),
-            d,
-            heads,
-        )?;
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.encoder_attn_layer_norm"), format!("{p}.xattn_ln"), d)?;
+        let proj = qkv(lw, &mut g, (h, audio), &format!("{w}.encoder_attn"), &format!("{p}.xattn"), d, heads)?;
         let a = attention(&mut g, &format!("{p}.xattn"), proj, heads, None)?;
-        let a = linear(
-            lw,
-            &mut g,
-            a,
-            &format!("{w}.encoder_attn.out_proj"),
-            format!("{p}.xattn_proj"),
-            (d, d),
-            true,
-        )?;
+        let a = linear(lw, &mut g, a, &format!("{w}.encoder_attn.out_proj"), format!("{p}.xattn_proj"), (d, d), true)?;
         x = node(&mut g, format!("{p}.xattn_out"), Op::Add, &[x, a])?;
         x = ffn(lw, &mut g, x, &w, &p, (d, dims.n_text_ffn))?;
     }
-    let h = layer_norm(
-        lw,
-        &mut g,
-        x,
-        "decoder.layer_norm",
-        "dec.final_ln".into(),
-        d,
-    )?;
+    let h = layer_norm(lw, &mut g, x, "decoder.layer_norm", "dec.final_ln".into(), d)?;
     // The output projection is the token embedding, transposed (tied weights).
     let logits = node(&mut g, "logits".into(), Op::Linear, &[h, emb])?;
     g.outputs.push(logits);

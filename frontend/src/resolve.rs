@@ -14,15 +14,9 @@ pub fn candidates(name: &str) -> Vec<PathBuf> {
     }
     if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
         out.push(home.join(".cache/wcc/models").join(name));
-        let hub = home.join(format!(
-            ".cache/huggingface/hub/models--openai--whisper-{name}/snapshots"
-        ));
-        let mut snaps: Vec<PathBuf> = std::fs::read_dir(&hub)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
+        let hub = home.join(format!(".cache/huggingface/hub/models--openai--whisper-{name}/snapshots"));
+        let mut snaps: Vec<PathBuf> =
+            std::fs::read_dir(&hub).into_iter().flatten().flatten().map(|e| e.path()).collect();
         snaps.sort();
         out.extend(snaps);
         if out.last().map(|p| !p.starts_with(&hub)).unwrap_or(true) {
@@ -42,10 +36,7 @@ pub fn resolve_model(model: &str) -> Result<PathBuf, FrontendError> {
     let looks_like_path = model.contains('/') || model.starts_with('.');
     if !looks_like_path && !model.is_empty() {
         let c = candidates(model);
-        if let Some(found) = c
-            .iter()
-            .find(|d| d.join("model.bin").is_file() || d.join("model.safetensors").is_file())
-        {
+        if let Some(found) = c.iter().find(|d| d.join("model.bin").is_file() || d.join("model.safetensors").is_file()) {
             return Ok(found.clone());
         }
         let list: Vec<String> = c.iter().map(|d| d.display().to_string()).collect();
@@ -54,7 +45,5 @@ pub fn resolve_model(model: &str) -> Result<PathBuf, FrontendError> {
             list.join(", ")
         )));
     }
-    Err(FrontendError::NotFound(format!(
-        "model directory `{model}` does not exist"
-    )))
+    Err(FrontendError::NotFound(format!("model directory `{model}` does not exist")))
 }

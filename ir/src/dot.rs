@@ -6,10 +6,7 @@ use crate::graph::{Graph, ValueDef};
 /// flows along them. Weights are left out (they would drown the dataflow); a node lists how
 /// many weights it reads.
 pub fn to_dot(g: &Graph) -> String {
-    let mut s = format!(
-        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n",
-        g.name
-    );
+    let mut s = format!("digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n", g.name);
     s.push_str(&body(g, "n", "  "));
     s.push_str("}\n");
     s
@@ -17,15 +14,9 @@ pub fn to_dot(g: &Graph) -> String {
 
 /// DOT of every graph of a module, one cluster per graph.
 pub fn module_to_dot(m: &crate::Module) -> String {
-    let mut s = format!(
-        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n",
-        m.name
-    );
+    let mut s = format!("digraph \"{}\" {{\n  node [shape=box, fontname=monospace];\n", m.name);
     for (gi, g) in m.graphs.iter().enumerate() {
-        s.push_str(&format!(
-            "  subgraph cluster_{gi} {{\n    label=\"{}\";\n",
-            g.name
-        ));
+        s.push_str(&format!("  subgraph cluster_{gi} {{\n    label=\"{}\";\n", g.name));
         s.push_str(&body(g, &format!("g{gi}n"), "    "));
         s.push_str("  }\n");
     }
@@ -43,11 +34,7 @@ fn body(g: &Graph, id: &str, indent: &str) -> String {
     }
     for node in &g.nodes {
         let out = g.value(node.output);
-        let weights = node
-            .inputs
-            .iter()
-            .filter(|&&i| matches!(g.value(i).def, ValueDef::Weight(_)))
-            .count();
+        let weights = node.inputs.iter().filter(|&&i| matches!(g.value(i).def, ValueDef::Weight(_))).count();
         let mut label = format!("%{}\\n{}", out.name, node.op.name());
         for (k, v) in node.op.attrs() {
             label.push_str(&format!(" {k}={v}"));
@@ -76,12 +63,7 @@ fn body(g: &Graph, id: &str, indent: &str) -> String {
     }
     for e in dg.edge_indices() {
         let (a, b) = dg.edge_endpoints(e).unwrap();
-        s.push_str(&format!(
-            "{indent}{id}{} -> {id}{} [label=\"{}\"];\n",
-            a.index(),
-            b.index(),
-            dg[e]
-        ));
+        s.push_str(&format!("{indent}{id}{} -> {id}{} [label=\"{}\"];\n", a.index(), b.index(), dg[e]));
     }
     s
 }

@@ -65,10 +65,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Self {
-        Graph {
-            name: name.into(),
-            ..Default::default()
-        }
+        Graph { name: name.into(), ..Default::default() }
     }
 
     pub fn value(&self, id: ValueId) -> &Value {
@@ -80,10 +77,7 @@ impl Graph {
     }
 
     pub fn find_value(&self, name: &str) -> Option<ValueId> {
-        self.values
-            .iter()
-            .position(|v| v.name == name)
-            .map(|i| ValueId(i as u32))
+        self.values.iter().position(|v| v.name == name).map(|i| ValueId(i as u32))
     }
 
     fn push_value(&mut self, name: String, ty: TensorType, def: ValueDef) -> ValueId {
@@ -101,27 +95,14 @@ impl Graph {
 
     /// The value standing for weight `decl` in this graph (created on first use).
     pub fn use_weight(&mut self, decl: &WeightDecl) -> ValueId {
-        if let Some(i) = self
-            .values
-            .iter()
-            .position(|v| v.def == ValueDef::Weight(decl.name.clone()))
-        {
+        if let Some(i) = self.values.iter().position(|v| v.def == ValueDef::Weight(decl.name.clone())) {
             return ValueId(i as u32);
         }
-        self.push_value(
-            decl.name.clone(),
-            decl.ty.clone(),
-            ValueDef::Weight(decl.name.clone()),
-        )
+        self.push_value(decl.name.clone(), decl.ty.clone(), ValueDef::Weight(decl.name.clone()))
     }
 
     /// Appends a node whose result type is inferred; `name` must be unique in the graph.
-    pub fn add_node(
-        &mut self,
-        name: impl Into<String>,
-        op: Op,
-        inputs: &[ValueId],
-    ) -> Result<ValueId, String> {
+    pub fn add_node(&mut self, name: impl Into<String>, op: Op, inputs: &[ValueId]) -> Result<ValueId, String> {
         let tys: Vec<&TensorType> = inputs.iter().map(|&i| self.ty(i)).collect();
         let name = name.into();
         let ty = infer_type(&op, &tys).map_err(|e| format!("node %{name}: {e}"))?;
@@ -129,19 +110,9 @@ impl Graph {
     }
 
     /// Appends a node with a given result type (the parser's path; the verifier checks it).
-    pub fn add_node_typed(
-        &mut self,
-        name: impl Into<String>,
-        op: Op,
-        inputs: &[ValueId],
-        ty: TensorType,
-    ) -> ValueId {
+    pub fn add_node_typed(&mut self, name: impl Into<String>, op: Op, inputs: &[ValueId], ty: TensorType) -> ValueId {
         let out = self.push_value(name.into(), ty, ValueDef::Node(self.nodes.len()));
-        self.nodes.push(Node {
-            op,
-            inputs: inputs.to_vec(),
-            output: out,
-        });
+        self.nodes.push(Node { op, inputs: inputs.to_vec(), output: out });
         out
     }
 
@@ -169,10 +140,7 @@ impl Graph {
             remap.insert(old, ValueId(new as u32));
         }
         let map = |v: &ValueId| *remap.get(v).unwrap_or(v);
-        let values = order
-            .iter()
-            .map(|&old| self.values[old.index()].clone())
-            .collect();
+        let values = order.iter().map(|&old| self.values[old.index()].clone()).collect();
         self.values = values;
         self.inputs = self.inputs.iter().map(map).collect();
         for node in &mut self.nodes {
@@ -212,10 +180,7 @@ pub struct Module {
 
 impl Module {
     pub fn new(name: impl Into<String>) -> Self {
-        Module {
-            name: name.into(),
-            ..Default::default()
-        }
+        Module { name: name.into(), ..Default::default() }
     }
 
     pub fn graph(&self, name: &str) -> Option<&Graph> {
@@ -231,17 +196,8 @@ impl Module {
     }
 
     /// Declares a weight; returns a copy of its declaration for [`Graph::use_weight`].
-    pub fn add_weight(
-        &mut self,
-        name: impl Into<String>,
-        ty: TensorType,
-        source: WeightSource,
-    ) -> WeightDecl {
-        let decl = WeightDecl {
-            name: name.into(),
-            ty,
-            source,
-        };
+    pub fn add_weight(&mut self, name: impl Into<String>, ty: TensorType, source: WeightSource) -> WeightDecl {
+        let decl = WeightDecl { name: name.into(), ty, source };
         self.weights.push(decl.clone());
         decl
     }

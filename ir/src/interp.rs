@@ -28,28 +28,14 @@ pub enum Data {
 impl Tensor {
     pub fn f32(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not fill its shape"
-        );
-        Tensor {
-            shape,
-            data: Data::F32(data),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fill its shape");
+        Tensor { shape, data: Data::F32(data) }
     }
 
     pub fn i32(shape: impl Into<Vec<usize>>, data: Vec<i32>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not fill its shape"
-        );
-        Tensor {
-            shape,
-            data: Data::I32(data),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fill its shape");
+        Tensor { shape, data: Data::I32(data) }
     }
 
     pub fn zeros(shape: impl Into<Vec<usize>>) -> Tensor {
@@ -114,23 +100,13 @@ impl<'m> Interpreter<'m> {
                 if weights.contains_key(name) {
                     continue;
                 }
-                let decl = module
-                    .weight(name)
-                    .ok_or_else(|| InterpError(format!("@{name} is not a declared weight")))?;
-                let data = loader
-                    .load_f32(decl)
-                    .map_err(|e| InterpError(format!("loading @{name}: {e}")))?;
+                let decl =
+                    module.weight(name).ok_or_else(|| InterpError(format!("@{name} is not a declared weight")))?;
+                let data = loader.load_f32(decl).map_err(|e| InterpError(format!("loading @{name}: {e}")))?;
                 if data.len() != decl.ty.numel() {
-                    return Err(InterpError(format!(
-                        "@{name}: loader gave {} elements for {}",
-                        data.len(),
-                        decl.ty
-                    )));
+                    return Err(InterpError(format!("@{name}: loader gave {} elements for {}", data.len(), decl.ty)));
                 }
-                weights.insert(
-                    name.clone(),
-                    Arc::new(Tensor::f32(decl.ty.shape.clone(), data)),
-                );
+                weights.insert(name.clone(), Arc::new(Tensor::f32(decl.ty.shape.clone(), data)));
             }
         }
         Ok(Interpreter { module, weights })
@@ -142,22 +118,14 @@ impl<'m> Interpreter<'m> {
 
     /// Runs graph `name` on `inputs` (in the graph's input order) and returns its outputs.
     pub fn run(&self, name: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>, InterpError> {
-        let g = self
-            .module
-            .graph(name)
-            .ok_or_else(|| InterpError(format!("no graph `{name}`")))?;
+        let g = self.module.graph(name).ok_or_else(|| InterpError(format!("no graph `{name}`")))?;
         if inputs.len() != g.inputs.len() {
-            return Err(InterpError(format!(
-                "graph `{name}` takes {} inputs, got {}",
-                g.inputs.len(),
-                inputs.len()
-            )));
+            return Err(InterpError(format!("graph `{name}` takes {} inputs, got {}", g.inputs.len(), inputs.len())));
         }
         let mut env: Vec<Option<Arc<Tensor>>> = vec![None; g.values.len()];
         for (&id, t) in g.inputs.iter().zip(inputs) {
             let want = g.ty(id);
-            let dtype_ok =
-                t.dtype() == want.dtype || (t.dtype() == DType::F32 && want.dtype.is_float());
+            let dtype_ok = t.dtype() == want.dtype || (t.dtype() == DType::F32 && want.dtype.is_float());
             if t.shape != want.shape || !dtype_ok {
                 return Err(InterpError(format!(
                     "input %{} must be {want}, got {}{:?}",
@@ -187,19 +155,10 @@ impl<'m> Interpreter<'m> {
             let args: Vec<&Tensor> = node
                 .inputs
                 .iter()
-                .map(|&x| {
-                    env[x.index()]
-                        .as_deref()
-                        .expect("verified graph: operand defined")
-                })
+                .map(|&x| env[x.index()].as_deref().expect("verified graph: operand defined"))
                 .collect();
-            let out = eval(&node.op, &args).map_err(|e| {
-                InterpError(format!(
-                    "graph `{name}`, %{}: {}",
-                    g.value(node.output).name,
-                    e.0
-                ))
-            })?;
+            let out = eval(&node.op, &args)
+                .map_err(|e| InterpError(format!("graph `{name}`, %{}: {}", g.value(node.output).name, e.0)))?;
             debug_assert_eq!(out.shape, g.ty(node.output).shape);
             env[node.output.index()] = Some(Arc::new(out));
             for &x in &node.inputs {
@@ -208,10 +167,7 @@ impl<'m> Interpreter<'m> {
                 }
             }
         }
-        Ok(g.outputs
-            .iter()
-            .map(|&o| (*env[o.index()].clone().expect("output computed")).clone())
-            .collect())
+        Ok(g.outputs.iter().map(|&o| (*env[o.index()].clone().expect("output computed")).clone()).collect())
     }
 }
 
@@ -220,40 +176,22 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
     let f = |i: usize| args[i].as_f32();
     Ok(match op {
         Op::Conv1d { stride, padding } => conv1d(args[0], args[1], f(2)?, *stride, *padding)?,
-        Op::Linear => linear(
-            args[0],
-            args[1],
-            args.get(2).map(|b| b.as_f32()).transpose()?,
-        )?,
+        Op::Linear => linear(args[0], args[1], args.get(2).map(|b| b.as_f32()).transpose()?)?,
         Op::MatMul { transpose_b } => matmul(args[0], args[1], *transpose_b)?,
         Op::Add => broadcast(args[0], args[1], |a, b| a + b)?,
         Op::Mul => broadcast(args[0], args[1], |a, b| a * b)?,
-        Op::Scale { factor } => Tensor::f32(
-            args[0].shape.clone(),
-            f(0)?.iter().map(|x| x * factor).collect(),
-        ),
-        Op::Gelu => Tensor::f32(
-            args[0].shape.clone(),
-            f(0)?.iter().map(|&x| gelu(x)).collect(),
-        ),
+        Op::Scale { factor } => Tensor::f32(args[0].shape.clone(), f(0)?.iter().map(|x| x * factor).collect()),
+        Op::Gelu => Tensor::f32(args[0].shape.clone(), f(0)?.iter().map(|&x| gelu(x)).collect()),
         Op::LayerNorm { eps } => layer_norm(args[0], f(1)?, f(2)?, *eps)?,
         Op::Softmax => softmax(args[0])?,
-        Op::Reshape { shape } => Tensor {
-            shape: shape.clone(),
-            data: args[0].data.clone(),
-        },
+        Op::Reshape { shape } => Tensor { shape: shape.clone(), data: args[0].data.clone() },
         Op::Transpose { perm } => transpose(args[0], perm),
         Op::Slice { axis, start, end } => slice(args[0], *axis, *start, *end),
         Op::Gather => gather(args[0], args[1].as_i32()?)?,
         Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, f(2)?)?,
         Op::CausalMask { len } => {
             let pos = position(args[0].as_i32()?, *len)?;
-            Tensor::f32(
-                [1, *len],
-                (0..*len)
-                    .map(|j| if j <= pos { 0.0 } else { f32::NEG_INFINITY })
-                    .collect(),
-            )
+            Tensor::f32([1, *len], (0..*len).map(|j| if j <= pos { 0.0 } else { f32::NEG_INFINITY }).collect())
         }
     })
 }
@@ -261,9 +199,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
 fn position(ids: &[i32], len: usize) -> Result<usize, InterpError> {
     match ids.first() {
         Some(&p) if p >= 0 && (p as usize) < len => Ok(p as usize),
-        other => Err(InterpError(format!(
-            "position {other:?} is outside 0..{len}"
-        ))),
+        other => Err(InterpError(format!("position {other:?} is outside 0..{len}"))),
     }
 }
 
@@ -289,13 +225,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn conv1d(
-    x: &Tensor,
-    w: &Tensor,
-    b: &[f32],
-    stride: usize,
-    pad: usize,
-) -> Result<Tensor, InterpError> {
+fn conv1d(x: &Tensor, w: &Tensor, b: &[f32], stride: usize, pad: usize) -> Result<Tensor, InterpError> {
     let (xd, wd) = (x.as_f32()?, w.as_f32()?);
     let (cin, t) = (x.shape[0], x.shape[1]);
     let (cout, k) = (w.shape[0], w.shape[2]);
@@ -368,17 +298,10 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-fn broadcast(
-    a: &Tensor,
-    b: &Tensor,
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) -> Result<Tensor, InterpError> {
+fn broadcast(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor, InterpError> {
     let (ad, bd) = (a.as_f32()?, b.as_f32()?);
     if a.shape == b.shape {
-        return Ok(Tensor::f32(
-            a.shape.clone(),
-            ad.iter().zip(bd).map(|(&x, &y)| f(x, y)).collect(),
-        ));
+        return Ok(Tensor::f32(a.shape.clone(), ad.iter().zip(bd).map(|(&x, &y)| f(x, y)).collect()));
     }
     let shape = broadcast_shapes(&a.shape, &b.shape)
         .ok_or_else(|| InterpError(format!("cannot broadcast {:?} with {:?}", a.shape, b.shape)))?;
@@ -417,16 +340,14 @@ fn layer_norm(x: &Tensor, gamma: &[f32], beta: &[f32], eps: f32) -> Result<Tenso
     let xd = x.as_f32()?;
     let d = gamma.len();
     let mut out = vec![0.0f32; xd.len()];
-    out.par_chunks_mut(d)
-        .zip(xd.par_chunks(d))
-        .for_each(|(o, r)| {
-            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            for i in 0..d {
-                o[i] = ((r[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
-            }
-        });
+    out.par_chunks_mut(d).zip(xd.par_chunks(d)).for_each(|(o, r)| {
+        let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for i in 0..d {
+            o[i] = ((r[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
+        }
+    });
     Ok(Tensor::f32(x.shape.clone(), out))
 }
 
@@ -434,30 +355,25 @@ fn softmax(x: &Tensor) -> Result<Tensor, InterpError> {
     let xd = x.as_f32()?;
     let d = *x.shape.last().unwrap();
     let mut out = vec![0.0f32; xd.len()];
-    out.par_chunks_mut(d)
-        .zip(xd.par_chunks(d))
-        .for_each(|(o, r)| {
-            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for (oi, &v) in o.iter_mut().zip(r) {
-                *oi = (v - max).exp();
-                sum += *oi;
-            }
-            for oi in o.iter_mut() {
-                *oi /= sum;
-            }
-        });
+    out.par_chunks_mut(d).zip(xd.par_chunks(d)).for_each(|(o, r)| {
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for (oi, &v) in o.iter_mut().zip(r) {
+            *oi = (v - max).exp();
+            sum += *oi;
+        }
+        for oi in o.iter_mut() {
+            *oi /= sum;
+        }
+    });
     Ok(Tensor::f32(x.shape.clone(), out))
 }
 
 fn transpose(x: &Tensor, perm: &[usize]) -> Tensor {
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
     let (si, so) = (strides(&x.shape), strides(&shape));
-    let src_index = |flat: usize| -> usize {
-        (0..shape.len())
-            .map(|d| ((flat / so[d]) % shape[d]) * si[perm[d]])
-            .sum()
-    };
+    let src_index =
+        |flat: usize| -> usize { (0..shape.len()).map(|d| ((flat / so[d]) % shape[d]) * si[perm[d]]).sum() };
     let n = x.shape.iter().product();
     let data = match &x.data {
         Data::F32(v) => Data::F32((0..n).map(|i| v[src_index(i)]).collect()),
@@ -470,17 +386,8 @@ fn slice(x: &Tensor, axis: usize, start: usize, end: usize) -> Tensor {
     let outer: usize = x.shape[..axis].iter().product();
     let inner: usize = x.shape[axis + 1..].iter().product();
     let len = x.shape[axis];
-    fn pick<T: Copy>(
-        v: &[T],
-        outer: usize,
-        len: usize,
-        inner: usize,
-        start: usize,
-        end: usize,
-    ) -> Vec<T> {
-        (0..outer)
-            .flat_map(|o| v[(o * len + start) * inner..(o * len + end) * inner].to_vec())
-            .collect()
+    fn pick<T: Copy>(v: &[T], outer: usize, len: usize, inner: usize, start: usize, end: usize) -> Vec<T> {
+        (0..outer).flat_map(|o| v[(o * len + start) * inner..(o * len + end) * inner].to_vec()).collect()
     }
     let mut shape = x.shape.clone();
     shape[axis] = end - start;

@@ -29,11 +29,7 @@ pub enum Op {
     /// Axis permutation: output axis `i` is input axis `perm[i]`.
     Transpose { perm: Vec<usize> },
     /// `x[start..end]` along `axis`.
-    Slice {
-        axis: usize,
-        start: usize,
-        end: usize,
-    },
+    Slice { axis: usize, start: usize, end: usize },
     /// Row lookup: `table[V, D], ids i32[N] -> [N, D]`.
     Gather,
     /// `cache[S, D], index i32[1], row[1, D] -> [S, D]`: the cache with row `index` replaced.
@@ -72,10 +68,7 @@ impl Op {
         }
         match self {
             Op::Conv1d { stride, padding } => {
-                vec![
-                    ("stride", stride.to_string()),
-                    ("padding", padding.to_string()),
-                ]
+                vec![("stride", stride.to_string()), ("padding", padding.to_string())]
             }
             Op::MatMul { transpose_b } => vec![("transpose_b", transpose_b.to_string())],
             // `{:?}` prints the shortest decimal that reads back to the same f32.
@@ -83,19 +76,11 @@ impl Op {
             Op::LayerNorm { eps } => vec![("eps", format!("{eps:?}"))],
             Op::Reshape { shape } => vec![("shape", list(shape))],
             Op::Transpose { perm } => vec![("perm", list(perm))],
-            Op::Slice { axis, start, end } => vec![
-                ("axis", axis.to_string()),
-                ("start", start.to_string()),
-                ("end", end.to_string()),
-            ],
+            Op::Slice { axis, start, end } => {
+                vec![("axis", axis.to_string()), ("start", start.to_string()), ("end", end.to_string())]
+            }
             Op::CausalMask { len } => vec![("len", len.to_string())],
-            Op::Linear
-            | Op::Add
-            | Op::Mul
-            | Op::Gelu
-            | Op::Softmax
-            | Op::Gather
-            | Op::ScatterRow => {
+            Op::Linear | Op::Add | Op::Mul | Op::Gelu | Op::Softmax | Op::Gather | Op::ScatterRow => {
                 vec![]
             }
         }
@@ -111,14 +96,10 @@ impl Op {
                 .ok_or_else(|| format!("op `{name}` needs attribute `{key}`"))
         };
         let usize_ = |key: &str| -> Result<usize, String> {
-            get(key)?
-                .parse()
-                .map_err(|_| format!("attribute `{key}` of `{name}` is not an integer"))
+            get(key)?.parse().map_err(|_| format!("attribute `{key}` of `{name}` is not an integer"))
         };
         let f32_ = |key: &str| -> Result<f32, String> {
-            get(key)?
-                .parse()
-                .map_err(|_| format!("attribute `{key}` of `{name}` is not a number"))
+            get(key)?.parse().map_err(|_| format!("attribute `{key}` of `{name}` is not a number"))
         };
         let list = |key: &str| -> Result<Vec<usize>, String> {
             let v = get(key)?;
@@ -129,54 +110,30 @@ impl Op {
             if inner.trim().is_empty() {
                 return Ok(vec![]);
             }
-            inner
-                .split(',')
-                .map(|x| {
-                    x.trim()
-                        .parse()
-                        .map_err(|_| format!("bad list item `{x}` in `{key}`"))
-                })
-                .collect()
+            inner.split(',').map(|x| x.trim().parse().map_err(|_| format!("bad list item `{x}` in `{key}`"))).collect()
         };
         let op = match name {
-            "conv1d" => Op::Conv1d {
-                stride: usize_("stride")?,
-                padding: usize_("padding")?,
-            },
+            "conv1d" => Op::Conv1d { stride: usize_("stride")?, padding: usize_("padding")? },
             "linear" => Op::Linear,
             "matmul" => Op::MatMul {
                 transpose_b: match get("transpose_b")? {
                     "true" => true,
                     "false" => false,
-                    other => {
-                        return Err(format!("transpose_b must be true or false, not `{other}`"))
-                    }
+                    other => return Err(format!("transpose_b must be true or false, not `{other}`")),
                 },
             },
             "add" => Op::Add,
             "mul" => Op::Mul,
-            "scale" => Op::Scale {
-                factor: f32_("factor")?,
-            },
+            "scale" => Op::Scale { factor: f32_("factor")? },
             "gelu" => Op::Gelu,
             "layer_norm" => Op::LayerNorm { eps: f32_("eps")? },
             "softmax" => Op::Softmax,
-            "reshape" => Op::Reshape {
-                shape: list("shape")?,
-            },
-            "transpose" => Op::Transpose {
-                perm: list("perm")?,
-            },
-            "slice" => Op::Slice {
-                axis: usize_("axis")?,
-                start: usize_("start")?,
-                end: usize_("end")?,
-            },
+            "reshape" => Op::Reshape { shape: list("shape")? },
+            "transpose" => Op::Transpose { perm: list("perm")? },
+            "slice" => Op::Slice { axis: usize_("axis")?, start: usize_("start")?, end: usize_("end")? },
             "gather" => Op::Gather,
             "scatter_row" => Op::ScatterRow,
-            "causal_mask" => Op::CausalMask {
-                len: usize_("len")?,
-            },
+            "causal_mask" => Op::CausalMask { len: usize_("len")? },
             other => return Err(format!("unknown op `{other}`")),
         };
         let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
@@ -208,16 +165,8 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank {
-            a[i + a.len() - rank]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= rank {
-            b[i + b.len() - rank]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -235,11 +184,7 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         return Err(format!(
             "{} takes {} operand(s), got {}",
             op.name(),
-            if lo == hi {
-                lo.to_string()
-            } else {
-                format!("{lo} to {hi}")
-            },
+            if lo == hi { lo.to_string() } else { format!("{lo} to {hi}") },
             inputs.len()
         ));
     }
@@ -247,22 +192,14 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         if inputs[i].dtype.is_float() {
             Ok(inputs[i])
         } else {
-            Err(format!(
-                "operand {i} of {} must be a float tensor, got {}",
-                op.name(),
-                inputs[i]
-            ))
+            Err(format!("operand {i} of {} must be a float tensor, got {}", op.name(), inputs[i]))
         }
     };
     let int_scalar = |i: usize| -> Result<(), String> {
         if inputs[i].dtype == DType::I32 && inputs[i].shape == [1] {
             Ok(())
         } else {
-            Err(format!(
-                "operand {i} of {} must be i32[1], got {}",
-                op.name(),
-                inputs[i]
-            ))
+            Err(format!("operand {i} of {} must be i32[1], got {}", op.name(), inputs[i]))
         }
     };
     let shape_err = || {
@@ -272,18 +209,14 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
     match op {
         Op::Conv1d { stride, padding } => {
             let (x, w, b) = (float(0)?, float(1)?, float(2)?);
-            if x.rank() != 2 || w.rank() != 3 || b.shape != [w.shape[0]] || w.shape[1] != x.shape[0]
-            {
+            if x.rank() != 2 || w.rank() != 3 || b.shape != [w.shape[0]] || w.shape[1] != x.shape[0] {
                 return Err(shape_err());
             }
             let k = w.shape[2];
             if *stride == 0 || x.shape[1] + 2 * padding < k {
                 return Err(shape_err());
             }
-            Ok(TensorType::f32([
-                w.shape[0],
-                (x.shape[1] + 2 * padding - k) / stride + 1,
-            ]))
+            Ok(TensorType::f32([w.shape[0], (x.shape[1] + 2 * padding - k) / stride + 1]))
         }
         Op::Linear => {
             let (x, w) = (float(0)?, float(1)?);
@@ -302,11 +235,7 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
             if a.rank() != 3 || b.rank() != 3 || a.shape[0] != b.shape[0] {
                 return Err(shape_err());
             }
-            let (bk, bn) = if *transpose_b {
-                (b.shape[2], b.shape[1])
-            } else {
-                (b.shape[1], b.shape[2])
-            };
+            let (bk, bn) = if *transpose_b { (b.shape[2], b.shape[1]) } else { (b.shape[1], b.shape[2]) };
             if a.shape[2] != bk {
                 return Err(shape_err());
             }
@@ -314,9 +243,7 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         }
         Op::Add | Op::Mul => {
             let (a, b) = (float(0)?, float(1)?);
-            broadcast_shapes(&a.shape, &b.shape)
-                .map(TensorType::f32)
-                .ok_or_else(shape_err)
+            broadcast_shapes(&a.shape, &b.shape).map(TensorType::f32).ok_or_else(shape_err)
         }
         Op::Scale { .. } | Op::Gelu => Ok(TensorType::f32(float(0)?.shape.clone())),
         Op::Softmax => {
@@ -337,35 +264,22 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         Op::Reshape { shape } => {
             let x = inputs[0];
             if shape.iter().product::<usize>() != x.numel() {
-                return Err(format!(
-                    "reshape of {x} to {shape:?} changes the element count"
-                ));
+                return Err(format!("reshape of {x} to {shape:?} changes the element count"));
             }
             Ok(TensorType::new(x.dtype, shape.clone()))
         }
         Op::Transpose { perm } => {
             let x = inputs[0];
             let mut seen = vec![false; x.rank()];
-            if perm.len() != x.rank()
-                || perm
-                    .iter()
-                    .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
-            {
-                return Err(format!(
-                    "transpose perm {perm:?} is not a permutation of the axes of {x}"
-                ));
+            if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+                return Err(format!("transpose perm {perm:?} is not a permutation of the axes of {x}"));
             }
-            Ok(TensorType::new(
-                x.dtype,
-                perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>(),
-            ))
+            Ok(TensorType::new(x.dtype, perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>()))
         }
         Op::Slice { axis, start, end } => {
             let x = inputs[0];
             if *axis >= x.rank() || start >= end || *end > x.shape[*axis] {
-                return Err(format!(
-                    "slice [{start}..{end}] on axis {axis} is out of bounds of {x}"
-                ));
+                return Err(format!("slice [{start}..{end}] on axis {axis} is out of bounds of {x}"));
             }
             let mut shape = x.shape.clone();
             shape[*axis] = end - start;

@@ -58,11 +58,7 @@ fn operand(g: &Graph, id: ValueId) -> String {
 /// Prints one graph.
 pub fn print_graph(g: &Graph) -> String {
     let mut s = String::new();
-    let inputs: Vec<String> = g
-        .inputs
-        .iter()
-        .map(|&i| format!("%{}: {}", g.value(i).name, g.ty(i)))
-        .collect();
+    let inputs: Vec<String> = g.inputs.iter().map(|&i| format!("%{}: {}", g.value(i).name, g.ty(i))).collect();
     writeln!(s, "graph {}({}) {{", g.name, inputs.join(", ")).unwrap();
     for node in &g.nodes {
         let out = g.value(node.output);
@@ -131,9 +127,7 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
                         Some('\\') => match chars.next() {
                             Some(c @ ('"' | '\\')) => s.push(c),
                             Some('n') => s.push('\n'),
-                            other => {
-                                return Err(err(line, format!("bad escape \\{other:?} in string")))
-                            }
+                            other => return Err(err(line, format!("bad escape \\{other:?} in string"))),
                         },
                         Some('\n') | None => return Err(err(line, "unterminated string".into())),
                         Some(c) => s.push(c),
@@ -150,14 +144,7 @@ fn lex(text: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
                 if s.is_empty() {
                     return Err(err(line, format!("`{c}` must be followed by a name")));
                 }
-                out.push((
-                    if c == '%' {
-                        Tok::Local(s)
-                    } else {
-                        Tok::Global(s)
-                    },
-                    line,
-                ));
+                out.push((if c == '%' { Tok::Local(s) } else { Tok::Global(s) }, line));
             }
             '-' if {
                 let mut ahead = chars.clone();
@@ -193,18 +180,11 @@ struct Parser {
 
 impl Parser {
     fn line(&self) -> usize {
-        self.toks
-            .get(self.pos)
-            .or(self.toks.last())
-            .map(|t| t.1)
-            .unwrap_or(1)
+        self.toks.get(self.pos).or(self.toks.last()).map(|t| t.1).unwrap_or(1)
     }
 
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, ParseError> {
-        Err(ParseError {
-            line: self.line(),
-            msg: msg.into(),
-        })
+        Err(ParseError { line: self.line(), msg: msg.into() })
     }
 
     fn peek(&self) -> Option<&Tok> {
@@ -245,10 +225,7 @@ impl Parser {
             Tok::Word(w) => Ok(w),
             other => {
                 self.pos -= 1;
-                self.err(format!(
-                    "expected a name or number, found {}",
-                    describe(&other)
-                ))
+                self.err(format!("expected a name or number, found {}", describe(&other)))
             }
         }
     }
@@ -328,20 +305,12 @@ fn describe(t: &Tok) -> String {
 /// Parses a module from its text form. References are resolved (an unknown `%value` or
 /// `@weight` is an error here); types are checked by [`crate::verify`].
 pub fn parse_module(text: &str) -> Result<Module, ParseError> {
-    let mut p = Parser {
-        toks: lex(text)?,
-        pos: 0,
-    };
+    let mut p = Parser { toks: lex(text)?, pos: 0 };
     p.keyword("module")?;
     let name = match p.next()? {
         Tok::Str(s) => s,
         Tok::Word(w) => w,
-        other => {
-            return p.err(format!(
-                "expected the module's name, found {}",
-                describe(&other)
-            ))
-        }
+        other => return p.err(format!("expected the module's name, found {}", describe(&other))),
     };
     let mut m = Module::new(name);
     p.punct('{')?;
@@ -385,10 +354,7 @@ pub fn parse_module(text: &str) -> Result<Module, ParseError> {
             }
             other => {
                 p.pos -= 1;
-                return p.err(format!(
-                    "expected `param`, `weight`, `graph` or `}}`, found {}",
-                    describe(&other)
-                ));
+                return p.err(format!("expected `param`, `weight`, `graph` or `}}`, found {}", describe(&other)));
             }
         }
     }
@@ -421,24 +387,20 @@ fn parse_graph(p: &mut Parser, m: &Module) -> Result<Graph, ParseError> {
         }
     }
     p.punct('{')?;
-    let operand =
-        |p: &mut Parser, g: &mut Graph, locals: &HashMap<String, ValueId>| match p.next()? {
-            Tok::Local(n) => match locals.get(&n) {
-                Some(&id) => Ok(id),
-                None => p.err(format!("%{n} is not defined (dangling reference)")),
-            },
-            Tok::Global(n) => match m.weight(&n) {
-                Some(decl) => Ok(g.use_weight(decl)),
-                None => p.err(format!("@{n} is not a declared weight")),
-            },
-            other => {
-                p.pos -= 1;
-                p.err(format!(
-                    "expected `%value` or `@weight`, found {}",
-                    describe(&other)
-                ))
-            }
-        };
+    let operand = |p: &mut Parser, g: &mut Graph, locals: &HashMap<String, ValueId>| match p.next()? {
+        Tok::Local(n) => match locals.get(&n) {
+            Some(&id) => Ok(id),
+            None => p.err(format!("%{n} is not defined (dangling reference)")),
+        },
+        Tok::Global(n) => match m.weight(&n) {
+            Some(decl) => Ok(g.use_weight(decl)),
+            None => p.err(format!("@{n} is not a declared weight")),
+        },
+        other => {
+            p.pos -= 1;
+            p.err(format!("expected `%value` or `@weight`, found {}", describe(&other)))
+        }
+    };
     loop {
         match p.next()? {
             Tok::Local(name) => {
@@ -496,10 +458,8 @@ fn parse_graph(p: &mut Parser, m: &Module) -> Result<Graph, ParseError> {
             }
             other => {
                 p.pos -= 1;
-                return p.err(format!(
-                    "expected a node `%name: type = op(...)` or `return`, found {}",
-                    describe(&other)
-                ));
+                return p
+                    .err(format!("expected a node `%name: type = op(...)` or `return`, found {}", describe(&other)));
             }
         }
     }

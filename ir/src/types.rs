@@ -12,14 +12,7 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 6] = [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::I8,
-        DType::I16,
-        DType::I32,
-    ];
+    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::I8, DType::I16, DType::I32];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -64,10 +57,7 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
-        TensorType {
-            dtype,
-            shape: shape.into(),
-        }
+        TensorType { dtype, shape: shape.into() }
     }
 
     pub fn f32(shape: impl Into<Vec<usize>>) -> Self {

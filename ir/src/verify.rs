@@ -50,9 +50,7 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
     for (k, v) in g.values.iter().enumerate() {
         match &v.def {
             ValueDef::Weight(w) => {
-                let decl = module
-                    .weight(w)
-                    .ok_or_else(|| format!("@{w} is not a declared weight"))?;
+                let decl = module.weight(w).ok_or_else(|| format!("@{w} is not a declared weight"))?;
                 if decl.ty != v.ty {
                     return Err(format!("@{w} is used as {} but declared {}", v.ty, decl.ty));
                 }
@@ -65,10 +63,7 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
             }
             ValueDef::Node(i) => {
                 if g.nodes.get(*i).map(|x| x.output.index()) != Some(k) {
-                    return Err(format!(
-                        "%{} claims to be defined by node {i} but is not",
-                        v.name
-                    ));
+                    return Err(format!("%{} claims to be defined by node {i} but is not", v.name));
                 }
             }
         }
@@ -82,34 +77,21 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
     for (i, node) in g.nodes.iter().enumerate() {
         let out = node.output.index();
         if out >= n {
-            return Err(format!(
-                "node {i} ({}) defines a value that does not exist",
-                node.op.name()
-            ));
+            return Err(format!("node {i} ({}) defines a value that does not exist", node.op.name()));
         }
         let out_name = &g.values[out].name;
         for &x in &node.inputs {
             if x.index() >= n {
-                return Err(format!(
-                    "%{out_name}: operand {} does not exist (dangling edge)",
-                    x.0
-                ));
+                return Err(format!("%{out_name}: operand {} does not exist (dangling edge)", x.0));
             }
             if !defined[x.index()] {
-                return Err(format!(
-                    "%{out_name}: operand %{} is used before it is defined",
-                    g.values[x.index()].name
-                ));
+                return Err(format!("%{out_name}: operand %{} is used before it is defined", g.values[x.index()].name));
             }
         }
         let tys: Vec<_> = node.inputs.iter().map(|&x| g.ty(x)).collect();
         let inferred = infer_type(&node.op, &tys).map_err(|e| format!("%{out_name}: {e}"))?;
         if inferred != g.values[out].ty {
-            return Err(format!(
-                "%{out_name}: declared {} but {} gives {inferred}",
-                g.values[out].ty,
-                node.op.name()
-            ));
+            return Err(format!("%{out_name}: declared {} but {} gives {inferred}", g.values[out].ty, node.op.name()));
         }
         if defined[out] {
             return Err(format!("%{out_name} is defined twice"));

@@ -21,31 +21,9 @@ fn conv1d_with_stride_and_zero_padding() {
     let w = Tensor::f32([1, 1, 3], vec![1., 2., 3.]);
     let b = Tensor::f32([1], vec![10.]);
     // padding 1: windows [0,1,2], [1,2,3], [2,3,4], [3,4,0]
-    let y = eval(
-        &Op::Conv1d {
-            stride: 1,
-            padding: 1,
-        },
-        &[&x, &w, &b],
-    )
-    .unwrap();
-    close(
-        &f(&y),
-        &[
-            10. + 0. + 2. + 6.,
-            10. + 1. + 4. + 9.,
-            10. + 2. + 6. + 12.,
-            10. + 3. + 8. + 0.,
-        ],
-    );
-    let y = eval(
-        &Op::Conv1d {
-            stride: 2,
-            padding: 1,
-        },
-        &[&x, &w, &b],
-    )
-    .unwrap();
+    let y = eval(&Op::Conv1d { stride: 1, padding: 1 }, &[&x, &w, &b]).unwrap();
+    close(&f(&y), &[10. + 0. + 2. + 6., 10. + 1. + 4. + 9., 10. + 2. + 6. + 12., 10. + 3. + 8. + 0.]);
+    let y = eval(&Op::Conv1d { stride: 2, padding: 1 }, &[&x, &w, &b]).unwrap();
     assert_eq!(y.shape, vec![1, 2]);
     close(&f(&y), &[10. + 2. + 6., 10. + 2. + 6. + 12.]); // windows [0,1,2], [2,3,4]
 }
@@ -55,10 +33,7 @@ fn linear_is_x_times_w_transposed_plus_bias() {
     let x = Tensor::f32([1, 2], vec![1., 2.]);
     let w = Tensor::f32([3, 2], vec![1., 0., 0., 1., 1., 1.]);
     let b = Tensor::f32([3], vec![0.5, 0., -1.]);
-    close(
-        &f(&eval(&Op::Linear, &[&x, &w, &b]).unwrap()),
-        &[1.5, 2., 2.],
-    );
+    close(&f(&eval(&Op::Linear, &[&x, &w, &b]).unwrap()), &[1.5, 2., 2.]);
     close(&f(&eval(&Op::Linear, &[&x, &w]).unwrap()), &[1., 2., 3.]);
 }
 
@@ -66,14 +41,8 @@ fn linear_is_x_times_w_transposed_plus_bias() {
 fn matmul_plain_and_transposed() {
     let a = Tensor::f32([1, 1, 2], vec![1., 2.]);
     let b = Tensor::f32([1, 2, 2], vec![1., 2., 3., 4.]);
-    close(
-        &f(&eval(&Op::MatMul { transpose_b: false }, &[&a, &b]).unwrap()),
-        &[7., 10.],
-    );
-    close(
-        &f(&eval(&Op::MatMul { transpose_b: true }, &[&a, &b]).unwrap()),
-        &[5., 11.],
-    );
+    close(&f(&eval(&Op::MatMul { transpose_b: false }, &[&a, &b]).unwrap()), &[7., 10.]);
+    close(&f(&eval(&Op::MatMul { transpose_b: true }, &[&a, &b]).unwrap()), &[5., 11.]);
 }
 
 #[test]
@@ -88,10 +57,7 @@ fn add_broadcasts_like_numpy() {
 #[test]
 fn softmax_and_masking() {
     let x = Tensor::f32([1, 3], vec![0., (2f32).ln(), f32::NEG_INFINITY]);
-    close(
-        &f(&eval(&Op::Softmax, &[&x]).unwrap()),
-        &[1. / 3., 2. / 3., 0.],
-    );
+    close(&f(&eval(&Op::Softmax, &[&x]).unwrap()), &[1. / 3., 2. / 3., 0.]);
     let pos = Tensor::i32([1], vec![1]);
     let m = eval(&Op::CausalMask { len: 3 }, &[&pos]).unwrap();
     assert_eq!(f(&m), vec![0., 0., f32::NEG_INFINITY]);
@@ -105,10 +71,7 @@ fn layer_norm_normalises_then_applies_gain_and_bias() {
     let g = Tensor::f32([2], vec![2., 1.]);
     let b = Tensor::f32([2], vec![0., 1.]);
     // mean 2, variance 1: normalised [-1, 1] (eps 0)
-    close(
-        &f(&eval(&Op::LayerNorm { eps: 0.0 }, &[&x, &g, &b]).unwrap()),
-        &[-2., 2.],
-    );
+    close(&f(&eval(&Op::LayerNorm { eps: 0.0 }, &[&x, &g, &b]).unwrap()), &[-2., 2.]);
 }
 
 #[test]
@@ -123,31 +86,14 @@ fn gelu_known_values() {
 fn data_movement() {
     let x = Tensor::f32([2, 3], vec![0., 1., 2., 3., 4., 5.]);
     let t = eval(&Op::Transpose { perm: vec![1, 0] }, &[&x]).unwrap();
-    assert_eq!(
-        (t.shape.clone(), f(&t)),
-        (vec![3, 2], vec![0., 3., 1., 4., 2., 5.])
-    );
-    let s = eval(
-        &Op::Slice {
-            axis: 1,
-            start: 1,
-            end: 3,
-        },
-        &[&x],
-    )
-    .unwrap();
+    assert_eq!((t.shape.clone(), f(&t)), (vec![3, 2], vec![0., 3., 1., 4., 2., 5.]));
+    let s = eval(&Op::Slice { axis: 1, start: 1, end: 3 }, &[&x]).unwrap();
     assert_eq!(f(&s), vec![1., 2., 4., 5.]);
     let ids = Tensor::i32([2], vec![1, 0]);
-    assert_eq!(
-        f(&eval(&Op::Gather, &[&x, &ids]).unwrap()),
-        vec![3., 4., 5., 0., 1., 2.]
-    );
+    assert_eq!(f(&eval(&Op::Gather, &[&x, &ids]).unwrap()), vec![3., 4., 5., 0., 1., 2.]);
     let row = Tensor::f32([1, 3], vec![9., 9., 9.]);
     let at = Tensor::i32([1], vec![0]);
-    assert_eq!(
-        f(&eval(&Op::ScatterRow, &[&x, &at, &row]).unwrap()),
-        vec![9., 9., 9., 3., 4., 5.]
-    );
+    assert_eq!(f(&eval(&Op::ScatterRow, &[&x, &at, &row]).unwrap()), vec![9., 9., 9., 3., 4., 5.]);
     let oob = Tensor::i32([1], vec![5]);
     assert!(eval(&Op::Gather, &[&x, &oob]).is_err());
 }

@@ -1,9 +1,7 @@
 //! The text form round-trips, and the verifier and parser reject malformed modules with a
 //! message that says what is wrong.
 
-use wcc_ir::{
-    parse_module, print_module, verify, DType, Graph, Module, Op, TensorType, WeightSource,
-};
+use wcc_ir::{parse_module, print_module, verify, DType, Graph, Module, Op, TensorType, WeightSource};
 
 /// A small module using every op.
 fn sample() -> Module {
@@ -12,112 +10,34 @@ fn sample() -> Module {
     let w = m.add_weight(
         "w",
         TensorType::new(DType::F16, [4, 4]),
-        WeightSource {
-            tensor: "fused/w".into(),
-            rows: Some((4, 8)),
-        },
+        WeightSource { tensor: "fused/w".into(), rows: Some((4, 8)) },
     );
-    let b = m.add_weight(
-        "b",
-        TensorType::new(DType::BF16, [4]),
-        WeightSource {
-            tensor: "b".into(),
-            rows: None,
-        },
-    );
-    let cw = m.add_weight(
-        "cw",
-        TensorType::f32([4, 2, 3]),
-        WeightSource {
-            tensor: "cw".into(),
-            rows: None,
-        },
-    );
-    let table = m.add_weight(
-        "table",
-        TensorType::f32([10, 4]),
-        WeightSource {
-            tensor: "t".into(),
-            rows: None,
-        },
-    );
+    let b = m.add_weight("b", TensorType::new(DType::BF16, [4]), WeightSource { tensor: "b".into(), rows: None });
+    let cw = m.add_weight("cw", TensorType::f32([4, 2, 3]), WeightSource { tensor: "cw".into(), rows: None });
+    let table = m.add_weight("table", TensorType::f32([10, 4]), WeightSource { tensor: "t".into(), rows: None });
     let mut g = Graph::new("main");
     let x = g.add_input("x", TensorType::f32([2, 8]));
     let ids = g.add_input("ids", TensorType::new(DType::I32, [1]));
     let cache = g.add_input("cache", TensorType::f32([6, 4]));
-    let (cw, w, b, table) = (
-        g.use_weight(&cw),
-        g.use_weight(&w),
-        g.use_weight(&b),
-        g.use_weight(&table),
-    );
-    let c = g
-        .add_node(
-            "conv",
-            Op::Conv1d {
-                stride: 2,
-                padding: 1,
-            },
-            &[x, cw, b],
-        )
-        .unwrap();
+    let (cw, w, b, table) = (g.use_weight(&cw), g.use_weight(&w), g.use_weight(&b), g.use_weight(&table));
+    let c = g.add_node("conv", Op::Conv1d { stride: 2, padding: 1 }, &[x, cw, b]).unwrap();
     let c = g.add_node("act", Op::Gelu, &[c]).unwrap();
-    let t = g
-        .add_node("t", Op::Transpose { perm: vec![1, 0] }, &[c])
-        .unwrap();
+    let t = g.add_node("t", Op::Transpose { perm: vec![1, 0] }, &[c]).unwrap();
     let l = g.add_node("lin", Op::Linear, &[t, w, b]).unwrap();
-    let n = g
-        .add_node("norm", Op::LayerNorm { eps: 1e-5 }, &[l, b, b])
-        .unwrap();
-    let s = g
-        .add_node("scaled", Op::Scale { factor: 0.125 }, &[n])
-        .unwrap();
+    let n = g.add_node("norm", Op::LayerNorm { eps: 1e-5 }, &[l, b, b]).unwrap();
+    let s = g.add_node("scaled", Op::Scale { factor: 0.125 }, &[n]).unwrap();
     let e = g.add_node("emb", Op::Gather, &[table, ids]).unwrap();
     let a = g.add_node("sum", Op::Add, &[s, e]).unwrap();
     let prod = g.add_node("prod", Op::Mul, &[a, a]).unwrap();
-    let row = g
-        .add_node(
-            "row",
-            Op::Slice {
-                axis: 0,
-                start: 1,
-                end: 2,
-            },
-            &[prod],
-        )
-        .unwrap();
-    let upd = g
-        .add_node("cache.next", Op::ScatterRow, &[cache, ids, row])
-        .unwrap();
-    let mask = g
-        .add_node("mask", Op::CausalMask { len: 6 }, &[ids])
-        .unwrap();
-    let q = g
-        .add_node(
-            "q",
-            Op::Reshape {
-                shape: vec![1, 1, 4],
-            },
-            &[row],
-        )
-        .unwrap();
-    let k = g
-        .add_node(
-            "k",
-            Op::Reshape {
-                shape: vec![1, 6, 4],
-            },
-            &[upd],
-        )
-        .unwrap();
-    let sc = g
-        .add_node("scores", Op::MatMul { transpose_b: true }, &[q, k])
-        .unwrap();
+    let row = g.add_node("row", Op::Slice { axis: 0, start: 1, end: 2 }, &[prod]).unwrap();
+    let upd = g.add_node("cache.next", Op::ScatterRow, &[cache, ids, row]).unwrap();
+    let mask = g.add_node("mask", Op::CausalMask { len: 6 }, &[ids]).unwrap();
+    let q = g.add_node("q", Op::Reshape { shape: vec![1, 1, 4] }, &[row]).unwrap();
+    let k = g.add_node("k", Op::Reshape { shape: vec![1, 6, 4] }, &[upd]).unwrap();
+    let sc = g.add_node("scores", Op::MatMul { transpose_b: true }, &[q, k]).unwrap();
     let sc = g.add_node("masked", Op::Add, &[sc, mask]).unwrap();
     let p = g.add_node("probs", Op::Softmax, &[sc]).unwrap();
-    let o = g
-        .add_node("out", Op::MatMul { transpose_b: false }, &[p, k])
-        .unwrap();
+    let o = g.add_node("out", Op::MatMul { transpose_b: false }, &[p, k]).unwrap();
     g.outputs = vec![o, upd];
     g.canonicalize();
     m.graphs.push(g);
@@ -148,10 +68,7 @@ fn rejects(text: &str, needle: &str) {
             Ok(()) => panic!("accepted:\n{text}"),
         },
     };
-    assert!(
-        err.contains(needle),
-        "error `{err}` does not mention `{needle}`"
-    );
+    assert!(err.contains(needle), "error `{err}` does not mention `{needle}`");
 }
 
 fn edit(from: &str, to: &str) -> String {
@@ -162,60 +79,21 @@ fn edit(from: &str, to: &str) -> String {
 
 #[test]
 fn verifier_and_parser_reject_malformed_modules() {
-    rejects(
-        &edit("%lin: f32[4,4]", "%lin: f32[4,5]"),
-        "declared f32[4,5] but linear gives f32[4,4]",
-    );
-    rejects(
-        &edit("linear(%t, @w, @b)", "linear(%t, @w, @nope)"),
-        "@nope is not a declared weight",
-    );
-    rejects(
-        &edit("linear(%t, @w, @b)", "linear(%ghost, @w, @b)"),
-        "%ghost is not defined",
-    );
-    rejects(
-        &edit("softmax(%masked)", "softmax(%out)"),
-        "%out is not defined",
-    );
-    rejects(
-        &edit(
-            "%act: f32[4,4] = gelu(%conv)",
-            "%act: f32[4,4] = gelu(%conv, %conv)",
-        ),
-        "takes 1 operand(s), got 2",
-    );
-    rejects(
-        &edit("reshape{shape=[1,1,4]}", "reshape{shape=[1,2,4]}"),
-        "changes the element count",
-    );
-    rejects(
-        &edit("transpose{perm=[1,0]}", "transpose{perm=[0,0]}"),
-        "not a permutation",
-    );
+    rejects(&edit("%lin: f32[4,4]", "%lin: f32[4,5]"), "declared f32[4,5] but linear gives f32[4,4]");
+    rejects(&edit("linear(%t, @w, @b)", "linear(%t, @w, @nope)"), "@nope is not a declared weight");
+    rejects(&edit("linear(%t, @w, @b)", "linear(%ghost, @w, @b)"), "%ghost is not defined");
+    rejects(&edit("softmax(%masked)", "softmax(%out)"), "%out is not defined");
+    rejects(&edit("%act: f32[4,4] = gelu(%conv)", "%act: f32[4,4] = gelu(%conv, %conv)"), "takes 1 operand(s), got 2");
+    rejects(&edit("reshape{shape=[1,1,4]}", "reshape{shape=[1,2,4]}"), "changes the element count");
+    rejects(&edit("transpose{perm=[1,0]}", "transpose{perm=[0,0]}"), "not a permutation");
     rejects(&edit("gelu(", "swish("), "unknown op `swish`");
-    rejects(
-        &edit("{stride=2, padding=1}", "{stride=2}"),
-        "needs attribute `padding`",
-    );
-    rejects(
-        &edit("{len=6}", "{len=6, wide=1}"),
-        "has no attribute `wide`",
-    );
-    rejects(
-        &edit("%emb: f32[1,4]", "%act: f32[1,4]"),
-        "%act is defined twice",
-    );
+    rejects(&edit("{stride=2, padding=1}", "{stride=2}"), "needs attribute `padding`");
+    rejects(&edit("{len=6}", "{len=6, wide=1}"), "has no attribute `wide`");
+    rejects(&edit("%emb: f32[1,4]", "%act: f32[1,4]"), "%act is defined twice");
     rejects(&edit("[4:8]", "[4:9]"), "row range [4:9] does not match");
     rejects(&edit("f16[4,4]", "f99[4,4]"), "unknown dtype `f99`");
-    rejects(
-        &edit("gather(@table, %ids)", "gather(@table, %x)"),
-        "gather cannot take operands",
-    );
-    rejects(
-        &edit("  return (%out, %cache.next)\n", ""),
-        "expected a node",
-    );
+    rejects(&edit("gather(@table, %ids)", "gather(@table, %x)"), "gather cannot take operands");
+    rejects(&edit("  return (%out, %cache.next)\n", ""), "expected a node");
     rejects("module \"m\" { graph g() { return () } }", "no outputs");
     rejects("module \"m\" {", "unexpected end of input");
 }
@@ -243,11 +121,7 @@ fn dot_output_has_every_node_and_edge() {
     let dot = wcc_ir::to_dot(&m.graphs[0]);
     assert!(dot.starts_with("digraph \"main\""));
     for n in &m.graphs[0].nodes {
-        assert!(dot.contains(&format!(
-            "%{}\\n{}",
-            m.graphs[0].value(n.output).name,
-            n.op.name()
-        )));
+        assert!(dot.contains(&format!("%{}\\n{}", m.graphs[0].value(n.output).name, n.op.name())));
     }
     // One edge per non-weight operand plus one per output.
     let g = &m.graphs[0];

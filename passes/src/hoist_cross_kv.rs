@@ -18,23 +18,13 @@ use crate::PassError;
 const NAME: &str = "hoist-cross-kv";
 
 fn fail(msg: impl Into<String>) -> PassError {
-    PassError::Failed {
-        pass: NAME,
-        msg: msg.into(),
-    }
+    PassError::Failed { pass: NAME, msg: msg.into() }
 }
 
 pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
-    let enc_i = m
-        .graphs
-        .iter()
-        .position(|g| g.name == "encoder")
-        .ok_or_else(|| fail("no `encoder` graph"))?;
-    let dec_i = m
-        .graphs
-        .iter()
-        .position(|g| g.name == "decoder_step")
-        .ok_or_else(|| fail("no `decoder_step` graph"))?;
+    let enc_i = m.graphs.iter().position(|g| g.name == "encoder").ok_or_else(|| fail("no `encoder` graph"))?;
+    let dec_i =
+        m.graphs.iter().position(|g| g.name == "decoder_step").ok_or_else(|| fail("no `decoder_step` graph"))?;
     let (enc, dec) = (&m.graphs[enc_i], &m.graphs[dec_i]);
 
     // Decoder inputs that are encoder outputs, and the encoder value each one is.
@@ -76,26 +66,18 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
             let a = match (&v.def, in_enc[i.index()]) {
                 (_, Some(a)) => a,
                 (ValueDef::Weight(w), None) => {
-                    let decl = m
-                        .weight(w)
-                        .ok_or_else(|| fail(format!("@{w} is not declared")))?;
+                    let decl = m.weight(w).ok_or_else(|| fail(format!("@{w} is not declared")))?;
                     new_enc.use_weight(decl)
                 }
                 _ => {
-                    return Err(fail(format!(
-                        "operand %{} of a hoisted node is not available in the encoder",
-                        v.name
-                    )))
+                    return Err(fail(format!("operand %{} of a hoisted node is not available in the encoder", v.name)))
                 }
             };
             args.push(a);
         }
         let out = dec.value(node.output);
         if new_enc.find_value(&out.name).is_some() {
-            return Err(fail(format!(
-                "the encoder already has a value named %{}",
-                out.name
-            )));
+            return Err(fail(format!("the encoder already has a value named %{}", out.name)));
         }
         in_enc[node.output.index()] =
             Some(new_enc.add_node_typed(out.name.clone(), node.op.clone(), &args, out.ty.clone()));
@@ -104,10 +86,7 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
     // Rebuild the decoder: the boundary values become inputs where the old encoder-fed
     // inputs were.
     let uses_outside = |v: ValueId| -> bool {
-        dec.nodes
-            .iter()
-            .enumerate()
-            .any(|(n, node)| !hoisted[n] && node.inputs.contains(&v))
+        dec.nodes.iter().enumerate().any(|(n, node)| !hoisted[n] && node.inputs.contains(&v))
             || dec.outputs.contains(&v)
     };
     let boundary: Vec<ValueId> = dec
@@ -151,12 +130,7 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
             let a = match (&dec.value(i).def, map[i.index()]) {
                 (_, Some(a)) => a,
                 (ValueDef::Weight(w), None) => new_dec.use_weight(m.weight(w).expect("declared")),
-                _ => {
-                    return Err(fail(format!(
-                        "operand %{} lost in the rewrite",
-                        dec.value(i).name
-                    )))
-                }
+                _ => return Err(fail(format!("operand %{} lost in the rewrite", dec.value(i).name))),
             };
             args.push(a);
         }
@@ -164,11 +138,7 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
         map[node.output.index()] =
             Some(new_dec.add_node_typed(out.name.clone(), node.op.clone(), &args, out.ty.clone()));
     }
-    new_dec.outputs = dec
-        .outputs
-        .iter()
-        .map(|o| map[o.index()].expect("outputs are not hoisted"))
-        .collect();
+    new_dec.outputs = dec.outputs.iter().map(|o| map[o.index()].expect("outputs are not hoisted")).collect();
     new_enc.canonicalize();
     new_dec.canonicalize();
     m.graphs[enc_i] = new_enc;

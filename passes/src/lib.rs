@@ -4,8 +4,10 @@
 //! names the pass), and lets the caller look at the module after every pass (`--dump-ir`).
 
 mod hoist_cross_kv;
+mod timesteps;
 
 pub use hoist_cross_kv::hoist_cross_kv;
+pub use timesteps::{auto_timesteps, timesteps, MAX_TIMESTEPS};
 
 use wcc_ir::Module;
 
@@ -17,18 +19,32 @@ pub enum PassError {
     Unknown(String),
 }
 
+/// What the user chose for the passes that take a parameter.
+#[derive(Clone, Debug, Default)]
+pub struct PassOptions {
+    /// Mel frames of the encoder's static input; `None` keeps the model's 30 s (3000).
+    pub timesteps: Option<usize>,
+}
+
 pub struct Pass {
     pub name: &'static str,
     pub about: &'static str,
-    pub run: fn(Module) -> Result<Module, PassError>,
+    pub run: fn(Module, &PassOptions) -> Result<Module, PassError>,
 }
 
 /// Every pass, in the default order.
-pub const PASSES: &[Pass] = &[Pass {
-    name: "hoist-cross-kv",
-    about: "move the decoder's cross-attention K/V projections into the encoder",
-    run: hoist_cross_kv,
-}];
+pub const PASSES: &[Pass] = &[
+    Pass {
+        name: "timesteps",
+        about: "fix the encoder's mel frame count (--timesteps N); every shape is static afterwards",
+        run: timesteps,
+    },
+    Pass {
+        name: "hoist-cross-kv",
+        about: "move the decoder's cross-attention K/V projections into the encoder",
+        run: |m, _| hoist_cross_kv(m),
+    },
+];
 
 /// The default pipeline: every pass, in order.
 pub fn default_pipeline() -> Vec<&'static str> {
@@ -38,40 +54,31 @@ pub fn default_pipeline() -> Vec<&'static str> {
 /// The passes of the default pipeline up to and including `last`.
 pub fn pipeline_until(last: &str) -> Result<Vec<&'static str>, PassError> {
     let all = default_pipeline();
-    let end = all
-        .iter()
-        .position(|&p| p == last)
-        .ok_or_else(|| PassError::Unknown(last.to_string()))?;
+    let end = all.iter().position(|&p| p == last).ok_or_else(|| PassError::Unknown(last.to_string()))?;
     Ok(all[..=end].to_vec())
 }
 
-/// Runs the named passes in order, verifying after each.
+/// Runs the named passes in order with default options, verifying after each.
 pub fn run(module: Module, names: &[&str]) -> Result<Module, PassError> {
-    run_observed(module, names, &mut |_, _, _| Ok(()))
+    run_observed(module, names, &PassOptions::default(), &mut |_, _, _| Ok(()))
 }
 
 /// [`run`], calling `after(index, pass name, module)` after each pass (index from 1).
 pub fn run_observed(
     mut module: Module,
     names: &[&str],
+    options: &PassOptions,
     after: &mut dyn FnMut(usize, &str, &Module) -> Result<(), PassError>,
 ) -> Result<Module, PassError> {
     // Resolve every name first: a typo fails before any work.
     let passes: Vec<&Pass> = names
         .iter()
-        .map(|&n| {
-            PASSES
-                .iter()
-                .find(|p| p.name == n)
-                .ok_or_else(|| PassError::Unknown(n.to_string()))
-        })
+        .map(|&n| PASSES.iter().find(|p| p.name == n).ok_or_else(|| PassError::Unknown(n.to_string())))
         .collect::<Result<_, _>>()?;
     for (i, pass) in passes.into_iter().enumerate() {
-        module = (pass.run)(module)?;
-        wcc_ir::verify(&module).map_err(|e| PassError::Failed {
-            pass: pass.name,
-            msg: format!("left the module malformed: {e}"),
-        })?;
+        module = (pass.run)(module, options)?;
+        wcc_ir::verify(&module)
+            .map_err(|e| PassError::Failed { pass: pass.name, msg: format!("left the module malformed: {e}") })?;
         after(i + 1, pass.name, &module)?;
     }
     Ok(module)

@@ -67,10 +67,7 @@ pub struct CompiledModel {
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> WbinError {
-    WbinError::Invalid {
-        path: path.display().to_string(),
-        msg: msg.into(),
-    }
+    WbinError::Invalid { path: path.display().to_string(), msg: msg.into() }
 }
 
 impl CompiledModel {
@@ -82,45 +79,30 @@ impl CompiledModel {
         let s = file.sections();
         // Code: copied into fresh anonymous memory, then made read+execute (W^X: it is
         // never writable and executable at once).
-        let mut code = MmapMut::map_anon(s.code.len().max(1))
-            .map_err(|e| invalid(path, format!("code memory: {e}")))?;
+        let mut code =
+            MmapMut::map_anon(s.code.len().max(1)).map_err(|e| invalid(path, format!("code memory: {e}")))?;
         code[..s.code.len()].copy_from_slice(s.code);
-        let code = code
-            .make_exec()
-            .map_err(|e| invalid(path, format!("making code executable: {e}")))?;
+        let code = code.make_exec().map_err(|e| invalid(path, format!("making code executable: {e}")))?;
         let mut fns = Vec::new();
         for k in &h.kernels {
-            if k.offset
-                .checked_add(k.len)
-                .is_none_or(|e| e > s.code.len() as u64)
-                || k.len == 0
-            {
-                return Err(invalid(
-                    path,
-                    format!("kernel {} lies outside the code section", k.name),
-                ));
+            if k.offset.checked_add(k.len).is_none_or(|e| e > s.code.len() as u64) || k.len == 0 {
+                return Err(invalid(path, format!("kernel {} lies outside the code section", k.name)));
             }
             // SAFETY: the bytes at this offset are the entry of a function compiled by wcc
             // with the KernelFn signature for this target, whose features the host has
             // (checked above); the file's checksum vouches that they are what wcc wrote.
-            fns.push(unsafe {
-                std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize))
-            });
+            fns.push(unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) });
         }
         let arena_bytes = h.arena_bytes as usize;
         let mut arena = vec![Line([0; 64]); arena_bytes.div_ceil(64).max(1)];
         let arena_ptr = arena.as_mut_ptr() as *mut u8;
         let weights_ptr = s.weights.as_ptr() as *mut u8;
         let prepare = |name: &str| -> Result<PreparedGraph, WbinError> {
-            let g = h
-                .graph(name)
-                .ok_or_else(|| invalid(path, format!("no `{name}` program")))?;
+            let g = h.graph(name).ok_or_else(|| invalid(path, format!("no `{name}` program")))?;
             let mut launches = Vec::new();
             for l in &g.launches {
-                let entry = h
-                    .kernels
-                    .get(l.kernel as usize)
-                    .ok_or_else(|| invalid(path, "launch of a missing kernel"))?;
+                let entry =
+                    h.kernels.get(l.kernel as usize).ok_or_else(|| invalid(path, "launch of a missing kernel"))?;
                 if l.buffers.len() != entry.buffer_bytes.len() {
                     return Err(invalid(
                         path,
@@ -135,27 +117,16 @@ impl CompiledModel {
                 let mut ptrs = Vec::with_capacity(l.buffers.len());
                 for (b, &need) in l.buffers.iter().zip(&entry.buffer_bytes) {
                     let (base, limit, offset, len) = match *b {
-                        BufRef::Arena { offset, len } => {
-                            (arena_ptr, arena_bytes as u64, offset, len)
-                        }
-                        BufRef::Weight { offset, len } => {
-                            (weights_ptr, s.weights.len() as u64, offset, len)
-                        }
+                        BufRef::Arena { offset, len } => (arena_ptr, arena_bytes as u64, offset, len),
+                        BufRef::Weight { offset, len } => (weights_ptr, s.weights.len() as u64, offset, len),
                     };
-                    if len < need
-                        || offset.checked_add(len).is_none_or(|e| e > limit)
-                        || offset % 4 != 0
-                    {
-                        return Err(invalid(
-                            path,
-                            format!("a buffer of kernel {} is out of bounds", entry.name),
-                        ));
+                    if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % 4 != 0 {
+                        return Err(invalid(path, format!("a buffer of kernel {} is out of bounds", entry.name)));
                     }
                     // SAFETY: offset + len is inside the arena / weights section (checked).
                     ptrs.push(unsafe { base.add(offset as usize) });
                 }
-                let split =
-                    threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
+                let split = threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
                 launches.push(PreparedLaunch {
                     kernel: l.kernel as usize,
                     f: fns[l.kernel as usize],
@@ -165,22 +136,11 @@ impl CompiledModel {
                 });
             }
             for slot in g.inputs.iter().chain(&g.outputs) {
-                if slot
-                    .offset
-                    .checked_add(slot.bytes())
-                    .is_none_or(|e| e > arena_bytes as u64)
-                {
-                    return Err(invalid(
-                        path,
-                        format!("`{}` lies outside the arena", slot.name),
-                    ));
+                if slot.offset.checked_add(slot.bytes()).is_none_or(|e| e > arena_bytes as u64) {
+                    return Err(invalid(path, format!("`{}` lies outside the arena", slot.name)));
                 }
             }
-            Ok(PreparedGraph {
-                launches,
-                inputs: g.inputs.clone(),
-                outputs: g.outputs.clone(),
-            })
+            Ok(PreparedGraph { launches, inputs: g.inputs.clone(), outputs: g.outputs.clone() })
         };
         let encoder = prepare("encoder")?;
         let decoder = prepare("decoder_step")?;
@@ -200,25 +160,12 @@ impl CompiledModel {
         } else {
             None
         };
-        Ok(CompiledModel {
-            file,
-            _code: code,
-            arena,
-            encoder,
-            decoder,
-            pool,
-            threads,
-            logits,
-            profile: None,
-        })
+        Ok(CompiledModel { file, _code: code, arena, encoder, decoder, pool, threads, logits, profile: None })
     }
 
     /// Starts timing every kernel launch (see [`CompiledModel::profile`]).
     pub fn enable_profiling(&mut self) {
-        self.profile = Some(std::cell::RefCell::new(vec![
-            (0.0, 0);
-            self.file.header.kernels.len()
-        ]));
+        self.profile = Some(std::cell::RefCell::new(vec![(0.0, 0); self.file.header.kernels.len()]));
     }
 
     /// `(kernel name, seconds, calls)` per kernel, most time first.
@@ -275,9 +222,7 @@ impl CompiledModel {
                     let n = self.threads as u64;
                     let chunk = l.extent.div_ceil(n);
                     pool.install(|| {
-                        (0..n)
-                            .into_par_iter()
-                            .for_each(|t| call(t * chunk, ((t + 1) * chunk).min(l.extent)))
+                        (0..n).into_par_iter().for_each(|t| call(t * chunk, ((t + 1) * chunk).min(l.extent)))
                     });
                 }
                 _ => call(0, l.extent),
@@ -295,18 +240,10 @@ impl CompiledModel {
 fn check_host(h: &Header) -> Result<(), String> {
     let arch = std::env::consts::ARCH;
     if h.target.arch != arch {
-        return Err(format!(
-            "compiled for {}, this machine is {arch}: recompile with --target host",
-            h.target.arch
-        ));
+        return Err(format!("compiled for {}, this machine is {arch}: recompile with --target host", h.target.arch));
     }
-    let missing: Vec<&str> = h
-        .target
-        .features
-        .iter()
-        .filter(|f| !wcc_targets::host_has(f))
-        .map(|s| s.as_str())
-        .collect();
+    let missing: Vec<&str> =
+        h.target.features.iter().filter(|f| !wcc_targets::host_has(f)).map(|s| s.as_str()).collect();
     if !missing.is_empty() {
         return Err(format!(
             "compiled for CPU features this CPU lacks ({}): recompile with --target host",
@@ -323,37 +260,18 @@ impl WhisperModel for CompiledModel {
 
     /// The filter bank stored in the file.
     fn mel_filters(&self) -> Vec<f64> {
-        self.file
-            .sections()
-            .mel_filters
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
+        self.file.sections().mel_filters.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
     }
 
     fn encode(&mut self, mel: &[f32]) -> Result<(), String> {
-        let slot = self
-            .encoder
-            .inputs
-            .first()
-            .cloned()
-            .ok_or("the encoder has no input")?;
+        let slot = self.encoder.inputs.first().cloned().ok_or("the encoder has no input")?;
         if slot.bytes() != 4 * mel.len() as u64 {
-            return Err(format!(
-                "the encoder takes {:?} features, got {}",
-                slot.shape,
-                mel.len()
-            ));
+            return Err(format!("the encoder takes {:?} features, got {}", slot.shape, mel.len()));
         }
         self.write_f32(&slot, mel);
         // A new window: empty self-attention caches (every decoder input that is neither the
         // token, the position, nor an encoder output).
-        let enc_out: Vec<String> = self
-            .encoder
-            .outputs
-            .iter()
-            .map(|o| o.name.clone())
-            .collect();
+        let enc_out: Vec<String> = self.encoder.outputs.iter().map(|o| o.name.clone()).collect();
         let state: Vec<IoSlot> = self
             .decoder
             .inputs
@@ -373,10 +291,7 @@ impl WhisperModel for CompiledModel {
 impl Decoder for CompiledModel {
     fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
         for i in 0..self.decoder.inputs.len() {
-            let (name, at) = (
-                self.decoder.inputs[i].name.clone(),
-                self.decoder.inputs[i].offset as usize,
-            );
+            let (name, at) = (self.decoder.inputs[i].name.clone(), self.decoder.inputs[i].offset as usize);
             let v = match name.as_str() {
                 "tokens" => token as i32,
                 "position" => position as i32,
@@ -389,32 +304,17 @@ impl Decoder for CompiledModel {
         for o in 0..self.decoder.outputs.len() {
             let out = self.decoder.outputs[o].clone();
             if let Some(state) = out.name.strip_suffix(".next") {
-                if let Some(inp) = self
-                    .decoder
-                    .inputs
-                    .iter()
-                    .find(|i| i.name == state)
-                    .cloned()
-                {
+                if let Some(inp) = self.decoder.inputs.iter().find(|i| i.name == state).cloned() {
                     if inp.offset != out.offset {
-                        let (a, b, n) = (
-                            out.offset as usize,
-                            inp.offset as usize,
-                            out.bytes() as usize,
-                        );
+                        let (a, b, n) = (out.offset as usize, inp.offset as usize, out.bytes() as usize);
                         self.arena_bytes_mut().copy_within(a..a + n, b);
                     }
                 }
             }
         }
-        let (at, n) = (
-            self.logits.offset as usize,
-            self.logits.bytes() as usize / 4,
-        );
+        let (at, n) = (self.logits.offset as usize, self.logits.bytes() as usize / 4);
         // SAFETY: the logits slot is inside the arena (checked at load) and 4-byte aligned
         // (arena offsets are multiples of 64); f32 has no invalid bit patterns.
-        Ok(unsafe {
-            std::slice::from_raw_parts(self.arena.as_ptr().cast::<u8>().add(at).cast::<f32>(), n)
-        })
+        Ok(unsafe { std::slice::from_raw_parts(self.arena.as_ptr().cast::<u8>().add(at).cast::<f32>(), n) })
     }
 }

@@ -25,15 +25,8 @@ pub fn max_new_tokens(cfg: &GenerationConfig) -> usize {
     cfg.max_text_ctx / 2
 }
 
-fn step(
-    dec: &mut dyn Decoder,
-    token: u32,
-    position: usize,
-    logits: &mut Vec<f32>,
-) -> Result<(), DecodeError> {
-    let out = dec
-        .step(token, position)
-        .map_err(|msg| DecodeError::Step { position, msg })?;
+fn step(dec: &mut dyn Decoder, token: u32, position: usize, logits: &mut Vec<f32>) -> Result<(), DecodeError> {
+    let out = dec.step(token, position).map_err(|msg| DecodeError::Step { position, msg })?;
     logits.clear();
     logits.extend_from_slice(out);
     Ok(())
@@ -52,11 +45,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// The prompt that starts a transcription: `<|startoftranscript|>`, then for multilingual
 /// models the language and task tokens, then `<|notimestamps|>`.
-pub fn transcribe_prompt(
-    cfg: &GenerationConfig,
-    language: Option<u32>,
-    translate: bool,
-) -> Vec<u32> {
+pub fn transcribe_prompt(cfg: &GenerationConfig, language: Option<u32>, translate: bool) -> Vec<u32> {
     let s = &cfg.special;
     let mut p = vec![s.sot];
     if cfg.multilingual {
@@ -70,20 +59,48 @@ pub fn transcribe_prompt(
 /// Greedy decoding: feeds `prompt`, then repeatedly takes the most likely token that is not
 /// suppressed until end-of-text, the per-window cap, or the end of the context. Returns the
 /// generated tokens without the prompt and without end-of-text.
-pub fn greedy(
-    dec: &mut dyn Decoder,
-    cfg: &GenerationConfig,
-    prompt: &[u32],
-) -> Result<Vec<u32>, DecodeError> {
+pub fn greedy(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u32]) -> Result<Vec<u32>, DecodeError> {
+    Ok(greedy_scored(dec, cfg, prompt)?.tokens)
+}
+
+/// The result of decoding one window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoded {
+    /// Generated tokens, without the prompt and without end-of-text.
+    pub tokens: Vec<u32>,
+    /// Probability of `<|nospeech|>` right after `<|startoftranscript|>` (0 when the
+    /// vocabulary has no such token).
+    pub no_speech_prob: f32,
+    /// Mean log-probability of the chosen tokens, end-of-text included (openai-whisper's
+    /// `avg_logprob`).
+    pub avg_logprob: f32,
+}
+
+/// `log softmax(logits)[i]`.
+fn log_prob(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    ((logits[i] - max) as f64 - sum.ln()) as f32
+}
+
+/// [`greedy`], also scoring the window the way openai-whisper does to detect silence.
+pub fn greedy_scored(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u32]) -> Result<Decoded, DecodeError> {
     if prompt.is_empty() || prompt.len() >= cfg.max_text_ctx {
         return Err(DecodeError::PromptTooLong(prompt.len()));
     }
     let mut logits = Vec::new();
+    let mut no_speech_prob = 0.0;
     for (pos, &t) in prompt.iter().enumerate() {
         step(dec, t, pos, &mut logits)?;
+        if t == cfg.special.sot {
+            if let Some(ns) = cfg.special.no_speech.filter(|&ns| (ns as usize) < logits.len()) {
+                no_speech_prob = log_prob(&logits, ns as usize).exp();
+            }
+        }
     }
     let cap = max_new_tokens(cfg).min(cfg.max_text_ctx - prompt.len());
     let mut out = Vec::new();
+    let mut sum_logprob = 0f64;
     while out.len() < cap {
         for &t in &cfg.suppress {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -98,6 +115,7 @@ pub fn greedy(
             }
         }
         let next = argmax(&logits);
+        sum_logprob += log_prob(&logits, next as usize) as f64;
         if next == cfg.special.eot {
             break;
         }
@@ -108,15 +126,13 @@ pub fn greedy(
         }
         step(dec, next, pos, &mut logits)?;
     }
-    Ok(out)
+    let avg_logprob = (sum_logprob / (out.len() + 1) as f64) as f32;
+    Ok(Decoded { tokens: out, no_speech_prob, avg_logprob })
 }
 
 /// Language identification: one step on `<|startoftranscript|>`, then the most likely
 /// language token. Returns `(code, token)`.
-pub fn detect_language(
-    dec: &mut dyn Decoder,
-    cfg: &GenerationConfig,
-) -> Result<(String, u32), DecodeError> {
+pub fn detect_language(dec: &mut dyn Decoder, cfg: &GenerationConfig) -> Result<(String, u32), DecodeError> {
     let mut logits = Vec::new();
     step(dec, cfg.special.sot, 0, &mut logits)?;
     cfg.languages
@@ -172,11 +188,7 @@ mod tests {
     fn greedy_feeds_positions_in_order_and_applies_suppression() {
         // prompt [1, 4] at positions 0, 1; script says: after pos 1 → 6 (suppressed at the
         // start, so the runner-up 7 wins), after pos 2 → 9 (always suppressed → 7), then 8, then eot.
-        let mut d = Scripted {
-            script: vec![0, 6, 9, 8, 0],
-            logits: vec![],
-            seen: vec![],
-        };
+        let mut d = Scripted { script: vec![0, 6, 9, 8, 0], logits: vec![], seen: vec![] };
         let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
         assert_eq!(out, vec![7, 7, 8]);
         assert_eq!(d.seen, vec![(1, 0), (4, 1), (7, 2), (7, 3), (8, 4)]);
@@ -184,11 +196,7 @@ mod tests {
 
     #[test]
     fn greedy_stops_at_the_cap_when_eot_never_comes() {
-        let mut d = Scripted {
-            script: vec![8; 64],
-            logits: vec![],
-            seen: vec![],
-        };
+        let mut d = Scripted { script: vec![8; 64], logits: vec![], seen: vec![] };
         let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
         assert_eq!(out.len(), max_new_tokens(&cfg()));
     }

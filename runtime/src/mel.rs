@@ -18,8 +18,7 @@ const N_FREQS: usize = N_FFT / 2 + 1;
 
 fn hz_to_mel(hz: f64) -> f64 {
     // Slaney: linear below 1 kHz, logarithmic above.
-    let (f_sp, min_log_hz, min_log_mel, logstep) =
-        (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
+    let (f_sp, min_log_hz, min_log_mel, logstep) = (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
     if hz >= min_log_hz {
         min_log_mel + (hz / min_log_hz).ln() / logstep
     } else {
@@ -28,8 +27,7 @@ fn hz_to_mel(hz: f64) -> f64 {
 }
 
 fn mel_to_hz(mel: f64) -> f64 {
-    let (f_sp, min_log_hz, min_log_mel, logstep) =
-        (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
+    let (f_sp, min_log_hz, min_log_mel, logstep) = (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
     if mel >= min_log_mel {
         min_log_hz * (logstep * (mel - min_log_mel)).exp()
     } else {
@@ -43,9 +41,7 @@ pub fn mel_filters(n_mels: usize) -> Vec<f64> {
     let sr = SAMPLE_RATE as f64;
     let fft_freqs: Vec<f64> = (0..N_FREQS).map(|i| i as f64 * sr / N_FFT as f64).collect();
     let (lo, hi) = (hz_to_mel(0.0), hz_to_mel(sr / 2.0));
-    let mel_f: Vec<f64> = (0..n_mels + 2)
-        .map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64))
-        .collect();
+    let mel_f: Vec<f64> = (0..n_mels + 2).map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64)).collect();
     let mut w = vec![0.0; n_mels * N_FREQS];
     for m in 0..n_mels {
         let (f0, f1, f2) = (mel_f[m], mel_f[m + 1], mel_f[m + 2]);
@@ -97,10 +93,7 @@ pub fn log_mel_spectrogram_with(samples: &[f32], filters: &[f64], frames: usize)
 fn power_spectrogram(audio: &[f64]) -> Vec<f64> {
     let half = N_FFT / 2;
     let n = audio.len();
-    assert!(
-        n > half,
-        "audio is padded by 30 s, so it is always longer than one window"
-    );
+    assert!(n > half, "audio is padded by 30 s, so it is always longer than one window");
     let reflect = |i: isize| -> f64 {
         let j = if i < 0 {
             (-i) as usize
@@ -111,9 +104,7 @@ fn power_spectrogram(audio: &[f64]) -> Vec<f64> {
         };
         audio[j]
     };
-    let window: Vec<f64> = (0..N_FFT)
-        .map(|i| 0.5 - 0.5 * (2.0 * PI * i as f64 / N_FFT as f64).cos())
-        .collect();
+    let window: Vec<f64> = (0..N_FFT).map(|i| 0.5 - 0.5 * (2.0 * PI * i as f64 / N_FFT as f64).cos()).collect();
     let frames = n / HOP_LENGTH; // 1 + n/hop frames, minus the dropped last one
     let fft = FftPlanner::<f64>::new().plan_fft_forward(N_FFT);
     let mut buf = vec![Complex::new(0.0, 0.0); N_FFT];
@@ -160,22 +151,12 @@ mod tests {
 
     #[test]
     fn a_pure_tone_lands_in_the_right_mel_band() {
-        let tone: Vec<f32> = (0..16000)
-            .map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin())
-            .collect();
+        let tone: Vec<f32> =
+            (0..16000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin()).collect();
         let mel = log_mel_spectrogram(&tone, 80, 100);
         let col: Vec<f32> = (0..80).map(|m| mel[m * 100 + 50]).collect();
-        let best = col
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0;
+        let best = col.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
         let centre_hz = |m: usize| mel_to_hz(hz_to_mel(8000.0) * (m + 1) as f64 / 81.0);
-        assert!(
-            (centre_hz(best) - 1000.0).abs() < 60.0,
-            "peak at band {best} ({} Hz)",
-            centre_hz(best)
-        );
+        assert!((centre_hz(best) - 1000.0).abs() < 60.0, "peak at band {best} ({} Hz)", centre_hz(best));
     }
 }

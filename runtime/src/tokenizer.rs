@@ -23,6 +23,9 @@ pub struct SpecialTokens {
     pub no_timestamps: u32,
     /// `<|0.00|>`, the first timestamp token: `no_timestamps + 1` in every Whisper vocabulary.
     pub timestamp_begin: u32,
+    /// `<|nospeech|>` (`<|nocaptions|>` in older vocabularies), if the vocabulary has it.
+    #[serde(default)]
+    pub no_speech: Option<u32>,
 }
 
 /// What a decoding strategy needs to know about the model's vocabulary and settings.
@@ -70,6 +73,7 @@ impl WhisperTokenizer {
             translate: get("<|translate|>")?,
             no_timestamps,
             timestamp_begin: no_timestamps + 1,
+            no_speech: self.token_id("<|nospeech|>").or_else(|| self.token_id("<|nocaptions|>")),
         })
     }
 
@@ -77,9 +81,7 @@ impl WhisperTokenizer {
     /// from end-of-text on) are left out.
     pub fn decode(&self, ids: &[u32], eot: u32) -> Result<String, TokenizerError> {
         let text: Vec<u32> = ids.iter().copied().filter(|&t| t < eot).collect();
-        self.inner
-            .decode(&text, false)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.inner.decode(&text, false).map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     /// Builds the generation settings from this vocabulary and the checkpoint's lists.

@@ -1,7 +1,7 @@
 //! The transcription loop shared by every way of running a model: audio → fixed-length
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
-use crate::decode::{detect_language, greedy, transcribe_prompt, DecodeError, Decoder};
+use crate::decode::{detect_language, greedy_scored, transcribe_prompt, DecodeError, Decoder};
 use crate::mel::log_mel_spectrogram_with;
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
 use crate::{HOP_LENGTH, SAMPLE_RATE};
@@ -33,7 +33,17 @@ pub struct Segment {
     pub end: f64,
     pub tokens: Vec<u32>,
     pub text: String,
+    pub no_speech_prob: f32,
+    pub avg_logprob: f32,
+    /// Judged silent (see [`NO_SPEECH_THRESHOLD`]): left out of the transcript.
+    pub skipped: bool,
 }
+
+/// openai-whisper's silence rule: a window whose `<|nospeech|>` probability exceeds this
+/// while its tokens' mean log-probability is below [`LOGPROB_THRESHOLD`] holds no speech
+/// (whatever was decoded there is a hallucination).
+pub const NO_SPEECH_THRESHOLD: f32 = 0.6;
+pub const LOGPROB_THRESHOLD: f32 = -1.0;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transcript {
@@ -43,20 +53,14 @@ pub struct Transcript {
 
 impl Transcript {
     pub fn text(&self) -> String {
-        let parts: Vec<&str> = self
-            .segments
-            .iter()
-            .map(|s| s.text.trim())
-            .filter(|t| !t.is_empty())
-            .collect();
+        let parts: Vec<&str> =
+            self.segments.iter().filter(|s| !s.skipped).map(|s| s.text.trim()).filter(|t| !t.is_empty()).collect();
         parts.join(" ")
     }
 
+    /// The tokens of the segments kept in the transcript.
     pub fn tokens(&self) -> Vec<u32> {
-        self.segments
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect()
+        self.segments.iter().filter(|s| !s.skipped).flat_map(|s| s.tokens.iter().copied()).collect()
     }
 }
 
@@ -74,9 +78,29 @@ pub enum TranscribeError {
     Text(String),
 }
 
+/// Where the window starting at `start` ends: the end of the audio if it fits, else the
+/// quietest 100 ms (lowest energy, 10 ms steps) in the window's last third, so that words
+/// are not cut and the window ends in (near) silence, after which the model can emit
+/// end-of-text. The next window starts there: no audio is dropped.
+pub fn window_end(samples: &[f32], start: usize, window: usize) -> usize {
+    const FRAME: usize = SAMPLE_RATE as usize / 10;
+    const STEP: usize = SAMPLE_RATE as usize / 100;
+    if samples.len() - start <= window {
+        return samples.len();
+    }
+    let (lo, hi) = (start + window * 2 / 3, start + window - FRAME);
+    if window < 3 * FRAME || lo >= hi {
+        return start + window;
+    }
+    let energy = |at: usize| -> f64 { samples[at..at + FRAME].iter().map(|&x| (x as f64) * (x as f64)).sum() };
+    let quietest = (lo..=hi).step_by(STEP).min_by(|&a, &b| energy(a).total_cmp(&energy(b))).unwrap_or(hi);
+    quietest + FRAME / 2
+}
+
 /// Transcribes 16 kHz mono `samples`. Audio longer than the encoder's window is cut into
-/// consecutive windows of that length (each decoded on its own); a shorter window is padded
-/// with silence (openai-whisper's convention, see [`crate::mel`]).
+/// consecutive windows of at most that length, at quiet points ([`window_end`]), each
+/// decoded on its own; a shorter window is padded with silence (openai-whisper's
+/// convention, see [`crate::mel`]). Windows judged silent are kept but marked `skipped`.
 pub fn transcribe(
     model: &mut dyn WhisperModel,
     tokenizer: &WhisperTokenizer,
@@ -103,27 +127,29 @@ pub fn transcribe(
         }
     }
     let mut segments = Vec::new();
-    for (w, chunk) in samples.chunks(window).enumerate() {
+    let mut start_sample = 0;
+    while start_sample < samples.len() {
+        let end_sample = window_end(samples, start_sample, window);
+        let chunk = &samples[start_sample..end_sample];
+        let start = start_sample as f64 / SAMPLE_RATE as f64;
+        start_sample = end_sample;
         let mel = log_mel_spectrogram_with(chunk, &filters, frames);
         model.encode(&mel).map_err(TranscribeError::Encode)?;
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);
         }
         let prompt = transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
-        let tokens = greedy(model, cfg, &prompt)?;
-        let text = tokenizer
-            .decode(&tokens, cfg.special.eot)
-            .map_err(|e| TranscribeError::Text(e.to_string()))?;
-        let start = (w * window) as f64 / SAMPLE_RATE as f64;
+        let d = greedy_scored(model, cfg, &prompt)?;
+        let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
         segments.push(Segment {
             start,
             end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
-            tokens,
+            skipped: d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD,
+            tokens: d.tokens,
             text,
+            no_speech_prob: d.no_speech_prob,
+            avg_logprob: d.avg_logprob,
         });
     }
-    Ok(Transcript {
-        language: language.map(|l| l.0),
-        segments,
-    })
+    Ok(Transcript { language: language.map(|l| l.0), segments })
 }

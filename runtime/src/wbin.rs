@@ -25,10 +25,7 @@ pub enum WbinError {
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,10 +134,7 @@ fn align(x: usize, a: usize) -> usize {
 /// Writes a `.wbin` to `path` (through a temporary file in the same directory, renamed at
 /// the end, so a failed write leaves nothing half-written behind).
 pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinError> {
-    let io = |source| WbinError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = |source| WbinError::Io { path: path.display().to_string(), source };
     let header_json = serde_json::to_vec(header).expect("header serialises");
     let mut table = [Section::default(); 5];
     let mut pos = PRELUDE_LEN;
@@ -153,10 +147,7 @@ pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinErro
     ];
     for (i, (data, a)) in parts.iter().enumerate() {
         pos = align(pos, *a);
-        table[i] = Section {
-            offset: pos as u64,
-            len: data.len() as u64,
-        };
+        table[i] = Section { offset: pos as u64, len: data.len() as u64 };
         pos += data.len();
     }
     let mut buf = vec![0u8; pos];
@@ -173,16 +164,8 @@ pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinErro
     }
     let crc = crc32fast::hash(&buf[16..]);
     buf[12..16].copy_from_slice(&crc.to_le_bytes());
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.partial",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("out.wbin")
-    ));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out.wbin")));
     let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(&buf).map_err(io)?;
     f.sync_all().ok();
@@ -202,20 +185,11 @@ impl WbinFile {
     /// Maps and validates `path`: magic, version, section bounds, checksum, header.
     pub fn open(path: &Path) -> Result<WbinFile, WbinError> {
         let p = path.display().to_string();
-        let bad = |msg: String| WbinError::Invalid {
-            path: p.clone(),
-            msg,
-        };
-        let f = File::open(path).map_err(|source| WbinError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let bad = |msg: String| WbinError::Invalid { path: p.clone(), msg };
+        let f = File::open(path).map_err(|source| WbinError::Io { path: p.clone(), source })?;
         // SAFETY: a read-only private map; wcc never writes to a .wbin it is running, and
         // every offset read from it is bounds-checked below before use.
-        let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io { path: p.clone(), source })?;
         Self::from_map(map).map_err(bad)
     }
 
@@ -225,10 +199,7 @@ impl WbinFile {
             return Err("not a .wbin file (bad magic number)".into());
         }
         if b.len() < PRELUDE_LEN {
-            return Err(format!(
-                "truncated: {} bytes, shorter than the {PRELUDE_LEN}-byte prelude",
-                b.len()
-            ));
+            return Err(format!("truncated: {} bytes, shorter than the {PRELUDE_LEN}-byte prelude", b.len()));
         }
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
@@ -248,22 +219,14 @@ impl WbinFile {
         }
         let mut table = [Section::default(); 5];
         for (i, sec) in table.iter_mut().enumerate() {
-            *sec = Section {
-                offset: u64_at(16 + 16 * i),
-                len: u64_at(24 + 16 * i),
-            };
-            if sec
-                .offset
-                .checked_add(sec.len)
-                .is_none_or(|end| end > b.len() as u64)
-            {
+            *sec = Section { offset: u64_at(16 + 16 * i), len: u64_at(24 + 16 * i) };
+            if sec.offset.checked_add(sec.len).is_none_or(|end| end > b.len() as u64) {
                 return Err("corrupt section table".into());
             }
         }
         let h = table[0];
-        let header: Header =
-            serde_json::from_slice(&b[h.offset as usize..(h.offset + h.len) as usize])
-                .map_err(|e| format!("corrupt header: {e}"))?;
+        let header: Header = serde_json::from_slice(&b[h.offset as usize..(h.offset + h.len) as usize])
+            .map_err(|e| format!("corrupt header: {e}"))?;
         Ok(WbinFile { map, header, table })
     }
 

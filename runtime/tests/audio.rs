@@ -17,24 +17,12 @@ fn tone_amplitude(x: &[f32], hz: f32) -> f32 {
     (2.0 * (re * re + im * im).sqrt() / x.len() as f64) as f32
 }
 
-fn write_wav(
-    path: &Path,
-    rate: u32,
-    channels: u16,
-    bits: u16,
-    float: bool,
-    secs: f32,
-    hz: [f32; 2],
-) {
+fn write_wav(path: &Path, rate: u32, channels: u16, bits: u16, float: bool, secs: f32, hz: [f32; 2]) {
     let spec = hound::WavSpec {
         channels,
         sample_rate: rate,
         bits_per_sample: bits,
-        sample_format: if float {
-            hound::SampleFormat::Float
-        } else {
-            hound::SampleFormat::Int
-        },
+        sample_format: if float { hound::SampleFormat::Float } else { hound::SampleFormat::Int },
     };
     let mut w = hound::WavWriter::create(path, spec).unwrap();
     let n = (rate as f32 * secs) as usize;
@@ -44,8 +32,7 @@ fn write_wav(
             if float {
                 w.write_sample(v).unwrap();
             } else {
-                w.write_sample((v * ((1i64 << (bits - 1)) - 1) as f32) as i32)
-                    .unwrap();
+                w.write_sample((v * ((1i64 << (bits - 1)) - 1) as f32) as i32).unwrap();
             }
         }
     }
@@ -61,11 +48,7 @@ fn stereo_44k1_24bit_is_mixed_down_and_resampled() {
     let x = load_audio(&path).unwrap();
     assert!((x.len() as i64 - 32000).abs() <= 2, "{} samples", x.len());
     let mid = &x[4000..28000];
-    let (a440, a1000, a3000) = (
-        tone_amplitude(mid, 440.0),
-        tone_amplitude(mid, 1000.0),
-        tone_amplitude(mid, 3000.0),
-    );
+    let (a440, a1000, a3000) = (tone_amplitude(mid, 440.0), tone_amplitude(mid, 1000.0), tone_amplitude(mid, 3000.0));
     assert!((a440 - 0.25).abs() < 0.01, "440 Hz amplitude {a440}");
     assert!((a1000 - 0.25).abs() < 0.01, "1000 Hz amplitude {a1000}");
     assert!(a3000 < 0.005, "3000 Hz amplitude {a3000}");
@@ -97,15 +80,5 @@ fn sixteen_bit_16k_is_read_exactly_as_int16_over_32768() {
     }
     w.finalize().unwrap();
     let x = load_audio(&path).unwrap();
-    assert_eq!(
-        x,
-        vec![
-            -1.0,
-            -1.0 / 32768.0,
-            0.0,
-            1.0 / 32768.0,
-            0.5,
-            32767.0 / 32768.0
-        ]
-    );
+    assert_eq!(x, vec![-1.0, -1.0 / 32768.0, 0.0, 1.0 / 32768.0, 0.5, 32767.0 / 32768.0]);
 }

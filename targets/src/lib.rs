@@ -55,24 +55,16 @@ impl Target {
 
     /// Resolves `host` or a named level.
     pub fn named(name: &str) -> Result<Target, TargetError> {
-        let x86 = |f: &[&str]| Target {
-            arch: "x86_64".into(),
-            features: f.iter().map(|s| s.to_string()).collect(),
-        };
+        let x86 = |f: &[&str]| Target { arch: "x86_64".into(), features: f.iter().map(|s| s.to_string()).collect() };
         const V2: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
-        const V3: &[&str] = &[
-            "sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2",
-            "lzcnt", "f16c",
-        ];
+        const V3: &[&str] =
+            &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "f16c"];
         let t = match name {
             "host" => host()?,
             "x86_64-v2" => x86(V2),
             "x86_64-v3" => x86(V3),
             "x86_64-v4" => x86(&[V3, &["avx512f", "avx512vl", "avx512dq", "avx512bw"]].concat()),
-            "aarch64" => Target {
-                arch: "aarch64".into(),
-                features: vec!["neon".into()],
-            },
+            "aarch64" => Target { arch: "aarch64".into(), features: vec!["neon".into()] },
             other => return Err(TargetError::Unknown(other.into())),
         };
         if t.arch == "x86_64" && !t.has("sse4.1") {
@@ -134,16 +126,9 @@ pub fn host() -> Result<Target, TargetError> {
     match arch {
         "x86_64" => Ok(Target {
             arch: arch.into(),
-            features: X86_FEATURES
-                .iter()
-                .filter(|f| host_has(f))
-                .map(|f| f.to_string())
-                .collect(),
+            features: X86_FEATURES.iter().filter(|f| host_has(f)).map(|f| f.to_string()).collect(),
         }),
-        "aarch64" => Ok(Target {
-            arch: arch.into(),
-            features: vec!["neon".into()],
-        }),
+        "aarch64" => Ok(Target { arch: arch.into(), features: vec!["neon".into()] }),
         other => Err(TargetError::UnsupportedHost(other.into())),
     }
 }

@@ -12,9 +12,7 @@ pub fn repo() -> PathBuf {
 
 /// `../shared/data` beside the repository (or `$WCC_SHARED_DATA`).
 pub fn shared_data() -> PathBuf {
-    let p = std::env::var_os("WCC_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/data"));
+    let p = std::env::var_os("WCC_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared/data"));
     assert!(
         p.join("audio/en/jfk.wav").is_file(),
         "shared test data not found at {} (set WCC_SHARED_DATA)",
@@ -29,9 +27,8 @@ pub fn jfk() -> PathBuf {
 
 /// The directory of a fetched model.
 pub fn model_dir(name: &str) -> PathBuf {
-    wcc_frontend::resolve_model(name).unwrap_or_else(|e| {
-        panic!("{e}\nrun `scripts/fetch-models {name}` first (scripts/test does)")
-    })
+    wcc_frontend::resolve_model(name)
+        .unwrap_or_else(|e| panic!("{e}\nrun `scripts/fetch-models {name}` first (scripts/test does)"))
 }
 
 /// The Python of the reference venv (`scripts/setup-reference`).
@@ -49,34 +46,19 @@ pub fn ref_python() -> PathBuf {
 
 /// Runs `scripts/reference.py` with `args`; returns its stdout.
 pub fn reference(args: &[&str]) -> String {
-    let out = Command::new(ref_python())
-        .arg(repo().join("scripts/reference.py"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reference.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(ref_python()).arg(repo().join("scripts/reference.py")).args(args).output().unwrap();
+    assert!(out.status.success(), "reference.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
 pub fn wcc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wcc"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_wcc")).args(args).output().unwrap()
 }
 
 /// Runs wcc, asserting success; returns stdout.
 pub fn wcc_ok(args: &[&str]) -> String {
     let out = wcc(args);
-    assert!(
-        out.status.success(),
-        "wcc {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "wcc {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -90,22 +72,10 @@ pub fn wcc_err(args: &[&str]) -> String {
         "wcc {args:?} should have failed; stdout:\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "wcc {args:?}: exit status {:?}\n{stderr}",
-        out.status
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "wcc {args:?} panicked:\n{stderr}"
-    );
+    assert_eq!(out.status.code(), Some(1), "wcc {args:?}: exit status {:?}\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "wcc {args:?} panicked:\n{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "wcc {args:?}: expected a one-line error, got:\n{stderr}"
-    );
+    assert_eq!(lines.len(), 1, "wcc {args:?}: expected a one-line error, got:\n{stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
     lines[0].to_string()
 }
