@@ -26,10 +26,15 @@ fn fail(msg: impl Into<String>) -> PassError {
     PassError::Failed { pass: NAME, msg: msg.into() }
 }
 
-/// `auto`: the clip's frames plus one second of tail (so the model still sees the end of the
-/// speech and emits end-of-text), rounded up to a multiple of 64, at most 3000.
+/// `auto`: the clip's frames plus a tail of silence (so the model sees the speech end and
+/// emits end-of-text), rounded up to a multiple of 64, at most 3000. The tail is 3 s and the
+/// window at least 10.24 s: with less, tiny.en falls into repetition loops on short clips of
+/// the dev set (measured with `scripts/bench-timesteps.py`: a 1 s tail left 6 of 22 clips
+/// looping to the token cap, a 3 s tail with a 7.68 s minimum still 1).
 pub fn auto_timesteps(samples: usize) -> usize {
-    let frames = samples.div_ceil(160) + 100;
+    const TAIL: usize = 300;
+    const MIN: usize = 1024;
+    let frames = (samples.div_ceil(160) + TAIL).max(MIN);
     (frames.div_ceil(64) * 64).min(MAX_TIMESTEPS)
 }
 

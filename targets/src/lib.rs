@@ -3,8 +3,23 @@
 //! `aarch64`) give portable builds. wcc's CPU kernels need at least SSE4.1 on x86-64
 //! (vector rounding) and NEON on aarch64.
 
-/// x86-64 features wcc knows by name, in the order `host` reports them.
-pub const X86_FEATURES: &[&str] = &[
+/// Declares the x86-64 features wcc knows by name (in the order `host` reports them) and
+/// their run-time detection, from one list.
+macro_rules! x86_features {
+    ($($name:tt),* $(,)?) => {
+        pub const X86_FEATURES: &[&str] = &[$($name),*];
+
+        #[cfg(target_arch = "x86_64")]
+        fn detect_x86(feature: &str) -> bool {
+            match feature {
+                $($name => std::arch::is_x86_feature_detected!($name),)*
+                _ => false,
+            }
+        }
+    };
+}
+
+x86_features!(
     "sse3",
     "ssse3",
     "sse4.1",
@@ -24,7 +39,7 @@ pub const X86_FEATURES: &[&str] = &[
     "avx512bf16",
     "avx512fp16",
     "f16c",
-];
+);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -79,35 +94,7 @@ impl Target {
 pub fn host_has(feature: &str) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        macro_rules! detect {
-            ($($name:tt),*) => {
-                match feature {
-                    $($name => std::arch::is_x86_feature_detected!($name),)*
-                    _ => false,
-                }
-            };
-        }
-        detect!(
-            "sse3",
-            "ssse3",
-            "sse4.1",
-            "sse4.2",
-            "popcnt",
-            "avx",
-            "avx2",
-            "fma",
-            "bmi1",
-            "bmi2",
-            "lzcnt",
-            "avx512f",
-            "avx512vl",
-            "avx512dq",
-            "avx512bw",
-            "avx512vnni",
-            "avx512bf16",
-            "avx512fp16",
-            "f16c"
-        )
+        detect_x86(feature)
     }
     #[cfg(target_arch = "aarch64")]
     {
