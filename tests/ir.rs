@@ -11,7 +11,8 @@ use wcc_ir::{parse_module, print_graph, print_module, verify, ValueDef};
 fn tiny_en_and_base_round_trip_through_text() {
     for name in ["tiny.en", "base"] {
         let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
-        for m in [loaded.module.clone(), wcc_passes::run(loaded.module, &["hoist-cross-kv"]).unwrap()] {
+        let full = wcc_passes::run(loaded.module.clone(), &wcc_passes::default_pipeline()).unwrap();
+        for m in [loaded.module.clone(), wcc_passes::run(loaded.module, &["hoist-cross-kv"]).unwrap(), full] {
             verify(&m).unwrap();
             let text = print_module(&m);
             let back = parse_module(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -114,5 +115,45 @@ fn hoist_cross_kv_moves_audio_work_out_of_the_step_and_preserves_outputs() {
     for (x, y) in a.iter().zip(&b) {
         // The same ops on the same values in the same order: bit-identical.
         assert_eq!(x, y);
+    }
+}
+
+#[test]
+fn fold_preserves_what_tiny_en_computes() {
+    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    let hoisted = wcc_passes::run(loaded.module, &["hoist-cross-kv"]).unwrap();
+    let folded = wcc_passes::run(hoisted.clone(), &["fold"]).unwrap();
+    let count = |m: &wcc_ir::Module| -> Vec<usize> { m.graphs.iter().map(|g| g.nodes.len()).collect() };
+    eprintln!("nodes (encoder, decoder_step): before fold {:?}, after {:?}", count(&hoisted), count(&folded));
+    let run = |m: &wcc_ir::Module| -> (Vec<Tensor>, Vec<Tensor>) {
+        let interp = Interpreter::new(m, &loaded.checkpoint).unwrap();
+        let enc = m.graph("encoder").unwrap();
+        let mel_ty = enc.ty(enc.inputs[0]);
+        let enc_out = interp.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
+        let dec = m.graph("decoder_step").unwrap();
+        let inputs: Vec<Tensor> = dec
+            .inputs
+            .iter()
+            .map(|&i| {
+                let v = dec.value(i);
+                match v.name.as_str() {
+                    "tokens" => Tensor::i32([1], vec![50257]),
+                    "position" => Tensor::i32([1], vec![3]),
+                    name if name.starts_with("self_") => Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7)),
+                    name => enc_out[enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap()].clone(),
+                }
+            })
+            .collect();
+        (enc_out.clone(), interp.run("decoder_step", &inputs).unwrap())
+    };
+    let ((ea, da), (eb, db)) = (run(&hoisted), run(&folded));
+    for (name, a, b) in [("encoder", ea, eb), ("decoder_step", da, db)] {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let (l2, maxrel) = relative_errors(x.as_f32().unwrap(), y.as_f32().unwrap());
+            eprintln!("{name}: fold changes outputs by {l2:.1e} (L2) / {maxrel:.1e} (max)");
+            // Folding reorders float arithmetic only: agreement to float rounding.
+            assert!(l2 < 1e-5 && maxrel < 1e-4, "{name}: {l2} / {maxrel}");
+        }
     }
 }

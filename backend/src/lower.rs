@@ -318,7 +318,9 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
     )
 }
 
-fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
+/// Layer norm over rows of `d`; with `affine`, buffers are (x, gamma, beta, out), else (x, out).
+fn layer_norm_kernel(rows: usize, d: usize, eps: f32, affine: bool) -> Kernel {
+    let ob = if affine { 3 } else { 1 };
     let mut vars = Vars::new();
     let (r, base, s4, mean, q4, var_, inv) =
         (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
@@ -337,7 +339,8 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
         } else {
             (load(0, add(var(base), jj.clone())), load(1, jj.clone()), load(2, jj.clone()), var(mean), var(inv))
         };
-        vec![store(3, add(var(base), jj), fma(mul(sub(x, m), iv), g, b))]
+        let normed = mul(sub(x, m), iv);
+        vec![store(ob, add(var(base), jj), if affine { fma(normed, g, b) } else { normed })]
     });
     let body = vec![for_(
         r,
@@ -374,9 +377,14 @@ fn layer_norm_kernel(rows: usize, d: usize, eps: f32) -> Kernel {
         ]
         .concat(),
     )];
+    let buffers = if affine {
+        vec![buf("x", rows * d), buf("gamma", d), buf("beta", d), buf("out", rows * d)]
+    } else {
+        vec![buf("x", rows * d), buf("out", rows * d)]
+    };
     kernel(
-        format!("layer_norm_{rows}x{d}"),
-        vec![buf("x", rows * d), buf("gamma", d), buf("beta", d), buf("out", rows * d)],
+        format!("layer_norm{}_{rows}x{d}", if affine { "" } else { "_plain" }),
+        buffers,
         rows,
         8 * rows * d,
         body,
@@ -603,8 +611,11 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
         }
         Op::LayerNorm { eps } => {
             let d = *out.shape.last().unwrap();
-            one(layer_norm_kernel(n_out / d, d, *eps), ins(3))
+            one(layer_norm_kernel(n_out / d, d, *eps, inputs.len() == 3), ins(inputs.len()))
         }
+        Op::Concat { .. } => Err(BackendError(
+            "concat of activations is not lowered (only weights are concatenated, at compile time)".into(),
+        )),
         Op::Transpose { perm } => {
             let st = strides(&inputs[0].shape);
             let s: Vec<usize> = perm.iter().map(|&p| st[p]).collect();

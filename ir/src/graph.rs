@@ -101,6 +101,13 @@ impl Graph {
         self.push_value(decl.name.clone(), decl.ty.clone(), ValueDef::Weight(decl.name.clone()))
     }
 
+    /// Adds a value standing for the weight `name` of type `ty` (the caller guarantees the
+    /// module declares it so; the verifier checks).
+    pub fn add_weight_value(&mut self, name: impl Into<String>, ty: TensorType) -> ValueId {
+        let name = name.into();
+        self.push_value(name.clone(), ty, ValueDef::Weight(name))
+    }
+
     /// Appends a node whose result type is inferred; `name` must be unique in the graph.
     pub fn add_node(&mut self, name: impl Into<String>, op: Op, inputs: &[ValueId]) -> Result<ValueId, String> {
         let tys: Vec<&TensorType> = inputs.iter().map(|&i| self.ty(i)).collect();

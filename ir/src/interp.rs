@@ -87,6 +87,8 @@ pub trait WeightLoader {
 pub struct Interpreter<'m> {
     module: &'m Module,
     weights: HashMap<String, Arc<Tensor>>,
+    /// Per graph: the values computed from weights alone, evaluated once at construction.
+    consts: HashMap<String, HashMap<usize, Arc<Tensor>>>,
 }
 
 impl<'m> Interpreter<'m> {
@@ -109,7 +111,28 @@ impl<'m> Interpreter<'m> {
                 weights.insert(name.clone(), Arc::new(Tensor::f32(decl.ty.shape.clone(), data)));
             }
         }
-        Ok(Interpreter { module, weights })
+        let mut consts = HashMap::new();
+        for g in &module.graphs {
+            let mut known: HashMap<usize, Arc<Tensor>> = HashMap::new();
+            for (k, v) in g.values.iter().enumerate() {
+                if let ValueDef::Weight(w) = &v.def {
+                    known.insert(k, weights[w].clone());
+                }
+            }
+            let mut folded = HashMap::new();
+            for node in &g.nodes {
+                if node.inputs.iter().all(|i| known.contains_key(&i.index())) {
+                    let args: Vec<&Tensor> = node.inputs.iter().map(|i| &*known[&i.index()]).collect();
+                    let t = Arc::new(eval(&node.op, &args).map_err(|e| {
+                        InterpError(format!("graph `{}`, %{}: {}", g.name, g.value(node.output).name, e.0))
+                    })?);
+                    known.insert(node.output.index(), t.clone());
+                    folded.insert(node.output.index(), t);
+                }
+            }
+            consts.insert(g.name.clone(), folded);
+        }
+        Ok(Interpreter { module, weights, consts })
     }
 
     pub fn module(&self) -> &Module {
@@ -141,6 +164,10 @@ impl<'m> Interpreter<'m> {
                 env[k] = Some(self.weights[w].clone());
             }
         }
+        let consts = &self.consts[&g.name];
+        for (&k, t) in consts {
+            env[k] = Some(t.clone());
+        }
         // Free each intermediate after its last use so the peak stays near one layer's worth.
         let mut last_use = vec![usize::MAX; g.values.len()];
         for (i, n) in g.nodes.iter().enumerate() {
@@ -152,6 +179,9 @@ impl<'m> Interpreter<'m> {
             last_use[o.index()] = usize::MAX;
         }
         for (i, node) in g.nodes.iter().enumerate() {
+            if consts.contains_key(&node.output.index()) {
+                continue;
+            }
             let args: Vec<&Tensor> = node
                 .inputs
                 .iter()
@@ -162,7 +192,10 @@ impl<'m> Interpreter<'m> {
             debug_assert_eq!(out.shape, g.ty(node.output).shape);
             env[node.output.index()] = Some(Arc::new(out));
             for &x in &node.inputs {
-                if last_use[x.index()] == i && !matches!(g.value(x).def, ValueDef::Weight(_)) {
+                if last_use[x.index()] == i
+                    && !matches!(g.value(x).def, ValueDef::Weight(_))
+                    && !consts.contains_key(&x.index())
+                {
                     env[x.index()] = None;
                 }
             }
@@ -182,7 +215,12 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
         Op::Mul => broadcast(args[0], args[1], |a, b| a * b)?,
         Op::Scale { factor } => Tensor::f32(args[0].shape.clone(), f(0)?.iter().map(|x| x * factor).collect()),
         Op::Gelu => Tensor::f32(args[0].shape.clone(), f(0)?.iter().map(|&x| gelu(x)).collect()),
+        Op::LayerNorm { eps } if args.len() == 1 => {
+            let d = *args[0].shape.last().unwrap();
+            layer_norm(args[0], &vec![1.0; d], &vec![0.0; d], *eps)?
+        }
         Op::LayerNorm { eps } => layer_norm(args[0], f(1)?, f(2)?, *eps)?,
+        Op::Concat { axis } => concat(args, *axis)?,
         Op::Softmax => softmax(args[0])?,
         Op::Reshape { shape } => Tensor { shape: shape.clone(), data: args[0].data.clone() },
         Op::Transpose { perm } => transpose(args[0], perm),
@@ -396,6 +434,20 @@ fn slice(x: &Tensor, axis: usize, start: usize, end: usize) -> Tensor {
         Data::I32(v) => Data::I32(pick(v, outer, len, inner, start, end)),
     };
     Tensor { shape, data }
+}
+
+fn concat(args: &[&Tensor], axis: usize) -> Result<Tensor, InterpError> {
+    let outer: usize = args[0].shape[..axis].iter().product();
+    let mut shape = args[0].shape.clone();
+    shape[axis] = args.iter().map(|t| t.shape[axis]).sum();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for t in args {
+            let block: usize = t.shape[axis..].iter().product();
+            out.extend_from_slice(&t.as_f32()?[o * block..(o + 1) * block]);
+        }
+    }
+    Ok(Tensor::f32(shape, out))
 }
 
 fn gather(table: &Tensor, ids: &[i32]) -> Result<Tensor, InterpError> {

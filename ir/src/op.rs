@@ -20,8 +20,11 @@ pub enum Op {
     Scale { factor: f32 },
     /// `x * 0.5 * (1 + erf(x / sqrt 2))`, the exact GELU Whisper uses.
     Gelu,
-    /// Normalisation over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+    /// Normalisation over the last axis: `(x - mean) / sqrt(var + eps) * gamma + beta`;
+    /// with the operand `x` alone, no affine part (`gamma = 1`, `beta = 0`).
     LayerNorm { eps: f32 },
+    /// Concatenation of the operands along `axis` (all other extents equal).
+    Concat { axis: usize },
     /// Softmax over the last axis.
     Softmax,
     /// Same elements, another shape.
@@ -57,6 +60,7 @@ impl Op {
             Op::Gather => "gather",
             Op::ScatterRow => "scatter_row",
             Op::CausalMask { .. } => "causal_mask",
+            Op::Concat { .. } => "concat",
         }
     }
 
@@ -80,6 +84,7 @@ impl Op {
                 vec![("axis", axis.to_string()), ("start", start.to_string()), ("end", end.to_string())]
             }
             Op::CausalMask { len } => vec![("len", len.to_string())],
+            Op::Concat { axis } => vec![("axis", axis.to_string())],
             Op::Linear | Op::Add | Op::Mul | Op::Gelu | Op::Softmax | Op::Gather | Op::ScatterRow => {
                 vec![]
             }
@@ -134,6 +139,7 @@ impl Op {
             "gather" => Op::Gather,
             "scatter_row" => Op::ScatterRow,
             "causal_mask" => Op::CausalMask { len: usize_("len")? },
+            "concat" => Op::Concat { axis: usize_("axis")? },
             other => return Err(format!("unknown op `{other}`")),
         };
         let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
@@ -146,7 +152,9 @@ impl Op {
     /// How many operands the op takes: `(min, max)`.
     pub fn arity(&self) -> (usize, usize) {
         match self {
-            Op::Conv1d { .. } | Op::LayerNorm { .. } | Op::ScatterRow => (3, 3),
+            Op::Conv1d { .. } | Op::ScatterRow => (3, 3),
+            Op::LayerNorm { .. } => (1, 3),
+            Op::Concat { .. } => (1, usize::MAX),
             Op::Linear => (2, 3),
             Op::MatMul { .. } | Op::Add | Op::Mul | Op::Gather => (2, 2),
             Op::Scale { .. }
@@ -254,12 +262,31 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
             Ok(TensorType::f32(x.shape.clone()))
         }
         Op::LayerNorm { .. } => {
-            let (x, g, b) = (float(0)?, float(1)?, float(2)?);
+            let x = float(0)?;
             let d = *x.shape.last().ok_or_else(shape_err)?;
-            if g.shape != [d] || b.shape != [d] {
-                return Err(shape_err());
+            match inputs.len() {
+                1 => {}
+                3 if float(1)?.shape == [d] && float(2)?.shape == [d] => {}
+                _ => return Err(shape_err()),
             }
             Ok(TensorType::f32(x.shape.clone()))
+        }
+        Op::Concat { axis } => {
+            let first = inputs[0];
+            if *axis >= first.rank() {
+                return Err(shape_err());
+            }
+            let mut shape = first.shape.clone();
+            for t in &inputs[1..] {
+                let same = t.rank() == first.rank()
+                    && (0..first.rank()).all(|d| d == *axis || t.shape[d] == first.shape[d])
+                    && t.dtype.is_float() == first.dtype.is_float();
+                if !same {
+                    return Err(shape_err());
+                }
+                shape[*axis] += t.shape[*axis];
+            }
+            Ok(TensorType::new(if first.dtype.is_float() { DType::F32 } else { first.dtype }, shape))
         }
         Op::Reshape { shape } => {
             let x = inputs[0];

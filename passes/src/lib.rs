@@ -3,9 +3,11 @@
 //! ([`run_observed`]) applies passes by name, verifies the module after each one (a failure
 //! names the pass), and lets the caller look at the module after every pass (`--dump-ir`).
 
+mod fold;
 mod hoist_cross_kv;
 mod timesteps;
 
+pub use fold::fold;
 pub use hoist_cross_kv::hoist_cross_kv;
 pub use timesteps::{auto_timesteps, timesteps, MAX_TIMESTEPS};
 
@@ -43,6 +45,11 @@ pub const PASSES: &[Pass] = &[
         name: "hoist-cross-kv",
         about: "move the decoder's cross-attention K/V projections into the encoder",
         run: |m, _| hoist_cross_kv(m),
+    },
+    Pass {
+        name: "fold",
+        about: "layer-norm affine and q/k scaling into the projections; Q,K,V (and cross K,V) merged",
+        run: |m, _| fold(m),
     },
 ];
 
