@@ -40,12 +40,7 @@ impl std::str::FromStr for Timesteps {
             return Ok(Timesteps::Auto);
         }
         let n: usize = s.parse().map_err(|_| format!("`{s}` is neither a number of mel frames nor `auto`"))?;
-        if n < 2 || n > wcc_passes::MAX_TIMESTEPS || n % 2 != 0 {
-            return Err(format!(
-                "{n} is out of range: an even number of mel frames from 2 to {}",
-                wcc_passes::MAX_TIMESTEPS
-            ));
-        }
+        wcc_passes::check_timesteps(n, wcc_passes::MAX_TIMESTEPS)?;
         Ok(Timesteps::Frames(n))
     }
 }

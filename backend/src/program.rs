@@ -53,6 +53,7 @@ pub struct Placed {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Place {
+    /// Index into the constant pool (stored in the weights blob on first use by a launch).
     Weight(usize),
     Persistent(usize),
     /// Index into the graph's temporaries.
@@ -73,7 +74,12 @@ fn bytes_of(g: &Graph, v: ValueId) -> usize {
 /// Builds the program of `module`, reading weights through `loader`.
 pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, BackendError> {
     let mut weights: Vec<u8> = Vec::new();
-    let mut weight_at: HashMap<String, usize> = HashMap::new();
+    // Every constant (weight, or value computed from weights alone): its data, and where it
+    // is stored in `weights` once a launch reads it. Constants only used to compute other
+    // constants (a weight before folding) are never stored.
+    let mut pool: Vec<Vec<f32>> = Vec::new();
+    let mut pool_at: Vec<Option<usize>> = Vec::new();
+    let mut weight_pool: HashMap<String, usize> = HashMap::new();
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut kernel_index: HashMap<String, usize> = HashMap::new();
     let mut persistent = 0usize;
@@ -100,17 +106,18 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         for (k, v) in g.values.iter().enumerate() {
             if let ValueDef::Weight(w) = &v.def {
                 let decl = module.weight(w).ok_or_else(|| BackendError(format!("@{w} is not declared")))?;
-                let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
-                let at = match weight_at.get(w) {
-                    Some(&at) => at,
+                let id = match weight_pool.get(w) {
+                    Some(&id) => id,
                     None => {
-                        let at = push_weight(&mut weights, &data);
-                        weight_at.insert(w.clone(), at);
-                        at
+                        let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
+                        pool.push(data);
+                        pool_at.push(None);
+                        weight_pool.insert(w.clone(), pool.len() - 1);
+                        pool.len() - 1
                     }
                 };
-                place[k] = Some(Place::Weight(at));
-                consts.insert(k, Tensor::f32(v.ty.shape.clone(), data));
+                place[k] = Some(Place::Weight(id));
+                consts.insert(k, Tensor::f32(v.ty.shape.clone(), pool[id].clone()));
             }
         }
         for node in &g.nodes {
@@ -120,8 +127,9 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
             let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
-            let data = t.as_f32().map_err(|e| BackendError(e.to_string()))?.to_vec();
-            place[node.output.index()] = Some(Place::Weight(push_weight(&mut weights, &data)));
+            pool.push(t.as_f32().map_err(|e| BackendError(e.to_string()))?.to_vec());
+            pool_at.push(None);
+            place[node.output.index()] = Some(Place::Weight(pool.len() - 1));
             consts.insert(node.output.index(), t);
         }
         // Persistent: inputs and outputs, bound by name across graphs.
@@ -259,9 +267,12 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         temporaries.push(
             temps.iter().map(|t| Placed { first: t.first, last: t.last, offset: t.offset, bytes: t.bytes }).collect(),
         );
-        let to_ref = |p: Place, len: usize| -> BufRef {
+        let mut to_ref = |p: Place, len: usize| -> BufRef {
             match p {
-                Place::Weight(at) => BufRef::Weight { offset: at as u64, len: len as u64 },
+                Place::Weight(id) => {
+                    let at = *pool_at[id].get_or_insert_with(|| push_weight(&mut weights, &pool[id]));
+                    BufRef::Weight { offset: at as u64, len: len as u64 }
+                }
                 Place::Persistent(at) => BufRef::Arena { offset: at as u64, len: len as u64 },
                 Place::Temp(t) => BufRef::Arena { offset: (persistent + temps[t].offset) as u64, len: len as u64 },
             }

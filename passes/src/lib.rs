@@ -9,7 +9,7 @@ mod timesteps;
 
 pub use fold::fold;
 pub use hoist_cross_kv::hoist_cross_kv;
-pub use timesteps::{auto_timesteps, timesteps, MAX_TIMESTEPS};
+pub use timesteps::{auto_timesteps, check_timesteps, timesteps, MAX_TIMESTEPS};
 
 use wcc_ir::Module;
 

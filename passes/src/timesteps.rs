@@ -26,6 +26,15 @@ fn fail(msg: impl Into<String>) -> PassError {
     PassError::Failed { pass: NAME, msg: msg.into() }
 }
 
+/// Checks a `--timesteps` value against a model whose full window is `max` frames.
+pub fn check_timesteps(n: usize, max: usize) -> Result<(), String> {
+    if (2..=max).contains(&n) && n.is_multiple_of(2) {
+        Ok(())
+    } else {
+        Err(format!("--timesteps {n} is out of range: an even number of mel frames from 2 to {max}"))
+    }
+}
+
 /// `auto`: the clip's frames plus a tail of silence (so the model sees the speech end and
 /// emits end-of-text), rounded up to a multiple of 64, at most 3000. The tail is 3 s and the
 /// window at least 10.24 s: with less, tiny.en falls into repetition loops on short clips of
@@ -42,9 +51,7 @@ pub fn timesteps(mut m: Module, options: &PassOptions) -> Result<Module, PassErr
     let Some(n) = options.timesteps else { return Ok(m) };
     let param = |k: &str| m.param(k).map(|v| v as usize).ok_or_else(|| fail(format!("the module has no `{k}`")));
     let ctx = param("n_audio_ctx")?;
-    if n < 2 || n > 2 * ctx || n % 2 != 0 {
-        return Err(fail(format!("--timesteps {n}: must be an even number of mel frames from 2 to {}", 2 * ctx)));
-    }
+    check_timesteps(n, 2 * ctx).map_err(fail)?;
     let d = param("n_audio_state")?;
     let heads = param("n_audio_head")?;
     let others = [d, heads, d / heads.max(1), 4 * d, param("n_text_ctx")?, param("n_vocab")?, param("n_mels")?];

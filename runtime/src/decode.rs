@@ -175,6 +175,7 @@ mod tests {
                 translate: 3,
                 no_timestamps: 4,
                 timestamp_begin: 5,
+                no_speech: Some(3),
             },
             multilingual: false,
             languages: vec![],
@@ -192,6 +193,22 @@ mod tests {
         let out = greedy(&mut d, &cfg(), &[1, 4]).unwrap();
         assert_eq!(out, vec![7, 7, 8]);
         assert_eq!(d.seen, vec![(1, 0), (4, 1), (7, 2), (7, 3), (8, 4)]);
+    }
+
+    #[test]
+    fn scores_follow_openai_whisper() {
+        // After sot the scripted logits are 5 at token 0 (eot), 4 at token 7, 0 elsewhere
+        // (10 tokens): p(no_speech = 3) = 1 / (e^5 + e^4 + 8).
+        let mut d = Scripted { script: vec![0, 8, 0], logits: vec![], seen: vec![] };
+        let r = greedy_scored(&mut d, &cfg(), &[1, 4]).unwrap();
+        let z = 5f32.exp() + 4f32.exp() + 8.0;
+        assert!((r.no_speech_prob - 1.0 / z).abs() < 1e-6);
+        // Log-probabilities are taken after suppression, as openai-whisper does: token 8 with
+        // tokens 6 and 9 suppressed (8 - 2 + ... = 6 zeros left), then eot with 9 suppressed.
+        assert_eq!(r.tokens, vec![8]);
+        let first = 5.0 - (5f32.exp() + 4f32.exp() + 6.0).ln();
+        let eot = 5.0 - (5f32.exp() + 4f32.exp() + 7.0).ln();
+        assert!((r.avg_logprob - (first + eot) / 2.0).abs() < 1e-5, "{}", r.avg_logprob);
     }
 
     #[test]
