@@ -132,8 +132,11 @@ fn dot_kernel(
     x_bstride: usize,
     w_bstride: usize,
     bias: bool,
+    epilogue: Epilogue,
 ) -> Kernel {
     const NB: usize = 16;
+    // Buffers: x, w, [bias], [residual], out.
+    let rb = 2 + bias as u32;
     let nb = n.div_ceil(NB);
     let mut vars = Vars::new();
     let (p, bi, rem, i, j0, j1, j4, xrow, orow, wbase) = (
@@ -149,7 +152,8 @@ fn dot_kernel(
         vars.next(),
     );
     let k4 = (k / 4 * 4) as i64;
-    let (xb, wb, bb, ob) = (0u32, 1u32, 2u32, if bias { 3u32 } else { 2u32 });
+    let (xb, wb, bb) = (0u32, 1u32, 2u32);
+    let ob = 2 + bias as u32 + epilogue.residual as u32;
     // Columns j .. j+width of one row: `width` accumulators.
     let columns = |vars: &mut Vars, j: Expr, width: usize| -> Vec<Stmt> {
         let accs: Vec<Var> = (0..width).map(|_| vars.next()).collect();
@@ -176,6 +180,13 @@ fn dot_kernel(
         for (q, &sm) in sums.iter().enumerate() {
             let col = add(j.clone(), int(q as i64));
             let v = if bias { add(var(sm), load(bb, col.clone())) } else { var(sm) };
+            let v = if epilogue.gelu {
+                s.push(set(sm, v));
+                gelu(var(sm), false)
+            } else {
+                v
+            };
+            let v = if epilogue.residual { add(v, load(rb, add(var(orow), col.clone()))) } else { v };
             s.push(store(ob, add(var(orow), col), v));
         }
         s
@@ -208,8 +219,18 @@ fn dot_kernel(
     if bias {
         buffers.push(buf("bias", n));
     }
+    if epilogue.residual {
+        buffers.push(buf("residual", batch * m * n));
+    }
     buffers.push(buf("out", batch * m * n));
     kernel(name, buffers, batch * nb * m, 2 * batch * m * n * k, body, vars)
+}
+
+/// What a matrix product does to each result before storing it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Epilogue {
+    gelu: bool,
+    residual: bool,
 }
 
 /// `out[b, i, :] = Σ_k a[b, i, k] · v[b, k, :]` (the attention context product).
@@ -260,7 +281,10 @@ fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) 
 }
 
 /// Row statistics kernels: softmax and layer norm over the last axis, one row per task.
-fn softmax_kernel(rows: usize, d: usize) -> Kernel {
+/// Softmax over rows of `d`; with `masked`, buffers are (x, mask[d], out) and the mask is
+/// added to every row first, else (x, out).
+fn softmax_kernel(rows: usize, d: usize, masked: bool) -> Kernel {
+    let ob = 1 + masked as u32;
     let mut vars = Vars::new();
     let (r, base, mx4, mx, s4, s, inv) =
         (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
@@ -268,6 +292,8 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
     let (j, jt, j2, jt2, j3, jt3, e4, e1) =
         (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let idx = |j: Var| add(var(base), var(j));
+    let x4 = |j: Var| if masked { add(load4(0, idx(j)), load4(1, var(j))) } else { load4(0, idx(j)) };
+    let x1 = |j: Var| if masked { add(load(0, idx(j)), load(1, var(j))) } else { load(0, idx(j)) };
     let body = vec![for_(
         r,
         var(START),
@@ -276,9 +302,9 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
         vec![
             let_(base, mul(var(r), int(d as i64))),
             let_(mx4, splat(f(f32::NEG_INFINITY))),
-            for_(j, int(0), int(d4), 4, vec![set(mx4, max(var(mx4), load4(0, idx(j))))]),
+            for_(j, int(0), int(d4), 4, vec![set(mx4, max(var(mx4), x4(j)))]),
             let_(mx, hmax(var(mx4))),
-            for_(jt, int(d4), int(d as i64), 1, vec![set(mx, max(var(mx), load(0, idx(jt))))]),
+            for_(jt, int(d4), int(d as i64), 1, vec![set(mx, max(var(mx), x1(jt)))]),
             let_(s4, splat(f(0.0))),
             for_(
                 j2,
@@ -286,8 +312,8 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
                 int(d4),
                 4,
                 vec![
-                    let_(e4, un(UnOp::Exp, sub(load4(0, idx(j2)), splat(var(mx))))),
-                    store(1, idx(j2), var(e4)),
+                    let_(e4, un(UnOp::Exp, sub(x4(j2), splat(var(mx))))),
+                    store(ob, idx(j2), var(e4)),
                     set(s4, add(var(s4), var(e4))),
                 ],
             ),
@@ -298,19 +324,23 @@ fn softmax_kernel(rows: usize, d: usize) -> Kernel {
                 int(d as i64),
                 1,
                 vec![
-                    let_(e1, un(UnOp::Exp, sub(load(0, idx(jt2)), var(mx)))),
-                    store(1, idx(jt2), var(e1)),
+                    let_(e1, un(UnOp::Exp, sub(x1(jt2), var(mx)))),
+                    store(ob, idx(jt2), var(e1)),
                     set(s, add(var(s), var(e1))),
                 ],
             ),
             let_(inv, div(f(1.0), var(s))),
-            for_(j3, int(0), int(d4), 4, vec![store(1, idx(j3), mul(load4(1, idx(j3)), splat(var(inv))))]),
-            for_(jt3, int(d4), int(d as i64), 1, vec![store(1, idx(jt3), mul(load(1, idx(jt3)), var(inv)))]),
+            for_(j3, int(0), int(d4), 4, vec![store(ob, idx(j3), mul(load4(ob, idx(j3)), splat(var(inv))))]),
+            for_(jt3, int(d4), int(d as i64), 1, vec![store(ob, idx(jt3), mul(load(ob, idx(jt3)), var(inv)))]),
         ],
     )];
     kernel(
-        format!("softmax_{rows}x{d}"),
-        vec![buf("x", rows * d), buf("out", rows * d)],
+        format!("{}softmax_{rows}x{d}", if masked { "masked_" } else { "" }),
+        if masked {
+            vec![buf("x", rows * d), buf("mask", d), buf("out", rows * d)]
+        } else {
+            vec![buf("x", rows * d), buf("out", rows * d)]
+        },
         rows,
         5 * rows * d,
         body,
@@ -593,12 +623,15 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
             let m = inputs[0].numel() / k;
             let bias = inputs.len() == 3;
             let name = format!("linear_{m}x{n}x{k}{}", if bias { "_bias" } else { "" });
-            one(dot_kernel(name, 1, m, n, k, 0, 0, bias), ins(inputs.len()))
+            one(dot_kernel(name, 1, m, n, k, 0, 0, bias, Epilogue::default()), ins(inputs.len()))
         }
         Op::MatMul { transpose_b: true } => {
             let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
             let n = inputs[1].shape[1];
-            one(dot_kernel(format!("matmul_nt_{b}x{m}x{n}x{k}"), b, m, n, k, m * k, n * k, false), ins(2))
+            one(
+                dot_kernel(format!("matmul_nt_{b}x{m}x{n}x{k}"), b, m, n, k, m * k, n * k, false, Epilogue::default()),
+                ins(2),
+            )
         }
         Op::MatMul { transpose_b: false } => {
             let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
@@ -607,11 +640,32 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
         }
         Op::Softmax => {
             let d = *out.shape.last().unwrap();
-            one(softmax_kernel(n_out / d, d), ins(1))
+            one(softmax_kernel(n_out / d, d, false), ins(1))
         }
         Op::LayerNorm { eps } => {
             let d = *out.shape.last().unwrap();
             one(layer_norm_kernel(n_out / d, d, *eps, inputs.len() == 3), ins(inputs.len()))
+        }
+        Op::FusedLinear { gelu, residual } => {
+            let (n, k) = (inputs[1].shape[0], inputs[1].shape[1]);
+            let m = inputs[0].numel() / k;
+            let name = format!(
+                "linear_{m}x{n}x{k}_bias{}{}",
+                if *gelu { "_gelu" } else { "" },
+                if *residual { "_residual" } else { "" }
+            );
+            let ep = Epilogue { gelu: *gelu, residual: *residual };
+            one(dot_kernel(name, 1, m, n, k, 0, 0, true, ep), ins(inputs.len()))
+        }
+        Op::MaskedSoftmax => {
+            let d = *out.shape.last().unwrap();
+            if inputs[1].numel() != d {
+                return Err(BackendError(format!(
+                    "masked softmax: the mask {:?} must vary along the last axis only",
+                    inputs[1].shape
+                )));
+            }
+            one(softmax_kernel(n_out / d, d, true), ins(2))
         }
         Op::Concat { .. } => Err(BackendError(
             "concat of activations is not lowered (only weights are concatenated, at compile time)".into(),
@@ -778,7 +832,17 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
                 body,
                 vars,
             );
-            let mm = dot_kernel(format!("linear_{tout}x{cout}x{ck}_bias"), 1, tout, cout, ck, 0, 0, true);
+            let mm = dot_kernel(
+                format!("linear_{tout}x{cout}x{ck}_bias"),
+                1,
+                tout,
+                cout,
+                ck,
+                0,
+                0,
+                true,
+                Epilogue::default(),
+            );
             let tr =
                 strided_copy_kernel(format!("transpose_{tout}x{cout}_1x0"), tout * cout, &[cout, tout], &[1, cout], 0);
             Ok(OpKernels {

@@ -221,6 +221,17 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
         }
         Op::LayerNorm { eps } => layer_norm(args[0], f(1)?, f(2)?, *eps)?,
         Op::Concat { axis } => concat(args, *axis)?,
+        Op::FusedLinear { gelu: g, residual } => {
+            let mut y = linear(args[0], args[1], Some(f(2)?))?;
+            if *g {
+                y = Tensor::f32(y.shape.clone(), y.as_f32()?.iter().map(|&v| gelu(v)).collect());
+            }
+            if *residual {
+                y = broadcast(&y, args[3], |a, b| a + b)?;
+            }
+            y
+        }
+        Op::MaskedSoftmax => softmax(&broadcast(args[0], args[1], |a, b| a + b)?)?,
         Op::Softmax => softmax(args[0])?,
         Op::Reshape { shape } => Tensor { shape: shape.clone(), data: args[0].data.clone() },
         Op::Transpose { perm } => transpose(args[0], perm),

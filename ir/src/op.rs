@@ -25,6 +25,11 @@ pub enum Op {
     LayerNorm { eps: f32 },
     /// Concatenation of the operands along `axis` (all other extents equal).
     Concat { axis: usize },
+    /// A linear layer with its epilogue fused: `x · wᵀ + b`, then GELU if `gelu`, then
+    /// `+ residual` (the fourth operand, shaped like the result) if `residual`.
+    FusedLinear { gelu: bool, residual: bool },
+    /// `softmax(x + mask)` over the last axis, the mask broadcast (numpy rules) to `x`.
+    MaskedSoftmax,
     /// Softmax over the last axis.
     Softmax,
     /// Same elements, another shape.
@@ -61,6 +66,8 @@ impl Op {
             Op::ScatterRow => "scatter_row",
             Op::CausalMask { .. } => "causal_mask",
             Op::Concat { .. } => "concat",
+            Op::FusedLinear { .. } => "fused_linear",
+            Op::MaskedSoftmax => "masked_softmax",
         }
     }
 
@@ -85,9 +92,15 @@ impl Op {
             }
             Op::CausalMask { len } => vec![("len", len.to_string())],
             Op::Concat { axis } => vec![("axis", axis.to_string())],
-            Op::Linear | Op::Add | Op::Mul | Op::Gelu | Op::Softmax | Op::Gather | Op::ScatterRow => {
-                vec![]
-            }
+            Op::FusedLinear { gelu, residual } => vec![("gelu", gelu.to_string()), ("residual", residual.to_string())],
+            Op::Linear
+            | Op::Add
+            | Op::Mul
+            | Op::Gelu
+            | Op::Softmax
+            | Op::Gather
+            | Op::ScatterRow
+            | Op::MaskedSoftmax => vec![],
         }
     }
 
@@ -106,6 +119,13 @@ impl Op {
         let f32_ = |key: &str| -> Result<f32, String> {
             get(key)?.parse().map_err(|_| format!("attribute `{key}` of `{name}` is not a number"))
         };
+        let bool_ = |key: &str| -> Result<bool, String> {
+            match get(key)? {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(format!("{key} must be true or false, not `{other}`")),
+            }
+        };
         let list = |key: &str| -> Result<Vec<usize>, String> {
             let v = get(key)?;
             let inner = v
@@ -120,13 +140,7 @@ impl Op {
         let op = match name {
             "conv1d" => Op::Conv1d { stride: usize_("stride")?, padding: usize_("padding")? },
             "linear" => Op::Linear,
-            "matmul" => Op::MatMul {
-                transpose_b: match get("transpose_b")? {
-                    "true" => true,
-                    "false" => false,
-                    other => return Err(format!("transpose_b must be true or false, not `{other}`")),
-                },
-            },
+            "matmul" => Op::MatMul { transpose_b: bool_("transpose_b")? },
             "add" => Op::Add,
             "mul" => Op::Mul,
             "scale" => Op::Scale { factor: f32_("factor")? },
@@ -140,6 +154,8 @@ impl Op {
             "scatter_row" => Op::ScatterRow,
             "causal_mask" => Op::CausalMask { len: usize_("len")? },
             "concat" => Op::Concat { axis: usize_("axis")? },
+            "fused_linear" => Op::FusedLinear { gelu: bool_("gelu")?, residual: bool_("residual")? },
+            "masked_softmax" => Op::MaskedSoftmax,
             other => return Err(format!("unknown op `{other}`")),
         };
         let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
@@ -155,6 +171,14 @@ impl Op {
             Op::Conv1d { .. } | Op::ScatterRow => (3, 3),
             Op::LayerNorm { .. } => (1, 3),
             Op::Concat { .. } => (1, usize::MAX),
+            Op::FusedLinear { residual, .. } => {
+                if *residual {
+                    (4, 4)
+                } else {
+                    (3, 3)
+                }
+            }
+            Op::MaskedSoftmax => (2, 2),
             Op::Linear => (2, 3),
             Op::MatMul { .. } | Op::Add | Op::Mul | Op::Gather => (2, 2),
             Op::Scale { .. }
@@ -268,6 +292,20 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 1 => {}
                 3 if float(1)?.shape == [d] && float(2)?.shape == [d] => {}
                 _ => return Err(shape_err()),
+            }
+            Ok(TensorType::f32(x.shape.clone()))
+        }
+        Op::FusedLinear { residual, .. } => {
+            let out = infer_type(&Op::Linear, &inputs[..3])?;
+            if *residual && float(3)?.shape != out.shape {
+                return Err(shape_err());
+            }
+            Ok(out)
+        }
+        Op::MaskedSoftmax => {
+            let (x, m) = (float(0)?, float(1)?);
+            if x.rank() == 0 || broadcast_shapes(&x.shape, &m.shape).as_deref() != Some(&x.shape[..]) {
+                return Err(shape_err());
             }
             Ok(TensorType::f32(x.shape.clone()))
         }

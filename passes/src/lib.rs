@@ -4,10 +4,12 @@
 //! names the pass), and lets the caller look at the module after every pass (`--dump-ir`).
 
 mod fold;
+pub mod fuse;
 mod hoist_cross_kv;
 mod timesteps;
 
 pub use fold::fold;
+pub use fuse::fuse;
 pub use hoist_cross_kv::hoist_cross_kv;
 pub use timesteps::{auto_timesteps, check_timesteps, timesteps, MAX_TIMESTEPS};
 
@@ -50,6 +52,11 @@ pub const PASSES: &[Pass] = &[
         name: "fold",
         about: "layer-norm affine and q/k scaling into the projections; Q,K,V (and cross K,V) merged",
         run: |m, _| fold(m),
+    },
+    Pass {
+        name: "fuse",
+        about: "equality saturation (egg) picks fused kernels: linear+GELU, linear+residual, mask+softmax",
+        run: |m, _| fuse(m),
     },
 ];
 
