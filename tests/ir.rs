@@ -41,11 +41,24 @@ fn tiny_en_graph_snapshots() {
     let m = &loaded.module;
     insta::assert_snapshot!("tiny_en_encoder", print_graph(m.graph("encoder").unwrap()));
     insta::assert_snapshot!("tiny_en_decoder_step", print_graph(m.graph("decoder_step").unwrap()));
+    // The module after each pass of the default pipeline (timesteps is a no-op without
+    // --timesteps; its snapshot is in tests/timesteps.rs).
     let hoisted = wcc_passes::run(m.clone(), &["hoist-cross-kv"]).unwrap();
+    insta::assert_snapshot!("tiny_en_encoder_after_hoist_cross_kv", print_graph(hoisted.graph("encoder").unwrap()));
     insta::assert_snapshot!(
         "tiny_en_decoder_step_after_hoist_cross_kv",
         print_graph(hoisted.graph("decoder_step").unwrap())
     );
+    let folded = wcc_passes::run(hoisted, &["fold"]).unwrap();
+    insta::assert_snapshot!("tiny_en_encoder_after_fold", print_graph(folded.graph("encoder").unwrap()));
+    insta::assert_snapshot!("tiny_en_decoder_step_after_fold", print_graph(folded.graph("decoder_step").unwrap()));
+    let fused = wcc_passes::run(folded, &["fuse"]).unwrap();
+    insta::assert_snapshot!("tiny_en_encoder_after_fuse", print_graph(fused.graph("encoder").unwrap()));
+    insta::assert_snapshot!("tiny_en_decoder_step_after_fuse", print_graph(fused.graph("decoder_step").unwrap()));
+    // What the passes are for, visible in the text: no cross K/V projection in the step, and
+    // after fuse no separate GELU or residual add left there.
+    let step = print_graph(fused.graph("decoder_step").unwrap());
+    assert!(!step.contains("xattn.k:") && !step.contains("gelu(") && step.contains("masked_softmax("));
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
