@@ -417,6 +417,23 @@ impl Emitter<'_> {
                 }
                 (self.b.ins().splat(F32X4, x), Ty::F32x4)
             }
+            Expr::Pack(lanes) => {
+                if lanes.len() != 4 {
+                    return self.err("pack takes four lanes");
+                }
+                let mut v = None;
+                for (l, e) in lanes.iter().enumerate() {
+                    let (x, t) = self.expr(e)?;
+                    if t != Ty::F32 {
+                        return self.err(format!("pack of {t:?}"));
+                    }
+                    v = Some(match v {
+                        None => self.b.ins().splat(F32X4, x),
+                        Some(acc) => self.b.ins().insertlane(acc, x, l as u8),
+                    });
+                }
+                (v.expect("four lanes"), Ty::F32x4)
+            }
             Expr::HSum(a) | Expr::HMax(a) => {
                 let (x, t) = self.expr(a)?;
                 if t != Ty::F32x4 {

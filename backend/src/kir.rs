@@ -79,6 +79,8 @@ pub enum Expr {
     /// `f32x4` → `f32`: the sum / the maximum of the lanes.
     HSum(Box<Expr>),
     HMax(Box<Expr>),
+    /// Four `f32` → one `f32x4` (lane `i` from element `i`).
+    Pack(Vec<Expr>),
     /// `if a <op> b (i64) then x else y`.
     Select {
         op: CmpOp,
@@ -184,6 +186,9 @@ pub mod build {
     }
     pub fn hmax(a: Expr) -> Expr {
         Expr::HMax(Box::new(a))
+    }
+    pub fn pack(lanes: Vec<Expr>) -> Expr {
+        Expr::Pack(lanes)
     }
     pub fn load(buf: u32, index: Expr) -> Expr {
         Expr::Load { buf, index: Box::new(index), ty: Ty::F32 }

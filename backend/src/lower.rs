@@ -177,18 +177,24 @@ fn dot_kernel(
             }
             s.push(for_(kt, int(k4), int(k as i64), 1, tail));
         }
-        for (q, &sm) in sums.iter().enumerate() {
-            let col = add(j.clone(), int(q as i64));
-            let v = if bias { add(var(sm), load(bb, col.clone())) } else { var(sm) };
-            let v = if epilogue.gelu {
-                s.push(set(sm, v));
-                gelu(var(sm), false)
-            } else {
-                v
-            };
-            let v = if epilogue.residual { add(v, load(rb, add(var(orow), col.clone()))) } else { v };
-            s.push(store(ob, add(var(orow), col), v));
+        // The epilogue (bias, GELU, residual) runs on the four columns at once when there are
+        // four: they are adjacent in the output row.
+        let vector = width == 4;
+        let results: Vec<Expr> = sums.iter().map(|&sm| var(sm)).collect();
+        let mut v = if vector { pack(results) } else { results[0].clone() };
+        let (ld, at) = (if vector { load4 } else { load }, add(var(orow), j.clone()));
+        if bias {
+            v = add(v, ld(bb, j.clone()));
         }
+        if epilogue.gelu {
+            let t = vars.next();
+            s.push(let_(t, v));
+            v = gelu(var(t), vector);
+        }
+        if epilogue.residual {
+            v = add(v, ld(rb, at.clone()));
+        }
+        s.push(store(ob, at, v));
         s
     };
     let (j, jt) = (vars.next(), vars.next());
