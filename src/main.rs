@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
-use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript};
+use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
+use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript, WhisperModel};
 
 #[derive(Parser)]
 #[command(name = "wcc", version, about = "An ahead-of-time compiler for Whisper speech recognition")]
@@ -55,7 +56,7 @@ enum Command {
         #[arg(long, default_value = "tiny.en")]
         model: String,
         /// Mel frames of the encoder input: an even number up to 3000, or `auto` (the clip's
-        /// length plus one second, rounded up to a multiple of 64).
+        /// length plus 3 s, at least 1024, rounded up to a multiple of 64).
         #[arg(long, default_value = "3000")]
         timesteps: wcc::Timesteps,
         /// Threads for the compiled kernels.
@@ -158,6 +159,23 @@ enum CheckpointCommand {
     },
 }
 
+/// Transcribes `samples` with `m`, timing the encoder and the decoder steps, and prints it.
+fn transcribe_and_print<M: WhisperModel>(
+    m: &mut M,
+    tokenizer: &WhisperTokenizer,
+    cfg: &GenerationConfig,
+    samples: &[f32],
+    opts: &TranscribeOptions,
+    json: bool,
+    load_s: f64,
+) -> Result<()> {
+    let t1 = Instant::now();
+    let mut timed = wcc::Timed::new(m);
+    let out = transcribe(&mut timed, tokenizer, cfg, samples, opts)?;
+    let stats = timed.stats;
+    print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), stats)
+}
+
 fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
     if json {
         let v = serde_json::json!({
@@ -231,12 +249,7 @@ fn run(cli: Cli) -> Result<()> {
                 let (tokenizer, cfg) = loaded.generation()?;
                 let module = wcc::run_passes(loaded.module, &pipeline, &options, &wcc::Dumps::default())?;
                 let mut m = InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
-                let load_s = t0.elapsed().as_secs_f64();
-                let t1 = Instant::now();
-                let mut timed = wcc::Timed::new(&mut m);
-                let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
-                let st = timed.stats;
-                print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), st)?;
+                transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, t0.elapsed().as_secs_f64())?;
             } else {
                 // Compile for this machine into a temporary file, then run it.
                 let tmp = tempfile::tempdir().context("creating a temporary directory")?;
@@ -245,12 +258,7 @@ fn run(cli: Cli) -> Result<()> {
                 let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads.max(1))?;
                 let tokenizer = m.tokenizer()?;
                 let cfg = m.header().generation.clone();
-                let load_s = t0.elapsed().as_secs_f64();
-                let t1 = Instant::now();
-                let mut timed = wcc::Timed::new(&mut m);
-                let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
-                let st = timed.stats;
-                print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), st)?;
+                transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, t0.elapsed().as_secs_f64())?;
             }
         }
         Command::Compile { model, timesteps, target, output, force, passes, dump_ir, dump_dir } => {
@@ -298,12 +306,8 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = m.header().generation.clone();
             let load_s = t0.elapsed().as_secs_f64();
             let samples = wcc::load_audio(&audio)?;
-            let t1 = Instant::now();
-            let mut timed = wcc::Timed::new(&mut m);
-            let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &TranscribeOptions { language, translate })?;
-            let run_s = t1.elapsed().as_secs_f64();
-            let st = timed.stats;
-            print_transcript(&out, json, load_s, run_s, st)?;
+            let opts = TranscribeOptions { language, translate };
+            transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, load_s)?;
             if profile {
                 eprintln!("{:>9} {:>7}  kernel", "ms", "calls");
                 for (name, t, n) in m.profile() {

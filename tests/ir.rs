@@ -72,6 +72,31 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Runs the encoder on random features, then one decoder step (a token at position 3 with
+/// random caches) fed from the encoder's outputs by name: `(encoder outputs, step outputs)`.
+fn run_encoder_and_step(m: &wcc_ir::Module, weights: &dyn wcc_ir::interp::WeightLoader) -> (Vec<Tensor>, Vec<Tensor>) {
+    let interp = Interpreter::new(m, weights).unwrap();
+    let enc = m.graph("encoder").unwrap();
+    let mel_ty = enc.ty(enc.inputs[0]);
+    let enc_out = interp.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
+    let dec = m.graph("decoder_step").unwrap();
+    let inputs: Vec<Tensor> = dec
+        .inputs
+        .iter()
+        .map(|&i| {
+            let v = dec.value(i);
+            match v.name.as_str() {
+                "tokens" => Tensor::i32([1], vec![50257]),
+                "position" => Tensor::i32([1], vec![3]),
+                name if name.starts_with("self_") => Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7)),
+                name => enc_out[enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap()].clone(),
+            }
+        })
+        .collect();
+    let step = interp.run("decoder_step", &inputs).unwrap();
+    (enc_out, step)
+}
+
 #[test]
 fn hoist_cross_kv_moves_audio_work_out_of_the_step_and_preserves_outputs() {
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
@@ -99,30 +124,7 @@ fn hoist_cross_kv_moves_audio_work_out_of_the_step_and_preserves_outputs() {
     assert_eq!(enc.outputs.len(), 1 + 2 * before.param("n_text_layer").unwrap() as usize);
 
     // Differential: the same random audio features and caches give the same logits and caches.
-    let run = |m: &wcc_ir::Module| -> Vec<Tensor> {
-        let interp = Interpreter::new(m, &loaded.checkpoint).unwrap();
-        let enc = m.graph("encoder").unwrap();
-        let mel_ty = enc.ty(enc.inputs[0]);
-        let enc_out = interp.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
-        let dec = m.graph("decoder_step").unwrap();
-        let inputs: Vec<Tensor> = dec
-            .inputs
-            .iter()
-            .map(|&i| {
-                let v = dec.value(i);
-                match v.name.as_str() {
-                    "tokens" => Tensor::i32([1], vec![50257]),
-                    "position" => Tensor::i32([1], vec![3]),
-                    name if name.starts_with("self_") => Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7)),
-                    name => {
-                        let k = enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap();
-                        enc_out[k].clone()
-                    }
-                }
-            })
-            .collect();
-        interp.run("decoder_step", &inputs).unwrap()
-    };
+    let run = |m: &wcc_ir::Module| run_encoder_and_step(m, &loaded.checkpoint).1;
     let (a, b) = (run(&before), run(&after));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
@@ -159,27 +161,7 @@ fn fold_and_fuse_preserve_what_tiny_en_computes() {
         count(&folded),
         count(&fused)
     );
-    let run = |m: &wcc_ir::Module| -> (Vec<Tensor>, Vec<Tensor>) {
-        let interp = Interpreter::new(m, &loaded.checkpoint).unwrap();
-        let enc = m.graph("encoder").unwrap();
-        let mel_ty = enc.ty(enc.inputs[0]);
-        let enc_out = interp.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
-        let dec = m.graph("decoder_step").unwrap();
-        let inputs: Vec<Tensor> = dec
-            .inputs
-            .iter()
-            .map(|&i| {
-                let v = dec.value(i);
-                match v.name.as_str() {
-                    "tokens" => Tensor::i32([1], vec![50257]),
-                    "position" => Tensor::i32([1], vec![3]),
-                    name if name.starts_with("self_") => Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7)),
-                    name => enc_out[enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap()].clone(),
-                }
-            })
-            .collect();
-        (enc_out.clone(), interp.run("decoder_step", &inputs).unwrap())
-    };
+    let run = |m: &wcc_ir::Module| run_encoder_and_step(m, &loaded.checkpoint);
     let ((ea, da), (eb, db), (ec, dc)) = (run(&hoisted), run(&folded), run(&fused));
     // fuse does the same arithmetic in the same order as the ops it replaces: bit-identical.
     assert!(eb == ec && db == dc, "fuse changed the results");

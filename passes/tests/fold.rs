@@ -1,34 +1,11 @@
 //! `fold` on small modules: each rewrite, input → expected IR, and the numbers computed
 //! before and after agree (reference interpreter, random weights and inputs).
 
-use wcc_ir::interp::{Interpreter, Tensor, WeightLoader};
-use wcc_ir::{print_graph, DType, Graph, Module, Op, TensorType, ValueDef, WeightDecl, WeightSource};
+mod common;
 
-/// Seeded random weights for any declaration.
-struct Random;
-
-impl WeightLoader for Random {
-    fn load_f32(&self, decl: &WeightDecl) -> Result<Vec<f32>, String> {
-        let mut s = decl.name.bytes().fold(0x9E37_79B9u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) | 1;
-        Ok((0..decl.ty.numel())
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect())
-    }
-}
-
-fn weight(m: &mut Module, g: &mut Graph, name: &str, shape: &[usize]) -> wcc_ir::ValueId {
-    let d = m.add_weight(
-        name,
-        TensorType::new(DType::F16, shape.to_vec()),
-        WeightSource { tensor: name.into(), rows: None },
-    );
-    g.use_weight(&d)
-}
+use common::{weight, Random};
+use wcc_ir::interp::{Interpreter, Tensor};
+use wcc_ir::{print_graph, DType, Graph, Module, Op, TensorType, ValueDef};
 
 /// x → layer_norm(γ, β) → {q: scale(linear), k: scale(linear, no bias), v: linear} → outputs.
 fn attention_inputs() -> Module {

@@ -1,11 +1,14 @@
 //! `fuse`: each rewrite rule on its own (input term → expected term, through saturation and
 //! cost-based extraction), and the pass on small graphs against the interpreter.
 
+mod common;
+
 use std::collections::HashMap;
 
+use common::{weight, Random};
 use egg::{RecExpr, Symbol};
-use wcc_ir::interp::{Interpreter, Tensor, WeightLoader};
-use wcc_ir::{DType, Graph, Module, Op, TensorType, WeightDecl, WeightSource};
+use wcc_ir::interp::{Interpreter, Tensor};
+use wcc_ir::{Graph, Module, Op, TensorType};
 use wcc_passes::fuse::{optimize, Info, Term};
 
 fn leaves(shapes: &[(&str, &[usize])]) -> HashMap<Symbol, Info> {
@@ -42,31 +45,6 @@ fn mask_softmax() {
     assert_eq!(best("(softmax (add s m))", shapes), "(masked_softmax s m)");
     // A mask that varies along other axes too is left alone.
     assert_eq!(best("(softmax (add s big))", shapes), "(softmax (add s big))");
-}
-
-struct Random;
-
-impl WeightLoader for Random {
-    fn load_f32(&self, decl: &WeightDecl) -> Result<Vec<f32>, String> {
-        let mut s = decl.name.bytes().fold(7u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64)) | 1;
-        Ok((0..decl.ty.numel())
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect())
-    }
-}
-
-fn weight(m: &mut Module, g: &mut Graph, name: &str, shape: &[usize]) -> wcc_ir::ValueId {
-    let d = m.add_weight(
-        name,
-        TensorType::new(DType::F16, shape.to_vec()),
-        WeightSource { tensor: name.into(), rows: None },
-    );
-    g.use_weight(&d)
 }
 
 #[test]
