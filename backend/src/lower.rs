@@ -241,41 +241,54 @@ struct Epilogue {
 
 /// `out[b, i, :] = Σ_k a[b, i, k] · v[b, k, :]` (the attention context product).
 fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) -> Kernel {
+    // Blocks of 32 output columns are accumulated in eight f32x4 registers over the whole
+    // reduction and stored once; the columns left over (n % 32) are updated in memory.
+    const BLOCK: usize = 32;
+    let nv = n / BLOCK * BLOCK;
     let mut vars = Vars::new();
-    let (p, bi, i, orow, kk, s) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
-    let zero = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| vec![store(2, add(var(orow), j), cf(0.0, v))]);
-    let update = vec_loop(&mut vars, int(0), int(n as i64), &|j, v, _| {
-        let brow = add(mul(var(bi), int((k * n) as i64)), mul(var(kk), int(n as i64)));
+    let (p, bi, orow, arow, vbase, jb, kk, s) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let accs: Vec<Var> = (0..BLOCK / 4).map(|_| vars.next()).collect();
+    let vrow = |kk: Expr| add(var(vbase), mul(kk, int(n as i64)));
+    let mut block: Vec<Stmt> = accs.iter().map(|&a| let_(a, splat(f(0.0)))).collect();
+    let mut step = vec![let_(s, splat(load(0, add(var(arow), var(kk)))))];
+    for (q, &a) in accs.iter().enumerate() {
+        let col = add(var(jb), int(4 * q as i64));
+        step.push(set(a, fma(var(s), load4(1, add(vrow(var(kk)), col)), var(a))));
+    }
+    block.push(for_(kk, int(0), int(k as i64), 1, step));
+    for (q, &a) in accs.iter().enumerate() {
+        block.push(store(2, add(var(orow), add(var(jb), int(4 * q as i64))), var(a)));
+    }
+    let (kt, st) = (vars.next(), vars.next());
+    let zero =
+        vec_loop(&mut vars, int(nv as i64), int(n as i64), &|j, v, _| vec![store(2, add(var(orow), j), cf(0.0, v))]);
+    let update = vec_loop(&mut vars, int(nv as i64), int(n as i64), &|j, v, _| {
         let (bv, ov, sv) = if v {
-            (load4(1, add(brow, j.clone())), load4(2, add(var(orow), j.clone())), splat(var(s)))
+            (load4(1, add(vrow(var(kt)), j.clone())), load4(2, add(var(orow), j.clone())), splat(var(st)))
         } else {
-            (load(1, add(brow, j.clone())), load(2, add(var(orow), j.clone())), var(s))
+            (load(1, add(vrow(var(kt)), j.clone())), load(2, add(var(orow), j.clone())), var(st))
         };
         vec![store(2, add(var(orow), j), fma(sv, bv, ov))]
     });
-    let body = vec![for_(
-        p,
-        var(START),
-        var(END),
-        1,
-        [
-            vec![
-                let_(bi, div(var(p), int(m as i64))),
-                let_(i, sub(var(p), mul(var(bi), int(m as i64)))),
-                let_(orow, mul(var(p), int(n as i64))),
-            ],
-            zero,
-            vec![for_(
-                kk,
-                int(0),
-                int(k as i64),
-                1,
-                [vec![let_(s, load(0, add(mul(var(p), int(k as i64)), var(kk))))], update].concat(),
-            )],
-        ]
-        .concat(),
-    )];
-    let _ = i;
+    let mut row = vec![
+        let_(bi, div(var(p), int(m as i64))),
+        let_(orow, mul(var(p), int(n as i64))),
+        let_(arow, mul(var(p), int(k as i64))),
+        let_(vbase, mul(var(bi), int((k * n) as i64))),
+        for_(jb, int(0), int(nv as i64), BLOCK as i64, block),
+    ];
+    if nv < n {
+        row.extend(zero);
+        row.push(for_(
+            kt,
+            int(0),
+            int(k as i64),
+            1,
+            [vec![let_(st, load(0, add(var(arow), var(kt))))], update].concat(),
+        ));
+    }
+    let body = vec![for_(p, var(START), var(END), 1, row)];
     kernel(
         name,
         vec![buf("a", batch * m * k), buf("v", batch * k * n), buf("out", batch * m * n)],

@@ -105,3 +105,22 @@ fn every_kernel_compiles_for_every_target_level() {
         assert!(bytes > 0);
     }
 }
+
+#[test]
+fn odd_shapes_take_the_remainder_paths() {
+    // Widths that are not multiples of the register blocks (32 columns, 4 lanes, 16-column
+    // tasks) and a reduction that is not a multiple of 4.
+    for (op, a, b) in [
+        (Op::MatMul { transpose_b: false }, vec![2, 3, 5], vec![2, 5, 70]),
+        (Op::MatMul { transpose_b: false }, vec![1, 2, 7], vec![1, 7, 3]),
+        (Op::MatMul { transpose_b: true }, vec![2, 3, 7], vec![2, 37, 7]),
+    ] {
+        let x = Tensor::f32(a.clone(), noise(a.iter().product(), 3));
+        let y = Tensor::f32(b.clone(), noise(b.iter().product(), 4));
+        let want = eval(&op, &[&x, &y]).unwrap();
+        let out = wcc_ir::TensorType::f32(want.shape.clone());
+        let got = wcc_backend::jit::run_op(&op, &[&x, &y], &out, false).unwrap();
+        let e = rel_err(got.as_f32().unwrap(), want.as_f32().unwrap());
+        assert!(e < 1e-5, "{op:?} {a:?} x {b:?}: {e}");
+    }
+}
