@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
 use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
 use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript, WhisperModel};
@@ -15,6 +15,20 @@ use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript, Whisper
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to decode and what to print, shared by `transcribe` and `run`.
+#[derive(Args)]
+struct DecodingArgs {
+    /// Language code for multilingual models; detected when not given.
+    #[arg(long)]
+    language: Option<String>,
+    /// Translate to English instead of transcribing (multilingual models).
+    #[arg(long)]
+    translate: bool,
+    /// Print JSON (text, tokens, language, timings) instead of the text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,15 +76,8 @@ enum Command {
         /// Threads for the compiled kernels.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Language code for multilingual models; detected when not given.
-        #[arg(long)]
-        language: Option<String>,
-        /// Translate to English instead of transcribing (multilingual models).
-        #[arg(long)]
-        translate: bool,
-        /// Print JSON (text, tokens, language, timings) instead of the text.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        decoding: DecodingArgs,
         audio: PathBuf,
     },
     /// Compile a model ahead of time into one `.wbin` file.
@@ -107,13 +114,8 @@ enum Command {
         /// Threads for the kernels.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        #[arg(long)]
-        language: Option<String>,
-        #[arg(long)]
-        translate: bool,
-        /// Print JSON (text, tokens, language, timings) instead of the text.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        decoding: DecodingArgs,
         /// Time every kernel and print a table (stderr) at the end.
         #[arg(long)]
         profile: bool,
@@ -238,7 +240,8 @@ fn run(cli: Cli) -> Result<()> {
                 (IrFormat::Dot, _) => graphs.iter().for_each(|g| print!("{}", wcc_ir::to_dot(g))),
             }
         }
-        Command::Transcribe { interpret, model, timesteps, threads, language, translate, json, audio } => {
+        Command::Transcribe { interpret, model, timesteps, threads, decoding, audio } => {
+            let DecodingArgs { language, translate, json } = decoding;
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
             let options = timesteps.options(Some(samples.len()))?;
@@ -293,7 +296,8 @@ fn run(cli: Cli) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
-        Command::Run { wbin, audio, threads, language, translate, json, profile } => {
+        Command::Run { wbin, audio, threads, decoding, profile } => {
+            let DecodingArgs { language, translate, json } = decoding;
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }

@@ -94,14 +94,21 @@ fn vec_loop(vars: &mut Vars, lo: Expr, hi: Expr, body: &dyn Fn(Expr, bool, &mut 
     ]
 }
 
-/// Element-wise map of `n` elements, `f(x, vector?)`; parallel over blocks of 4096.
-fn map_kernel(name: String, n: usize, flops_per: usize, f: &dyn Fn(Expr, bool) -> Expr) -> Kernel {
+/// Element-wise map of `n` elements of `inputs` operands (same shape) to one result,
+/// `f(operands, vector?)`; parallel over blocks of 4096. Buffers: the operands, then out.
+fn map_kernel(name: String, n: usize, inputs: usize, flops_per: usize, f: &dyn Fn(Vec<Expr>, bool) -> Expr) -> Kernel {
     const BLOCK: usize = 4096;
     let mut vars = Vars::new();
     let (b, lo, hi) = (vars.next(), vars.next(), vars.next());
     let inner = vec_loop(&mut vars, var(lo), var(hi), &|i, v, vars| {
-        let x = vars.next();
-        vec![let_(x, if v { load4(0, i.clone()) } else { load(0, i.clone()) }), store(1, i, f(var(x), v))]
+        let xs: Vec<Var> = (0..inputs).map(|_| vars.next()).collect();
+        let mut body: Vec<Stmt> = xs
+            .iter()
+            .enumerate()
+            .map(|(k, &x)| let_(x, if v { load4(k as u32, i.clone()) } else { load(k as u32, i.clone()) }))
+            .collect();
+        body.push(store(inputs as u32, i, f(xs.iter().map(|&x| var(x)).collect(), v)));
+        body
     });
     let body = vec![for_(
         b,
@@ -117,7 +124,10 @@ fn map_kernel(name: String, n: usize, flops_per: usize, f: &dyn Fn(Expr, bool) -
         ]
         .concat(),
     )];
-    kernel(name, vec![buf("x", n), buf("out", n)], n.div_ceil(BLOCK), n * flops_per, body, vars)
+    let names = ["x", "y"];
+    let mut buffers: Vec<Buffer> = (0..inputs).map(|k| buf(names.get(k).unwrap_or(&"z"), n)).collect();
+    buffers.push(buf("out", n));
+    kernel(name, buffers, n.div_ceil(BLOCK), n * flops_per, body, vars)
 }
 
 /// Batched `out[b, i, j] = Σ_k x[b, i, k] · w[b, j, k] (+ bias[j])`. Batch strides of 0
@@ -515,37 +525,9 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 fn broadcast_kernel(name: &str, a: &[usize], b: &[usize], out: &[usize], op: crate::kir::BinOp) -> Kernel {
     let n: usize = out.iter().product();
     if a == b {
-        // Same shapes: a flat element-wise loop, in blocks of 4096.
-        const BLOCK: usize = 4096;
-        let mut vars = Vars::new();
-        let (blk, lo, hi) = (vars.next(), vars.next(), vars.next());
-        let inner = vec_loop(&mut vars, var(lo), var(hi), &|i, v, _| {
-            let (x, y) =
-                if v { (load4(0, i.clone()), load4(1, i.clone())) } else { (load(0, i.clone()), load(1, i.clone())) };
-            vec![store(2, i, bin(op, x, y))]
-        });
-        let body = vec![for_(
-            blk,
-            var(START),
-            var(END),
-            1,
-            [
-                vec![
-                    let_(lo, mul(var(blk), int(BLOCK as i64))),
-                    let_(hi, min(add(var(lo), int(BLOCK as i64)), int(n as i64))),
-                ],
-                inner,
-            ]
-            .concat(),
-        )];
-        return kernel(
-            format!("{name}_{}", shape_name(out)),
-            vec![buf("a", n), buf("b", n), buf("out", n)],
-            n.div_ceil(BLOCK),
-            n,
-            body,
-            vars,
-        );
+        // Same shapes: a flat element-wise loop.
+        let f = move |xs: Vec<Expr>, _: bool| bin(op, xs[0].clone(), xs[1].clone());
+        return map_kernel(format!("{name}_{}", shape_name(out)), n, 2, 1, &f);
     }
     let r = out.len().max(2);
     let pad = |s: &[usize]| -> Vec<usize> { [vec![1; r - s.len()], s.to_vec()].concat() };
@@ -629,11 +611,16 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
         Op::Scale { factor } => {
             let fac = *factor;
             one(
-                map_kernel(format!("scale_{}", shape_name(&out.shape)), n_out, 1, &move |x, v| mul(x, cf(fac, v))),
+                map_kernel(format!("scale_{}", shape_name(&out.shape)), n_out, 1, 1, &move |x, v| {
+                    mul(x[0].clone(), cf(fac, v))
+                }),
                 ins(1),
             )
         }
-        Op::Gelu => one(map_kernel(format!("gelu_{}", shape_name(&out.shape)), n_out, 20, &gelu), ins(1)),
+        Op::Gelu => one(
+            map_kernel(format!("gelu_{}", shape_name(&out.shape)), n_out, 1, 20, &|x, v| gelu(x[0].clone(), v)),
+            ins(1),
+        ),
         Op::Add => one(broadcast_kernel("add", &inputs[0].shape, &inputs[1].shape, &out.shape, BinOp::Add), ins(2)),
         Op::Mul => one(broadcast_kernel("mul", &inputs[0].shape, &inputs[1].shape, &out.shape, BinOp::Mul), ins(2)),
         Op::Linear => {
