@@ -57,7 +57,7 @@ impl Timesteps {
                 )
             }
         };
-        Ok(wcc_passes::PassOptions { timesteps })
+        Ok(wcc_passes::PassOptions { timesteps, ..Default::default() })
     }
 }
 
@@ -68,6 +68,8 @@ pub struct Dumps {
     pub print_after: Vec<String>,
     /// Directory to write `NN-pass.ir` and `NN-pass.dot` into, for every pass.
     pub dir: Option<std::path::PathBuf>,
+    /// Directory to write each kernel's text form into (`NNN-name.kir`).
+    pub kernels: Option<std::path::PathBuf>,
 }
 
 impl Dumps {
@@ -141,7 +143,14 @@ pub fn compile(
     let (_, generation) = loaded.generation()?;
     let tokenizer = loaded.checkpoint.tokenizer_json()?;
     let module = run_passes(loaded.module, passes, options, dumps)?;
-    let program = wcc_backend::program::build(&module, &loaded.checkpoint)?;
+    let program = wcc_backend::program::build(&module, &loaded.checkpoint, &target)?;
+    if let Some(dir) = &dumps.kernels {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (i, k) in program.kernels.iter().enumerate() {
+            let path = dir.join(format!("{i:03}-{}.kir", k.name));
+            std::fs::write(&path, k.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     let isa = wcc_backend::cranelift::isa(&target)?;
     let mut code = Vec::new();
     let mut kernels = Vec::new();
@@ -155,7 +164,7 @@ pub fn compile(
             name: k.name.clone(),
             offset: offset as u64,
             len: bytes.len() as u64,
-            buffer_bytes: k.buffers.iter().map(|b| 4 * b.len as u64).collect(),
+            buffer_bytes: k.buffers.iter().map(|b| b.bytes() as u64).collect(),
             parallel_extent: k.parallel_extent,
             flops: k.flops,
         });
@@ -170,7 +179,7 @@ pub fn compile(
         params: module.params.clone(),
         timesteps: mel_shape[1],
         n_mels: mel_shape[0],
-        weight_dtype: "f32".into(),
+        weight_dtype: if options.int8 { "int8".into() } else { "f32".into() },
         generation,
         alignment_heads: loaded.checkpoint.generation.alignment_heads.clone(),
         arena_bytes: program.arena_bytes,

@@ -31,6 +31,26 @@ struct DecodingArgs {
     json: bool,
 }
 
+/// Quantization, shared by `compile` and `transcribe`.
+#[derive(Args)]
+struct QuantArgs {
+    /// int8 linear layers: weights int8 per output channel, activations quantized per row at
+    /// run time, integer products (`vpdpbusd` where the CPU has VNNI).
+    #[arg(long)]
+    int8: bool,
+    /// With --int8: layers kept in f32, by value or weight name (`*` wildcards), e.g.
+    /// `logits,enc.l0.*`.
+    #[arg(long, value_delimiter = ',', requires = "int8")]
+    keep_float: Vec<String>,
+}
+
+impl QuantArgs {
+    fn apply(self, options: &mut wcc_passes::PassOptions) {
+        options.int8 = self.int8;
+        options.keep_float = self.keep_float;
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum IrFormat {
     Text,
@@ -78,6 +98,8 @@ enum Command {
         threads: usize,
         #[command(flatten)]
         decoding: DecodingArgs,
+        #[command(flatten)]
+        quant: QuantArgs,
         audio: PathBuf,
     },
     /// Compile a model ahead of time into one `.wbin` file.
@@ -106,6 +128,11 @@ enum Command {
         /// Write `NN-pass.ir` and `NN-pass.dot` after every pass into this directory.
         #[arg(long)]
         dump_dir: Option<PathBuf>,
+        /// Write every kernel's kernel IR as text (`NNN-name.kir`) into this directory.
+        #[arg(long)]
+        dump_kernels: Option<PathBuf>,
+        #[command(flatten)]
+        quant: QuantArgs,
     },
     /// Transcribe an audio file with a compiled model.
     Run {
@@ -240,11 +267,12 @@ fn run(cli: Cli) -> Result<()> {
                 (IrFormat::Dot, _) => graphs.iter().for_each(|g| print!("{}", wcc_ir::to_dot(g))),
             }
         }
-        Command::Transcribe { interpret, model, timesteps, threads, decoding, audio } => {
+        Command::Transcribe { interpret, model, timesteps, threads, decoding, quant, audio } => {
             let DecodingArgs { language, translate, json } = decoding;
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
-            let options = timesteps.options(Some(samples.len()))?;
+            let mut options = timesteps.options(Some(samples.len()))?;
+            quant.apply(&mut options);
             let opts = TranscribeOptions { language, translate };
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
@@ -264,14 +292,26 @@ fn run(cli: Cli) -> Result<()> {
                 transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, t0.elapsed().as_secs_f64())?;
             }
         }
-        Command::Compile { model, timesteps, target, output, force, passes, dump_ir, dump_dir } => {
+        Command::Compile {
+            model,
+            timesteps,
+            target,
+            output,
+            force,
+            passes,
+            dump_ir,
+            dump_dir,
+            dump_kernels,
+            quant,
+        } => {
             let passes: Vec<&str> = match passes.as_slice() {
                 [] => wcc_passes::default_pipeline(),
                 [none] if none == "none" => vec![],
                 list => list.iter().map(String::as_str).collect(),
             };
-            let dumps = wcc::Dumps { print_after: dump_ir, dir: dump_dir };
-            let options = timesteps.options(None)?;
+            let dumps = wcc::Dumps { print_after: dump_ir, dir: dump_dir, kernels: dump_kernels };
+            let mut options = timesteps.options(None)?;
+            quant.apply(&mut options);
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }

@@ -52,7 +52,7 @@ fn shortened_encoder_matches_a_numpy_whisper_encoder_on_the_same_frames() {
     reference(&["hf-encode", p(&hf), p(&mel), "-o", p(&want)]);
 
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
-    let opts = wcc_passes::PassOptions { timesteps: Some(n) };
+    let opts = wcc_passes::PassOptions { timesteps: Some(n), ..Default::default() };
     let module = wcc_passes::run_observed(loaded.module, &["timesteps"], &opts, &mut |_, _, _| Ok(())).unwrap();
     let interp = Interpreter::new(&module, &loaded.checkpoint).unwrap();
     let (shape, x) = read_npy(&mel);
@@ -69,7 +69,7 @@ fn shortened_encoder_matches_a_numpy_whisper_encoder_on_the_same_frames() {
 fn timesteps_pass_snapshot_and_full_length_no_op() {
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
     let run = |n: usize| {
-        let opts = wcc_passes::PassOptions { timesteps: Some(n) };
+        let opts = wcc_passes::PassOptions { timesteps: Some(n), ..Default::default() };
         wcc_passes::run_observed(loaded.module.clone(), &["timesteps"], &opts, &mut |_, _, _| Ok(())).unwrap()
     };
     let short = run(1024);

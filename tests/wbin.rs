@@ -36,7 +36,7 @@ fn written_program_and_weights_are_what_the_compiler_built() {
     let f = WbinFile::open(&path).unwrap();
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
     let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
-    let program = wcc_backend::program::build(&module, &loaded.checkpoint).unwrap();
+    let program = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();
     assert_eq!(f.header.graphs, program.graphs);
     assert_eq!(f.header.arena_bytes, program.arena_bytes);
     assert!(f.sections().weights == &program.weights[..]);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
     AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
 };
@@ -42,6 +42,8 @@ fn cranelift_flag(feature: &str) -> Option<&'static str> {
         "avx512vl" => "has_avx512vl",
         "avx512dq" => "has_avx512dq",
         "avx512bw" => "has_avx512bw",
+        // With avx512vl, the widening dot-product tree becomes one EVEX `vpdpbusd`.
+        "avx512vnni" => "has_avx512vnni",
         _ => return None,
     })
 }
@@ -133,6 +135,9 @@ fn clif(ty: Ty) -> Type {
         Ty::I64 => I64,
         Ty::F32 => F32,
         Ty::F32x4 => F32X4,
+        Ty::I32x4 => I32X4,
+        // Cranelift's integer vectors carry no sign: the operations choose it.
+        Ty::I8x16 | Ty::U8x16 => I8X16,
     }
 }
 
@@ -176,12 +181,26 @@ impl Emitter<'_> {
             }
             Stmt::Store { buf, index, value } => {
                 let (v, ty) = self.expr(value)?;
-                if ty == Ty::I64 {
-                    return self.err("stores of integers are not supported");
-                }
+                let Some(&elem) = self.elems.get(*buf as usize) else {
+                    return self.err(format!("buffer {buf} does not exist"));
+                };
                 let addr = self.address(*buf, index)?;
                 let fl = self.notrap();
-                self.b.ins().store(fl, v, addr, 0);
+                match (elem, ty) {
+                    (Elem::F32, Ty::F32 | Ty::F32x4) | (Elem::I32, Ty::I32x4) => {
+                        self.b.ins().store(fl, v, addr, 0);
+                    }
+                    (Elem::I8, Ty::I8x16) | (Elem::U8, Ty::U8x16) => {
+                        self.b.ins().store(fl, v, addr, 0);
+                    }
+                    (Elem::I32, Ty::I64) => {
+                        self.b.ins().istore32(fl, v, addr, 0);
+                    }
+                    (Elem::I8 | Elem::U8, Ty::I64) => {
+                        self.b.ins().istore8(fl, v, addr, 0);
+                    }
+                    _ => return self.err(format!("cannot store {} to a {} buffer", ty.name(), elem.name())),
+                }
             }
             Stmt::For { var, start, end, step, body } => {
                 if *step <= 0 {
@@ -225,8 +244,10 @@ impl Emitter<'_> {
         if ty != Ty::I64 {
             return self.err("indices must be integers");
         }
-        // Every element type is 4 bytes wide.
-        let off = self.b.ins().ishl_imm_u(i, 2);
+        let off = match self.elems[buf as usize].size() {
+            1 => i,
+            size => self.b.ins().imul_imm_s(i, size as i64),
+        };
         Ok(self.b.ins().iadd(base, off))
     }
 
@@ -360,8 +381,11 @@ impl Emitter<'_> {
                 let flags = self.notrap();
                 match (elem, ty) {
                     (Elem::I32, Ty::I64) => (self.b.ins().sload32(flags, addr, 0), Ty::I64),
-                    (Elem::F32, Ty::F32 | Ty::F32x4) => (self.b.ins().load(clif(*ty), flags, addr, 0), *ty),
-                    _ => return self.err(format!("cannot load {ty:?} from a {elem:?} buffer")),
+                    (Elem::I8, Ty::I64) => (self.b.ins().sload8(I64, flags, addr, 0), Ty::I64),
+                    (Elem::U8, Ty::I64) => (self.b.ins().uload8(I64, flags, addr, 0), Ty::I64),
+                    (Elem::F32, Ty::F32) => (self.b.ins().load(F32, flags, addr, 0), *ty),
+                    (e, &t) if t == Ty::vector_of(e) => (self.b.ins().load(clif(t), flags, addr, 0), t),
+                    _ => return self.err(format!("cannot load {} from a {} buffer", ty.name(), elem.name())),
                 }
             }
             Expr::Bin(op, a, b) => {
@@ -370,14 +394,17 @@ impl Emitter<'_> {
                 if tx != ty {
                     return self.err(format!("{op:?} of {tx:?} and {ty:?}"));
                 }
+                if matches!(tx, Ty::I8x16 | Ty::U8x16) || (tx == Ty::I32x4 && *op == BinOp::Div) {
+                    return self.err(format!("{op:?} of {}", tx.name()));
+                }
                 let i = self.b.ins();
                 let v = match (tx, op) {
-                    (Ty::I64, BinOp::Add) => i.iadd(x, y),
-                    (Ty::I64, BinOp::Sub) => i.isub(x, y),
-                    (Ty::I64, BinOp::Mul) => i.imul(x, y),
+                    (Ty::I64 | Ty::I32x4, BinOp::Add) => i.iadd(x, y),
+                    (Ty::I64 | Ty::I32x4, BinOp::Sub) => i.isub(x, y),
+                    (Ty::I64 | Ty::I32x4, BinOp::Mul) => i.imul(x, y),
                     (Ty::I64, BinOp::Div) => i.sdiv(x, y),
-                    (Ty::I64, BinOp::Min) => i.smin(x, y),
-                    (Ty::I64, BinOp::Max) => i.smax(x, y),
+                    (Ty::I64 | Ty::I32x4, BinOp::Min) => i.smin(x, y),
+                    (Ty::I64 | Ty::I32x4, BinOp::Max) => i.smax(x, y),
                     (_, BinOp::Add) => i.fadd(x, y),
                     (_, BinOp::Sub) => i.fsub(x, y),
                     (_, BinOp::Mul) => i.fmul(x, y),
@@ -391,15 +418,15 @@ impl Emitter<'_> {
                 let (x, tx) = self.expr(a)?;
                 let (y, ty) = self.expr(b)?;
                 let (z, tz) = self.expr(c)?;
-                if tx != ty || ty != tz || tx == Ty::I64 {
+                if tx != ty || ty != tz || !matches!(tx, Ty::F32 | Ty::F32x4) {
                     return self.err(format!("fma of {tx:?}, {ty:?}, {tz:?}"));
                 }
                 (self.fma(x, y, z), tx)
             }
             Expr::Un(op, a) => {
                 let (x, t) = self.expr(a)?;
-                if t == Ty::I64 {
-                    return self.err(format!("{op:?} of an integer"));
+                if !matches!(t, Ty::F32 | Ty::F32x4) {
+                    return self.err(format!("{op:?} of {}", t.name()));
                 }
                 let v = match op {
                     UnOp::Neg => self.b.ins().fneg(x),
@@ -412,10 +439,91 @@ impl Emitter<'_> {
             }
             Expr::Splat(a) => {
                 let (x, t) = self.expr(a)?;
-                if t != Ty::F32 {
-                    return self.err(format!("splat of {t:?}"));
+                match t {
+                    Ty::F32 => (self.b.ins().splat(F32X4, x), Ty::F32x4),
+                    Ty::I64 => {
+                        let x = self.b.ins().ireduce(I32, x);
+                        (self.b.ins().splat(I32X4, x), Ty::I32x4)
+                    }
+                    _ => return self.err(format!("splat of {}", t.name())),
                 }
-                (self.b.ins().splat(F32X4, x), Ty::F32x4)
+            }
+            Expr::Dot4 { acc, w, x } => {
+                let (c, tc) = self.expr(acc)?;
+                let (a, ta) = self.expr(w)?;
+                let (x_, tb) = self.expr(x)?;
+                if (tc, ta, tb) != (Ty::I32x4, Ty::I8x16, Ty::U8x16) {
+                    return self.err(format!("dot4 of {}, {}, {}", tc.name(), ta.name(), tb.name()));
+                }
+                // Exactly the tree of Cranelift's `vpdpbusd` rule (x64 lower.isle): products
+                // of sign- and zero-extended halves in i16 (exact: |i8·u8| < 2^15), widened
+                // and summed pairwise twice, added to the accumulator. Without VNNI the same
+                // tree is computed by the generic lowering, with the same result.
+                let b = &mut self.b;
+                let (al, bl) = (b.ins().swiden_low(a), b.ins().uwiden_low(x_));
+                let lo = b.ins().imul(al, bl);
+                let (ah, bh) = (b.ins().swiden_high(a), b.ins().uwiden_high(x_));
+                let hi = b.ins().imul(ah, bh);
+                let (lol, loh) = (b.ins().swiden_low(lo), b.ins().swiden_high(lo));
+                let pl = b.ins().iadd_pairwise(lol, loh);
+                let (hil, hih) = (b.ins().swiden_low(hi), b.ins().swiden_high(hi));
+                let ph = b.ins().iadd_pairwise(hil, hih);
+                let p = b.ins().iadd_pairwise(pl, ph);
+                (b.ins().iadd(p, c), Ty::I32x4)
+            }
+            Expr::PairAdd(a, b) => {
+                let (x, tx) = self.expr(a)?;
+                let (y, ty) = self.expr(b)?;
+                if tx != Ty::I32x4 || ty != Ty::I32x4 {
+                    return self.err(format!("pair_add of {} and {}", tx.name(), ty.name()));
+                }
+                (self.b.ins().iadd_pairwise(x, y), Ty::I32x4)
+            }
+            Expr::Cvt(to, a) => {
+                let (x, t) = self.expr(a)?;
+                let v = match (t, to) {
+                    (Ty::I32x4, Ty::F32x4) => self.b.ins().fcvt_from_sint(F32X4, x),
+                    (Ty::I64, Ty::F32) => self.b.ins().fcvt_from_sint(F32, x),
+                    (Ty::F32x4, Ty::I32x4) => {
+                        let r = self.b.ins().nearest(x);
+                        self.b.ins().fcvt_to_sint_sat(I32X4, r)
+                    }
+                    (Ty::F32, Ty::I64) => {
+                        let r = self.b.ins().nearest(x);
+                        self.b.ins().fcvt_to_sint_sat(I64, r)
+                    }
+                    _ => return self.err(format!("conversion of {} to {}", t.name(), to.name())),
+                };
+                (v, *to)
+            }
+            Expr::Narrow(to, parts) => {
+                if parts.len() != 4 || !matches!(to, Ty::I8x16 | Ty::U8x16) {
+                    return self.err(format!("narrow of {} parts to {}", parts.len(), to.name()));
+                }
+                let mut vs = Vec::new();
+                for p in parts {
+                    let (v, t) = self.expr(p)?;
+                    if t != Ty::I32x4 {
+                        return self.err(format!("narrow of {}", t.name()));
+                    }
+                    vs.push(v);
+                }
+                let lo = self.b.ins().snarrow(vs[0], vs[1]);
+                let hi = self.b.ins().snarrow(vs[2], vs[3]);
+                let v = if *to == Ty::U8x16 { self.b.ins().unarrow(lo, hi) } else { self.b.ins().snarrow(lo, hi) };
+                (v, *to)
+            }
+            Expr::Lane(a, l) => {
+                let (x, t) = self.expr(a)?;
+                if *l as usize >= t.lanes() || !matches!(t, Ty::I32x4 | Ty::F32x4) {
+                    return self.err(format!("lane {l} of {}", t.name()));
+                }
+                let v = self.b.ins().extractlane(x, *l);
+                if t == Ty::I32x4 {
+                    (self.b.ins().sextend(I64, v), Ty::I64)
+                } else {
+                    (v, Ty::F32)
+                }
             }
             Expr::Pack(lanes) => {
                 if lanes.len() != 4 {

@@ -4,10 +4,15 @@
 //! table, and a range `[start, end)` of its outermost (parallel) loop: the runtime splits
 //! `0..parallel_extent` across threads and calls the kernel once per piece. Inside, the body
 //! is structured: `For` loops with a constant step, `Let`/`Set` of local variables, `Store`s
-//! to buffers. Expressions are typed `i64` (indices), `f32` or `f32x4` (four lanes, loaded
-//! from and stored to four consecutive elements). This is enough to express tiling, register
-//! blocking and vectorisation explicitly; the emitters (Cranelift now, PTX later) only
-//! translate, they do not schedule.
+//! to buffers. Expressions are typed: `i64` (indices, and integer scalars read from or
+//! written to integer buffers), `f32`, and 128-bit vectors by element and lane count
+//! (`f32x4`, `i32x4`, `i8x16`, `u8x16`; a vector load or store touches that many
+//! consecutive elements). Buffers are typed too ([`Elem`]); an element is 1 or 4 bytes, and
+//! addresses scale by the element's size. Integer dot products are one expression
+//! ([`Expr::Dot4`]) that the emitter expands into the widening multiply/pairwise-add tree
+//! Cranelift folds into `vpdpbusd` on VNNI targets. This is enough to express tiling,
+//! register blocking and vectorisation explicitly; the emitters (Cranelift now, PTX later)
+//! only translate, they do not schedule.
 
 use std::fmt;
 
@@ -21,14 +26,81 @@ pub enum Ty {
     I64,
     F32,
     F32x4,
+    I32x4,
+    I8x16,
+    U8x16,
 }
 
-/// Element type of a buffer as the kernel reads it.
+impl Ty {
+    /// Lanes of a vector type (1 for scalars).
+    pub fn lanes(self) -> usize {
+        match self {
+            Ty::I64 | Ty::F32 => 1,
+            Ty::F32x4 | Ty::I32x4 => 4,
+            Ty::I8x16 | Ty::U8x16 => 16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::I64 => "i64",
+            Ty::F32 => "f32",
+            Ty::F32x4 => "f32x4",
+            Ty::I32x4 => "i32x4",
+            Ty::I8x16 => "i8x16",
+            Ty::U8x16 => "u8x16",
+        }
+    }
+
+    /// The vector type this buffer element type is loaded as, lane for lane.
+    pub fn vector_of(e: Elem) -> Ty {
+        match e {
+            Elem::F32 => Ty::F32x4,
+            Elem::I32 => Ty::I32x4,
+            Elem::I8 => Ty::I8x16,
+            Elem::U8 => Ty::U8x16,
+        }
+    }
+
+    /// The scalar type an element of `e` is read as: `f32`, or an integer widened to `i64`.
+    pub fn scalar_of(e: Elem) -> Ty {
+        if e == Elem::F32 {
+            Ty::F32
+        } else {
+            Ty::I64
+        }
+    }
+}
+
+/// Element type of a buffer. Integer elements read as scalars are widened to `i64` (signed
+/// for `i32` and `i8`, unsigned for `u8`); an `i64` stored to them keeps its low bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Elem {
     F32,
-    /// Read as i32, widened to i64 (token ids, positions).
+    /// Token ids, positions; int8 zero-point sums.
     I32,
+    /// Quantized weights.
+    I8,
+    /// Quantized activations (zero point 128).
+    U8,
+}
+
+impl Elem {
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 4,
+            Elem::I8 | Elem::U8 => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::I32 => "i32",
+            Elem::I8 => "i8",
+            Elem::U8 => "u8",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,13 +146,32 @@ pub enum Expr {
     /// `a * b + c`.
     Fma(Box<Expr>, Box<Expr>, Box<Expr>),
     Un(UnOp, Box<Expr>),
-    /// `f32` → `f32x4`.
+    /// `f32` → `f32x4`, `i64` → `i32x4` (low 32 bits).
     Splat(Box<Expr>),
     /// `f32x4` → `f32`: the sum / the maximum of the lanes.
     HSum(Box<Expr>),
     HMax(Box<Expr>),
     /// Four `f32` → one `f32x4` (lane `i` from element `i`).
     Pack(Vec<Expr>),
+    /// `acc + dot4(w, x)`: lane `l` of the `i32x4` accumulator plus
+    /// `Σ_{q<4} w[4l+q] · x[4l+q]` of an `i8x16` and a `u8x16` (exact: each product fits
+    /// 16 bits, the sums 32 bits). Emitted as the tree Cranelift folds into `vpdpbusd`.
+    Dot4 {
+        acc: Box<Expr>,
+        w: Box<Expr>,
+        x: Box<Expr>,
+    },
+    /// Pairwise sums of two `i32x4`: `[a0+a1, a2+a3, b0+b1, b2+b3]`. Two levels of it turn
+    /// four accumulators into one vector of their four totals.
+    PairAdd(Box<Expr>, Box<Expr>),
+    /// Conversion to `Ty`: `i32x4 → f32x4`, `i64 → f32` (round to nearest), `f32x4 → i32x4`
+    /// and `f32 → i64` (round half to even, saturating, NaN → 0).
+    Cvt(Ty, Box<Expr>),
+    /// Four `i32x4` → one `u8x16` or `i8x16`, lane `4q+l` from lane `l` of operand `q`,
+    /// saturating to the target's range.
+    Narrow(Ty, Vec<Expr>),
+    /// Lane `lane` of a vector, as a scalar (`i32x4` lanes widen to `i64`).
+    Lane(Box<Expr>, u8),
     /// `if a <op> b (i64) then x else y`.
     Select {
         op: CmpOp,
@@ -123,6 +214,100 @@ pub struct Buffer {
     pub elem: Elem,
     /// Length in elements; every access stays inside it.
     pub len: usize,
+}
+
+impl Buffer {
+    pub fn bytes(&self) -> usize {
+        self.len * self.elem.size()
+    }
+}
+
+/// How a kernel uses a buffer (derived from its body).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl Kernel {
+    /// How the kernel uses each buffer: read, written, or both.
+    pub fn access(&self) -> Vec<Access> {
+        let mut read = vec![false; self.buffers.len()];
+        let mut written = vec![false; self.buffers.len()];
+        fn expr(e: &Expr, read: &mut [bool]) {
+            e.visit(&mut |e| {
+                if let Expr::Load { buf, .. } = e {
+                    if let Some(r) = read.get_mut(*buf as usize) {
+                        *r = true;
+                    }
+                }
+            });
+        }
+        fn stmts(s: &[Stmt], read: &mut [bool], written: &mut [bool]) {
+            for st in s {
+                match st {
+                    Stmt::Let { value, .. } | Stmt::Set { value, .. } => expr(value, read),
+                    Stmt::Store { buf, index, value } => {
+                        expr(index, read);
+                        expr(value, read);
+                        if let Some(w) = written.get_mut(*buf as usize) {
+                            *w = true;
+                        }
+                    }
+                    Stmt::For { start, end, body, .. } => {
+                        expr(start, read);
+                        expr(end, read);
+                        stmts(body, read, written);
+                    }
+                }
+            }
+        }
+        stmts(&self.body, &mut read, &mut written);
+        read.iter()
+            .zip(&written)
+            .map(|(&r, &w)| match (r, w) {
+                (_, false) => Access::Read,
+                (false, true) => Access::Write,
+                (true, true) => Access::ReadWrite,
+            })
+            .collect()
+    }
+}
+
+impl Expr {
+    /// Calls `f` on this expression and every sub-expression, parents first.
+    pub fn visit(&self, f: &mut dyn FnMut(&Expr)) {
+        f(self);
+        match self {
+            Expr::Int(_) | Expr::F32(_) | Expr::Var(_) => {}
+            Expr::Load { index, .. } => index.visit(f),
+            Expr::Bin(_, a, b) | Expr::PairAdd(a, b) => {
+                a.visit(f);
+                b.visit(f);
+            }
+            Expr::Fma(a, b, c) => {
+                a.visit(f);
+                b.visit(f);
+                c.visit(f);
+            }
+            Expr::Dot4 { acc, w, x } => {
+                acc.visit(f);
+                w.visit(f);
+                x.visit(f);
+            }
+            Expr::Un(_, a) | Expr::Splat(a) | Expr::HSum(a) | Expr::HMax(a) | Expr::Cvt(_, a) | Expr::Lane(a, _) => {
+                a.visit(f)
+            }
+            Expr::Pack(xs) | Expr::Narrow(_, xs) => xs.iter().for_each(|x| x.visit(f)),
+            Expr::Select { a, b, then, otherwise, .. } => {
+                a.visit(f);
+                b.visit(f);
+                then.visit(f);
+                otherwise.visit(f);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -198,6 +383,25 @@ pub mod build {
     }
     pub fn load_i(buf: u32, index: Expr) -> Expr {
         Expr::Load { buf, index: Box::new(index), ty: Ty::I64 }
+    }
+    /// A load of `ty` (a vector of the buffer's element type, or its scalar).
+    pub fn load_as(ty: Ty, buf: u32, index: Expr) -> Expr {
+        Expr::Load { buf, index: Box::new(index), ty }
+    }
+    pub fn dot4(acc: Expr, w: Expr, x: Expr) -> Expr {
+        Expr::Dot4 { acc: Box::new(acc), w: Box::new(w), x: Box::new(x) }
+    }
+    pub fn pair_add(a: Expr, b: Expr) -> Expr {
+        Expr::PairAdd(Box::new(a), Box::new(b))
+    }
+    pub fn cvt(ty: Ty, a: Expr) -> Expr {
+        Expr::Cvt(ty, Box::new(a))
+    }
+    pub fn narrow(ty: Ty, parts: Vec<Expr>) -> Expr {
+        Expr::Narrow(ty, parts)
+    }
+    pub fn lane(a: Expr, l: u8) -> Expr {
+        Expr::Lane(Box::new(a), l)
     }
     pub fn select(op: CmpOp, a: Expr, b: Expr, then: Expr, otherwise: Expr) -> Expr {
         Expr::Select { op, a: Box::new(a), b: Box::new(b), then: Box::new(then), otherwise: Box::new(otherwise) }

@@ -10,10 +10,11 @@
 //! reduction four elements at a time; the parallel loop runs over (column block, row) with
 //! the row fastest, so a block of weight rows stays in L1 while the rows of `x` stream by.
 
-use wcc_ir::{Op, TensorType};
+use wcc_ir::{DType, Op, TensorType};
+use wcc_targets::Target;
 
 use crate::kir::build::*;
-use crate::kir::{Buffer, CmpOp, Elem, Expr, Kernel, Stmt, UnOp, Var, END, START};
+use crate::kir::{BinOp, Buffer, CmpOp, Elem, Expr, Kernel, Stmt, Ty, UnOp, Var, END, START};
 use crate::BackendError;
 
 /// Where a kernel buffer comes from.
@@ -28,7 +29,7 @@ pub enum Slot {
 #[derive(Debug, Default)]
 pub struct OpKernels {
     pub launches: Vec<(Kernel, Vec<Slot>)>,
-    /// Sizes (f32 elements) of the scratch buffers.
+    /// Sizes in bytes of the scratch buffers.
     pub scratch: Vec<usize>,
 }
 
@@ -57,6 +58,237 @@ fn buf(name: &str, len: usize) -> Buffer {
 
 fn ibuf(name: &str, len: usize) -> Buffer {
     Buffer { name: name.into(), elem: Elem::I32, len }
+}
+
+fn tbuf(name: &str, elem: Elem, len: usize) -> Buffer {
+    Buffer { name: name.into(), elem, len }
+}
+
+/// How the int8 matrix product is blocked, chosen from the target: rows of the register
+/// block (`mr`; 3 rows × 4 columns of `i32x4` accumulators plus the three rows of
+/// activations fill the 16 vector registers of x86-64 and leave aarch64's 32 half free),
+/// columns per parallel task, and rows per parallel task.
+struct QSchedule {
+    mr: usize,
+    cols_per_task: usize,
+    rows_per_task: usize,
+}
+
+impl QSchedule {
+    fn for_target(target: &Target, m: usize) -> QSchedule {
+        let _ = target; // Both architectures have at least 16 128-bit registers.
+        let mr = if m >= 3 { 3 } else { 1 };
+        QSchedule { mr, cols_per_task: 16, rows_per_task: mr * 8 }
+    }
+}
+
+/// `qlinear`: `out[i, j] = float(Σ_k xq[i,k]·wq[j,k] − 128·wsum[j]) · (xs[i]·ws[j]) + b[j]`,
+/// then the epilogue. Buffers: xq u8, xs f32, wq i8, ws f32, wsum i32, b f32, [residual],
+/// out. The reduction runs 16 bytes at a time through `dot4` (one `vpdpbusd` on VNNI
+/// targets) into an `mr`×4 block of `i32x4` accumulators; two levels of pairwise adds turn
+/// four column accumulators into the four column totals, and the dequantization, bias,
+/// GELU and residual run on those four adjacent results at once.
+#[allow(clippy::too_many_arguments)]
+fn qlinear_kernel(
+    name: String,
+    m: usize,
+    n: usize,
+    k: usize,
+    row_scales: bool,
+    epilogue: Epilogue,
+    target: &Target,
+) -> Result<Kernel, BackendError> {
+    if k % 16 != 0 {
+        return Err(BackendError(format!(
+            "{name}: the int8 product needs a reduction that is a multiple of 16, not {k}"
+        )));
+    }
+    let sch = QSchedule::for_target(target, m);
+    let (xq, xs, wq, ws, wsum, bb) = (0u32, 1u32, 2u32, 3u32, 4u32, 5u32);
+    let rb = 6u32;
+    let ob = 6 + epilogue.residual as u32;
+    let n_rt = m.div_ceil(sch.rows_per_task);
+    let n_ct = n.div_ceil(sch.cols_per_task);
+    let mut vars = Vars::new();
+    let (p, ct, rt, j0, jend, j4end, i_lo, i_hi, i_full) = (
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+    );
+    let (k_, n_) = (k as i64, n as i64);
+    let row_scale = |i: Expr| if row_scales { load(xs, i) } else { load(xs, int(0)) };
+    // `rows` rows from `i`, `cols` (4 or 1) columns from `j`.
+    let block = |vars: &mut Vars, i: Expr, j: Expr, rows: usize, cols: usize| -> Vec<Stmt> {
+        let accs: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
+        let xv: Vec<Var> = (0..rows).map(|_| vars.next()).collect();
+        let (kk, wv) = (vars.next(), vars.next());
+        let mut s: Vec<Stmt> = accs.iter().flatten().map(|&a| let_(a, splat(int(0)))).collect();
+        let mut inner: Vec<Stmt> = xv
+            .iter()
+            .enumerate()
+            .map(|(r, &x)| let_(x, load_as(Ty::U8x16, xq, add(mul(add(i.clone(), int(r as i64)), int(k_)), var(kk)))))
+            .collect();
+        for c in 0..cols {
+            inner.push(let_(wv, load_as(Ty::I8x16, wq, add(mul(add(j.clone(), int(c as i64)), int(k_)), var(kk)))));
+            for r in 0..rows {
+                inner.push(set(accs[r][c], dot4(var(accs[r][c]), var(wv), var(xv[r]))));
+            }
+        }
+        s.push(for_(kk, int(0), int(k_), 16, inner));
+        for (r, row) in accs.iter().enumerate() {
+            let ii = add(i.clone(), int(r as i64));
+            let at = add(mul(ii.clone(), int(n_)), j.clone());
+            let v = if cols == 4 {
+                let total = pair_add(pair_add(var(row[0]), var(row[1])), pair_add(var(row[2]), var(row[3])));
+                let c = sub(total, mul(load_as(Ty::I32x4, wsum, j.clone()), splat(int(128))));
+                let sc = mul(splat(row_scale(ii.clone())), load4(ws, j.clone()));
+                add(mul(cvt(Ty::F32x4, c), sc), load4(bb, j.clone()))
+            } else {
+                let a = var(row[0]);
+                let half = pair_add(a.clone(), a);
+                let total = lane(pair_add(half.clone(), half), 0);
+                let c = sub(total, mul(load_i(wsum, j.clone()), int(128)));
+                let sc = mul(row_scale(ii.clone()), load(ws, j.clone()));
+                add(mul(cvt(Ty::F32, c), sc), load(bb, j.clone()))
+            };
+            let vector = cols == 4;
+            let mut v = v;
+            if epilogue.gelu {
+                let t = vars.next();
+                s.push(let_(t, v));
+                v = gelu(var(t), vector);
+            }
+            if epilogue.residual {
+                v = add(v, if vector { load4(rb, at.clone()) } else { load(rb, at.clone()) });
+            }
+            s.push(store(ob, at, v));
+        }
+        s
+    };
+    let (j, jt, i, it, it2) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let mr = sch.mr;
+    let group = [
+        vec![for_(i, var(i_lo), var(i_full), mr as i64, block(&mut vars, var(i), var(j), mr, 4))],
+        vec![for_(it, var(i_full), var(i_hi), 1, block(&mut vars, var(it), var(j), 1, 4))],
+    ]
+    .concat();
+    let single = vec![for_(it2, var(i_lo), var(i_hi), 1, block(&mut vars, var(it2), var(jt), 1, 1))];
+    let (cpt, rpt) = (sch.cols_per_task as i64, sch.rows_per_task as i64);
+    let body = vec![for_(
+        p,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(ct, div(var(p), int(n_rt as i64))),
+            let_(rt, sub(var(p), mul(var(ct), int(n_rt as i64)))),
+            let_(j0, mul(var(ct), int(cpt))),
+            let_(jend, min(add(var(j0), int(cpt)), int(n_))),
+            let_(j4end, add(var(j0), mul(div(sub(var(jend), var(j0)), int(4)), int(4)))),
+            let_(i_lo, mul(var(rt), int(rpt))),
+            let_(i_hi, min(add(var(i_lo), int(rpt)), int(m as i64))),
+            let_(i_full, add(var(i_lo), mul(div(sub(var(i_hi), var(i_lo)), int(mr as i64)), int(mr as i64)))),
+            for_(j, var(j0), var(j4end), 4, group),
+            for_(jt, var(j4end), var(jend), 1, single),
+        ],
+    )];
+    let mut buffers = vec![
+        tbuf("xq", Elem::U8, m * k),
+        buf("xs", if row_scales { m } else { 1 }),
+        tbuf("wq", Elem::I8, n * k),
+        buf("ws", n),
+        ibuf("wsum", n),
+        buf("bias", n),
+    ];
+    if epilogue.residual {
+        buffers.push(buf("residual", m * n));
+    }
+    buffers.push(buf("out", m * n));
+    Ok(kernel(name, buffers, n_ct * n_rt, 2 * m * n * k, body, vars))
+}
+
+/// `row_scale`: one f32 per row of `k`: `max(max |x|, 1e-30) / 127`.
+fn row_scale_kernel(rows: usize, k: usize) -> Kernel {
+    let mut vars = Vars::new();
+    let (r, base, m4, m, j, jt) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let k4 = (k / 4 * 4) as i64;
+    let body = vec![for_(
+        r,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(base, mul(var(r), int(k as i64))),
+            let_(m4, splat(f(0.0))),
+            for_(j, int(0), int(k4), 4, vec![set(m4, max(var(m4), un(UnOp::Abs, load4(0, add(var(base), var(j))))))]),
+            let_(m, hmax(var(m4))),
+            for_(
+                jt,
+                int(k4),
+                int(k as i64),
+                1,
+                vec![set(m, max(var(m), un(UnOp::Abs, load(0, add(var(base), var(jt))))))],
+            ),
+            store(1, var(r), div(max(var(m), f(wcc_ir::interp::ROW_SCALE_FLOOR)), f(127.0))),
+        ],
+    )];
+    kernel(
+        format!("row_scale_{rows}x{k}"),
+        vec![buf("x", rows * k), buf("scale", rows)],
+        rows,
+        2 * rows * k,
+        body,
+        vars,
+    )
+}
+
+/// `quantize`: `round_ties_even(x / s)` clamped to ±127, plus the zero point, 16 elements
+/// at a time (four `f32x4` → one byte vector), one row per task.
+fn quantize_kernel(rows: usize, k: usize, row_scales: bool, dtype: DType) -> Kernel {
+    let (ty, elem, zp) = match dtype {
+        DType::U8 => (Ty::U8x16, Elem::U8, 128),
+        _ => (Ty::I8x16, Elem::I8, 0),
+    };
+    let mut vars = Vars::new();
+    let (r, base, sv, j, jt) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let k16 = (k / 16 * 16) as i64;
+    let lanes = |j: Var| -> Vec<Expr> {
+        (0..4)
+            .map(|q| {
+                let x = load4(0, add(add(var(base), var(j)), int(4 * q)));
+                let v = cvt(Ty::I32x4, div(x, splat(var(sv))));
+                add(max(min(v, splat(int(127))), splat(int(-127))), splat(int(zp)))
+            })
+            .collect()
+    };
+    let scalar =
+        add(max(min(cvt(Ty::I64, div(load(0, add(var(base), var(jt))), var(sv))), int(127)), int(-127)), int(zp));
+    let body = vec![for_(
+        r,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(base, mul(var(r), int(k as i64))),
+            let_(sv, load(1, if row_scales { var(r) } else { int(0) })),
+            for_(j, int(0), int(k16), 16, vec![store(2, add(var(base), var(j)), narrow(ty, lanes(j)))]),
+            for_(jt, int(k16), int(k as i64), 1, vec![store(2, add(var(base), var(jt)), scalar)]),
+        ],
+    )];
+    kernel(
+        format!("quantize_{}_{rows}x{k}{}", dtype.name(), if row_scales { "" } else { "_static" }),
+        vec![buf("x", rows * k), buf("scale", if row_scales { rows } else { 1 }), tbuf("q", elem, rows * k)],
+        rows,
+        2 * rows * k,
+        body,
+        vars,
+    )
 }
 
 fn kernel(name: String, buffers: Vec<Buffer>, extent: usize, flops: usize, body: Vec<Stmt>, vars: Vars) -> Kernel {
@@ -601,8 +833,13 @@ fn broadcast_kernel(name: &str, a: &[usize], b: &[usize], out: &[usize], op: cra
 /// Lowers `op` applied to operands of types `inputs` with result type `out`.
 /// `in_place`: a `ScatterRow` may update its cache operand's buffer (the caller has made
 /// the result share it).
-pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: bool) -> Result<OpKernels, BackendError> {
-    use crate::kir::BinOp;
+pub fn lower_op(
+    op: &Op,
+    inputs: &[&TensorType],
+    out: &TensorType,
+    in_place: bool,
+    target: &Target,
+) -> Result<OpKernels, BackendError> {
     let n_out = out.numel();
     let ins = |k: usize| -> Vec<Slot> { (0..k).map(Slot::Input).chain([Slot::Output]).collect() };
     let one = |k: Kernel, slots: Vec<Slot>| Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![] });
@@ -672,6 +909,30 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
                 )));
             }
             one(softmax_kernel(n_out / d, d, true), ins(2))
+        }
+        Op::RowScale => {
+            let k = *inputs[0].shape.last().unwrap();
+            one(row_scale_kernel(n_out, k), ins(1))
+        }
+        Op::Quantize { dtype } => {
+            let k = *inputs[0].shape.last().unwrap();
+            one(quantize_kernel(n_out / k, k, inputs[1].numel() != 1, *dtype), ins(2))
+        }
+        Op::QLinear { gelu, residual } => {
+            let (n, k) = (inputs[2].shape[0], inputs[2].shape[1]);
+            let m = inputs[0].numel() / k;
+            let name = format!(
+                "qlinear_{m}x{n}x{k}{}{}{}",
+                if inputs[1].numel() == 1 && m > 1 { "_static" } else { "" },
+                if *gelu { "_gelu" } else { "" },
+                if *residual { "_residual" } else { "" }
+            );
+            let ep = Epilogue { gelu: *gelu, residual: *residual };
+            let k = qlinear_kernel(name, m, n, k, inputs[1].numel() != 1, ep, target)?;
+            one(k, ins(inputs.len()))
+        }
+        Op::RowSum => {
+            Err(BackendError("row_sum is evaluated at compile time (on constant weights); it has no kernel".into()))
         }
         Op::Concat { .. } => Err(BackendError(
             "concat of activations is not lowered (only weights are concatenated, at compile time)".into(),
@@ -857,7 +1118,7 @@ pub fn lower_op(op: &Op, inputs: &[&TensorType], out: &TensorType, in_place: boo
                     (mm, vec![Slot::Scratch(0), Slot::Input(1), Slot::Input(2), Slot::Scratch(1)]),
                     (tr, vec![Slot::Scratch(1), Slot::Output]),
                 ],
-                scratch: vec![tout * ck, tout * cout],
+                scratch: vec![4 * tout * ck, 4 * tout * cout],
             })
         }
     }

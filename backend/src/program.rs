@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use wcc_ir::interp::{self, Tensor, WeightLoader};
 use wcc_ir::{DType, Graph, Module, Op, ValueDef, ValueId};
 use wcc_runtime::wbin::{BufRef, GraphProgram, IoSlot, Launch};
+use wcc_targets::Target;
 
 use crate::kir::Kernel;
 use crate::lower::{aliases_first_operand, lower_op, Slot};
@@ -32,13 +33,25 @@ fn align(x: usize) -> usize {
 pub struct Program {
     pub kernels: Vec<Kernel>,
     pub graphs: Vec<GraphProgram>,
-    /// f32 little-endian weights.
+    /// The constants kernels read, little-endian, each 64-byte aligned.
     pub weights: Vec<u8>,
+    /// What `weights` holds: one entry per stored constant.
+    pub constants: Vec<StoredConstant>,
     pub arena_bytes: u64,
     /// Bytes of the persistent part of the arena.
     pub persistent_bytes: u64,
     /// The temporaries of each graph, as placed (for checking and reporting the plan).
     pub temporaries: Vec<Vec<Placed>>,
+}
+
+/// A constant stored in the weights blob: a weight, or a value computed from weights alone
+/// (named `graph:%value`), such as an int8 weight and its scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredConstant {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub offset: u64,
 }
 
 /// One temporary buffer of the arena plan: live from node `first` to node `last`
@@ -68,16 +81,17 @@ struct Temp {
 }
 
 fn bytes_of(g: &Graph, v: ValueId) -> usize {
-    4 * g.ty(v).numel()
+    g.ty(v).size_bytes()
 }
 
-/// Builds the program of `module`, reading weights through `loader`.
-pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, BackendError> {
+/// Builds the program of `module` for `target`, reading weights through `loader`.
+pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Result<Program, BackendError> {
     let mut weights: Vec<u8> = Vec::new();
     // Every constant (weight, or value computed from weights alone): its data, and where it
     // is stored in `weights` once a launch reads it. Constants only used to compute other
-    // constants (a weight before folding) are never stored.
-    let mut pool: Vec<Vec<f32>> = Vec::new();
+    // constants (a weight before folding, or its f32 copy once quantized) are never stored.
+    let mut pool: Vec<Tensor> = Vec::new();
+    let mut pool_names: Vec<(String, DType)> = Vec::new();
     let mut pool_at: Vec<Option<usize>> = Vec::new();
     let mut weight_pool: HashMap<String, usize> = HashMap::new();
     let mut kernels: Vec<Kernel> = Vec::new();
@@ -88,12 +102,10 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
     let mut temp_peak = 0usize;
     let mut plans = Vec::new();
 
-    let push_weight = |weights: &mut Vec<u8>, data: &[f32]| -> usize {
+    let push_weight = |weights: &mut Vec<u8>, t: &Tensor| -> usize {
         let at = align(weights.len());
         weights.resize(at, 0);
-        for v in data {
-            weights.extend_from_slice(&v.to_le_bytes());
-        }
+        weights.extend_from_slice(&t.data.to_le_bytes());
         at
     };
 
@@ -110,14 +122,15 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
                     Some(&id) => id,
                     None => {
                         let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
-                        pool.push(data);
+                        pool.push(Tensor::f32(v.ty.shape.clone(), data));
+                        pool_names.push((format!("@{w}"), DType::F32));
                         pool_at.push(None);
                         weight_pool.insert(w.clone(), pool.len() - 1);
                         pool.len() - 1
                     }
                 };
                 place[k] = Some(Place::Weight(id));
-                consts.insert(k, Tensor::f32(v.ty.shape.clone(), pool[id].clone()));
+                consts.insert(k, pool[id].clone());
             }
         }
         for node in &g.nodes {
@@ -127,7 +140,8 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
             let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
-            pool.push(t.as_f32().map_err(|e| BackendError(e.to_string()))?.to_vec());
+            pool_names.push((format!("{}:%{}", g.name, g.value(node.output).name), t.dtype()));
+            pool.push(t.clone());
             pool_at.push(None);
             place[node.output.index()] = Some(Place::Weight(pool.len() - 1));
             consts.insert(node.output.index(), t);
@@ -205,12 +219,14 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
                 continue;
             }
             let tys: Vec<&wcc_ir::TensorType> = node.inputs.iter().map(|&i| g.ty(i)).collect();
-            let ok = lower_op(&node.op, &tys, g.ty(node.output), in_place[n])?;
+            let ok = lower_op(&node.op, &tys, g.ty(node.output), in_place[n], target).map_err(|e| {
+                BackendError(format!("graph `{}`, %{} ({}): {e}", g.name, g.value(node.output).name, node.op.name()))
+            })?;
             let scratch: Vec<usize> = ok
                 .scratch
                 .iter()
-                .map(|&elems| {
-                    temps.push(Temp { bytes: 4 * elems, first: n, last: n, offset: 0 });
+                .map(|&bytes| {
+                    temps.push(Temp { bytes, first: n, last: n, offset: 0 });
                     temps.len() - 1
                 })
                 .collect();
@@ -263,6 +279,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
     }
 
     let mut temporaries = Vec::new();
+    let mut stored = Vec::new();
     for (g, place, temps, launches_by_node) in plans {
         temporaries.push(
             temps.iter().map(|t| Placed { first: t.first, last: t.last, offset: t.offset, bytes: t.bytes }).collect(),
@@ -270,8 +287,19 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         let mut to_ref = |p: Place, len: usize| -> BufRef {
             match p {
                 Place::Weight(id) => {
-                    let at = *pool_at[id].get_or_insert_with(|| push_weight(&mut weights, &pool[id]));
-                    BufRef::Weight { offset: at as u64, len: len as u64 }
+                    let at = *pool_at[id].get_or_insert_with(|| {
+                        let at = push_weight(&mut weights, &pool[id]);
+                        stored.push(StoredConstant {
+                            name: pool_names[id].0.clone(),
+                            dtype: pool_names[id].1,
+                            shape: pool[id].shape.clone(),
+                            offset: at as u64,
+                        });
+                        at
+                    });
+                    // Stored as computed (f16 checkpoint weights are widened to f32).
+                    let _ = len;
+                    BufRef::Weight { offset: at as u64, len: pool[id].data.size_bytes() as u64 }
                 }
                 Place::Persistent(at) => BufRef::Arena { offset: at as u64, len: len as u64 },
                 Place::Temp(t) => BufRef::Arena { offset: (persistent + temps[t].offset) as u64, len: len as u64 },
@@ -308,6 +336,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader) -> Result<Program, Back
         kernels,
         graphs,
         weights,
+        constants: stored,
         arena_bytes: (persistent + temp_peak) as u64,
         persistent_bytes: persistent as u64,
         temporaries,

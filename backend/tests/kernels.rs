@@ -93,7 +93,7 @@ fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
 fn every_kernel_compiles_for_every_target_level() {
     let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
     let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
-    let program = wcc_backend::program::build(&module, &loaded.checkpoint).unwrap();
+    let program = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();
     for level in ["x86_64-v2", "x86_64-v3", "x86_64-v4", "aarch64"] {
         let target = wcc_targets::Target::named(level).unwrap();
         let isa = wcc_backend::cranelift::isa(&target).unwrap();

@@ -13,7 +13,7 @@ fn live_temporaries_never_overlap_and_sharing_pays() {
     for name in ["tiny.en", "base"] {
         let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
         let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
-        let p = wcc_backend::program::build(&module, &loaded.checkpoint).unwrap();
+        let p = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();
         let mut unshared = 0usize;
         for temps in &p.temporaries {
             for (i, a) in temps.iter().enumerate() {

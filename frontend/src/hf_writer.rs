@@ -150,6 +150,7 @@ fn st_dtype(d: DType) -> Dtype {
         DType::F16 => Dtype::F16,
         DType::BF16 => Dtype::BF16,
         DType::I8 => Dtype::I8,
+        DType::U8 => Dtype::U8,
         DType::I16 => Dtype::I16,
         DType::I32 => Dtype::I32,
     }

@@ -23,6 +23,64 @@ pub struct Tensor {
 pub enum Data {
     F32(Vec<f32>),
     I32(Vec<i32>),
+    I8(Vec<i8>),
+    U8(Vec<u8>),
+}
+
+impl Data {
+    pub fn len(&self) -> usize {
+        match self {
+            Data::F32(v) => v.len(),
+            Data::I32(v) => v.len(),
+            Data::I8(v) => v.len(),
+            Data::U8(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of the elements in memory.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Data::F32(v) => 4 * v.len(),
+            Data::I32(v) => 4 * v.len(),
+            Data::I8(v) => v.len(),
+            Data::U8(v) => v.len(),
+        }
+    }
+
+    /// The elements as little-endian bytes (the layout of buffers in memory and in a `.wbin`).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Data::I8(v) => v.iter().map(|&x| x as u8).collect(),
+            Data::U8(v) => v.clone(),
+        }
+    }
+
+    /// Elements of `dtype` from little-endian bytes (the inverse of [`Data::to_le_bytes`]).
+    pub fn from_le_bytes(dtype: DType, b: &[u8]) -> Option<Data> {
+        Some(match dtype {
+            DType::F32 => Data::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            DType::I32 => Data::I32(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect()),
+            DType::I8 => Data::I8(b.iter().map(|&x| x as i8).collect()),
+            DType::U8 => Data::U8(b.to_vec()),
+            _ => return None,
+        })
+    }
+
+    /// `index` picks elements by position (shared by the data-movement ops).
+    fn pick(&self, n: usize, index: impl Fn(usize) -> usize) -> Data {
+        match self {
+            Data::F32(v) => Data::F32((0..n).map(|i| v[index(i)]).collect()),
+            Data::I32(v) => Data::I32((0..n).map(|i| v[index(i)]).collect()),
+            Data::I8(v) => Data::I8((0..n).map(|i| v[index(i)]).collect()),
+            Data::U8(v) => Data::U8((0..n).map(|i| v[index(i)]).collect()),
+        }
+    }
 }
 
 impl Tensor {
@@ -44,31 +102,57 @@ impl Tensor {
         Tensor::f32(shape, vec![0.0; n])
     }
 
+    pub fn new(shape: impl Into<Vec<usize>>, data: Data) -> Tensor {
+        let shape = shape.into();
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fill its shape");
+        Tensor { shape, data }
+    }
+
+    fn wrong(&self, want: DType) -> InterpError {
+        InterpError(format!("expected a {want} tensor, got {}", self.dtype()))
+    }
+
     pub fn as_f32(&self) -> Result<&[f32], InterpError> {
         match &self.data {
             Data::F32(v) => Ok(v),
-            Data::I32(_) => Err(InterpError("expected an f32 tensor, got i32".into())),
+            _ => Err(self.wrong(DType::F32)),
         }
     }
 
     pub fn as_i32(&self) -> Result<&[i32], InterpError> {
         match &self.data {
             Data::I32(v) => Ok(v),
-            Data::F32(_) => Err(InterpError("expected an i32 tensor, got f32".into())),
+            _ => Err(self.wrong(DType::I32)),
+        }
+    }
+
+    pub fn as_i8(&self) -> Result<&[i8], InterpError> {
+        match &self.data {
+            Data::I8(v) => Ok(v),
+            _ => Err(self.wrong(DType::I8)),
+        }
+    }
+
+    pub fn as_u8(&self) -> Result<&[u8], InterpError> {
+        match &self.data {
+            Data::U8(v) => Ok(v),
+            _ => Err(self.wrong(DType::U8)),
         }
     }
 
     pub fn into_f32(self) -> Result<Vec<f32>, InterpError> {
         match self.data {
             Data::F32(v) => Ok(v),
-            Data::I32(_) => Err(InterpError("expected an f32 tensor, got i32".into())),
+            _ => Err(self.wrong(DType::F32)),
         }
     }
 
-    fn dtype(&self) -> DType {
+    pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,
             Data::I32(_) => DType::I32,
+            Data::I8(_) => DType::I8,
+            Data::U8(_) => DType::U8,
         }
     }
 }
@@ -242,7 +326,92 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
             let pos = position(args[0].as_i32()?, *len)?;
             Tensor::f32([1, *len], (0..*len).map(|j| if j <= pos { 0.0 } else { f32::NEG_INFINITY }).collect())
         }
+        Op::RowScale => {
+            let x = f(0)?;
+            let k = *args[0].shape.last().unwrap();
+            Tensor::f32([x.len() / k], x.chunks(k).map(row_scale).collect())
+        }
+        Op::Quantize { dtype } => quantize(args[0], f(1)?, *dtype)?,
+        Op::RowSum => {
+            let w = args[0].as_i8()?;
+            let k = args[0].shape[1];
+            Tensor::i32([args[0].shape[0]], w.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect())
+        }
+        Op::QLinear { gelu: g, residual } => {
+            let mut y = qlinear(args)?;
+            if *g {
+                y = Tensor::f32(y.shape.clone(), y.as_f32()?.iter().map(|&v| gelu(v)).collect());
+            }
+            if *residual {
+                y = broadcast(&y, args[6], |a, b| a + b)?;
+            }
+            y
+        }
     })
+}
+
+/// The smallest maximum `row_scale` divides by 127: a row of zeros gets a tiny scale (and
+/// quantizes to zeros) instead of a division by zero.
+pub const ROW_SCALE_FLOOR: f32 = 1e-30;
+
+/// The symmetric int8 scale of one row: `max(max |x|, ROW_SCALE_FLOOR) / 127`.
+pub fn row_scale(row: &[f32]) -> f32 {
+    row.iter().fold(0f32, |m, v| m.max(v.abs())).max(ROW_SCALE_FLOOR) / 127.0
+}
+
+/// The zero point of a quantized type: 128 for `u8` (so symmetric values fit unsigned bytes,
+/// as `vpdpbusd` wants them), 0 for `i8`.
+pub fn zero_point(dtype: DType) -> i32 {
+    if dtype == DType::U8 {
+        128
+    } else {
+        0
+    }
+}
+
+/// One element quantized: `round_ties_even(x / s)` clamped to ±127 (NaN becomes 0).
+pub fn quantize_one(x: f32, s: f32) -> i32 {
+    let q = (x / s).round_ties_even();
+    if q.is_nan() {
+        0
+    } else {
+        q.clamp(-127.0, 127.0) as i32
+    }
+}
+
+fn quantize(x: &Tensor, s: &[f32], dtype: DType) -> Result<Tensor, InterpError> {
+    let xd = x.as_f32()?;
+    let k = *x.shape.last().unwrap();
+    let zp = zero_point(dtype);
+    let q = |i: usize| quantize_one(xd[i], if s.len() == 1 { s[0] } else { s[i / k] }) + zp;
+    let data = match dtype {
+        DType::I8 => Data::I8((0..xd.len()).map(|i| q(i) as i8).collect()),
+        DType::U8 => Data::U8((0..xd.len()).map(|i| q(i) as u8).collect()),
+        other => return Err(InterpError(format!("quantize to {other}"))),
+    };
+    Ok(Tensor::new(x.shape.clone(), data))
+}
+
+/// `qlinear` without its GELU/residual epilogue.
+fn qlinear(args: &[&Tensor]) -> Result<Tensor, InterpError> {
+    let (xq, xs, wq) = (args[0].as_u8()?, args[1].as_f32()?, args[2].as_i8()?);
+    let (ws, wsum, b) = (args[3].as_f32()?, args[4].as_i32()?, args[5].as_f32()?);
+    let (n, k) = (args[2].shape[0], args[2].shape[1]);
+    let m = xq.len() / k;
+    let mut out = vec![0.0f32; m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        let xr = &xq[i * k..(i + 1) * k];
+        let sx = if xs.len() == 1 { xs[0] } else { xs[i] };
+        for (j, o) in row.iter_mut().enumerate() {
+            let wr = &wq[j * k..(j + 1) * k];
+            let acc: i32 = xr.iter().zip(wr).map(|(&a, &w)| a as i32 * w as i32).sum();
+            let c = acc.wrapping_sub(128i32.wrapping_mul(wsum[j]));
+            *o = c as f32 * (sx * ws[j]) + b[j];
+        }
+    });
+    let mut shape = args[0].shape.clone();
+    *shape.last_mut().unwrap() = n;
+    Ok(Tensor::f32(shape, out))
 }
 
 fn position(ids: &[i32], len: usize) -> Result<usize, InterpError> {
@@ -424,10 +593,7 @@ fn transpose(x: &Tensor, perm: &[usize]) -> Tensor {
     let src_index =
         |flat: usize| -> usize { (0..shape.len()).map(|d| ((flat / so[d]) % shape[d]) * si[perm[d]]).sum() };
     let n = x.shape.iter().product();
-    let data = match &x.data {
-        Data::F32(v) => Data::F32((0..n).map(|i| v[src_index(i)]).collect()),
-        Data::I32(v) => Data::I32((0..n).map(|i| v[src_index(i)]).collect()),
-    };
+    let data = x.data.pick(n, src_index);
     Tensor { shape, data }
 }
 
@@ -435,15 +601,10 @@ fn slice(x: &Tensor, axis: usize, start: usize, end: usize) -> Tensor {
     let outer: usize = x.shape[..axis].iter().product();
     let inner: usize = x.shape[axis + 1..].iter().product();
     let len = x.shape[axis];
-    fn pick<T: Copy>(v: &[T], outer: usize, len: usize, inner: usize, start: usize, end: usize) -> Vec<T> {
-        (0..outer).flat_map(|o| v[(o * len + start) * inner..(o * len + end) * inner].to_vec()).collect()
-    }
     let mut shape = x.shape.clone();
     shape[axis] = end - start;
-    let data = match &x.data {
-        Data::F32(v) => Data::F32(pick(v, outer, len, inner, start, end)),
-        Data::I32(v) => Data::I32(pick(v, outer, len, inner, start, end)),
-    };
+    let w = (end - start) * inner;
+    let data = x.data.pick(outer * w, |i| (i / w * len + start) * inner + i % w);
     Tensor { shape, data }
 }
 

@@ -45,6 +45,22 @@ pub enum Op {
     /// `position i32[1] -> f32[1, len]`: 0 for columns `<= position`, -inf after (causal mask
     /// of one decoding step over a static-length cache).
     CausalMask { len: usize },
+    /// `x[..., K] -> f32[rows]`, `rows = numel / K`: the symmetric int8 scale of each row,
+    /// `max(max |x_row|, 1e-30) / 127` (the floor keeps a row of zeros from dividing by 0).
+    RowScale,
+    /// `x f32[..., K], s f32[rows] or f32[1] -> dtype[..., K]`: `round_ties_even(x / s)`
+    /// clamped to `[-127, 127]`, plus the zero point of `dtype` (0 for `i8`, 128 for `u8`).
+    /// `s` holds one scale per row, or one for the whole tensor (a calibrated static scale).
+    Quantize { dtype: DType },
+    /// `i8[N, K] -> i32[N]`: the sum of each row (the zero-point correction of `qlinear`).
+    RowSum,
+    /// The int8 linear layer, dequantized in its epilogue:
+    /// `xq u8[..., K], xs f32[rows]|[1], wq i8[N, K], ws f32[N], wsum i32[N], b f32[N]
+    /// (, residual) -> f32[..., N]` with
+    /// `y[i, j] = float(Σ_k xq[i,k]·wq[j,k] − 128·wsum[j]) · (xs[i]·ws[j]) + b[j]`
+    /// (the sum exact in i32, then one rounding per operation in this order), then GELU if
+    /// `gelu`, then `+ residual` if `residual`.
+    QLinear { gelu: bool, residual: bool },
 }
 
 impl Op {
@@ -68,6 +84,10 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::FusedLinear { .. } => "fused_linear",
             Op::MaskedSoftmax => "masked_softmax",
+            Op::RowScale => "row_scale",
+            Op::Quantize { .. } => "quantize",
+            Op::RowSum => "row_sum",
+            Op::QLinear { .. } => "qlinear",
         }
     }
 
@@ -92,7 +112,11 @@ impl Op {
             }
             Op::CausalMask { len } => vec![("len", len.to_string())],
             Op::Concat { axis } => vec![("axis", axis.to_string())],
-            Op::FusedLinear { gelu, residual } => vec![("gelu", gelu.to_string()), ("residual", residual.to_string())],
+            Op::FusedLinear { gelu, residual } | Op::QLinear { gelu, residual } => {
+                vec![("gelu", gelu.to_string()), ("residual", residual.to_string())]
+            }
+            Op::Quantize { dtype } => vec![("dtype", dtype.name().to_string())],
+            Op::RowScale | Op::RowSum => vec![],
             Op::Linear
             | Op::Add
             | Op::Mul
@@ -156,6 +180,16 @@ impl Op {
             "concat" => Op::Concat { axis: usize_("axis")? },
             "fused_linear" => Op::FusedLinear { gelu: bool_("gelu")?, residual: bool_("residual")? },
             "masked_softmax" => Op::MaskedSoftmax,
+            "row_scale" => Op::RowScale,
+            "row_sum" => Op::RowSum,
+            "quantize" => {
+                let d = get("dtype")?;
+                match DType::from_name(d) {
+                    Some(dtype @ (DType::I8 | DType::U8)) => Op::Quantize { dtype },
+                    _ => return Err(format!("quantize produces i8 or u8, not `{d}`")),
+                }
+            }
+            "qlinear" => Op::QLinear { gelu: bool_("gelu")?, residual: bool_("residual")? },
             other => return Err(format!("unknown op `{other}`")),
         };
         let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
@@ -178,7 +212,15 @@ impl Op {
                     (3, 3)
                 }
             }
-            Op::MaskedSoftmax => (2, 2),
+            Op::MaskedSoftmax | Op::Quantize { .. } => (2, 2),
+            Op::QLinear { residual, .. } => {
+                if *residual {
+                    (7, 7)
+                } else {
+                    (6, 6)
+                }
+            }
+            Op::RowScale | Op::RowSum => (1, 1),
             Op::Linear => (2, 3),
             Op::MatMul { .. } | Op::Add | Op::Mul | Op::Gather => (2, 2),
             Op::Scale { .. }
@@ -238,7 +280,56 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         let tys: Vec<String> = inputs.iter().map(|t| t.to_string()).collect();
         format!("{} cannot take operands ({})", op.name(), tys.join(", "))
     };
+    let typed = |i: usize, d: DType| -> Result<&TensorType, String> {
+        if inputs[i].dtype == d {
+            Ok(inputs[i])
+        } else {
+            Err(format!("operand {i} of {} must be a {d} tensor, got {}", op.name(), inputs[i]))
+        }
+    };
+    // Rows of a tensor whose last axis is reduced or quantized per row.
+    let rows = |t: &TensorType| -> Result<usize, String> {
+        match t.shape.last() {
+            Some(&k) if k > 0 => Ok(t.numel() / k),
+            _ => Err(format!("{} needs a non-empty last axis, got {t}", op.name())),
+        }
+    };
     match op {
+        Op::RowScale => {
+            let x = float(0)?;
+            Ok(TensorType::f32([rows(x)?]))
+        }
+        Op::Quantize { dtype } => {
+            let (x, s) = (float(0)?, typed(1, DType::F32)?);
+            if s.shape != [rows(x)?] && s.shape != [1] {
+                return Err(shape_err());
+            }
+            Ok(TensorType::new(*dtype, x.shape.clone()))
+        }
+        Op::RowSum => {
+            let w = typed(0, DType::I8)?;
+            if w.rank() != 2 {
+                return Err(shape_err());
+            }
+            Ok(TensorType::new(DType::I32, [w.shape[0]]))
+        }
+        Op::QLinear { residual, .. } => {
+            let (xq, xs, wq) = (typed(0, DType::U8)?, typed(1, DType::F32)?, typed(2, DType::I8)?);
+            let (ws, wsum, b) = (typed(3, DType::F32)?, typed(4, DType::I32)?, float(5)?);
+            if wq.rank() != 2 || xq.shape.last() != Some(&wq.shape[1]) {
+                return Err(shape_err());
+            }
+            let n = wq.shape[0];
+            if (xs.shape != [rows(xq)?] && xs.shape != [1]) || ws.shape != [n] || wsum.shape != [n] || b.shape != [n] {
+                return Err(shape_err());
+            }
+            let mut shape = xq.shape.clone();
+            *shape.last_mut().unwrap() = n;
+            if *residual && float(6)?.shape != shape {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32(shape))
+        }
         Op::Conv1d { stride, padding } => {
             let (x, w, b) = (float(0)?, float(1)?, float(2)?);
             if x.rank() != 2 || w.rank() != 3 || b.shape != [w.shape[0]] || w.shape[1] != x.shape[0] {

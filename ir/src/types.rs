@@ -7,12 +7,14 @@ pub enum DType {
     F16,
     BF16,
     I8,
+    /// Unsigned bytes: quantized activations (zero point 128, see `Op::Quantize`).
+    U8,
     I16,
     I32,
 }
 
 impl DType {
-    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::I8, DType::I16, DType::I32];
+    pub const ALL: [DType; 7] = [DType::F32, DType::F16, DType::BF16, DType::I8, DType::U8, DType::I16, DType::I32];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -20,6 +22,7 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::I8 => "i8",
+            DType::U8 => "u8",
             DType::I16 => "i16",
             DType::I32 => "i32",
         }
@@ -33,7 +36,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 | DType::I16 => 2,
-            DType::I8 => 1,
+            DType::I8 | DType::U8 => 1,
         }
     }
 

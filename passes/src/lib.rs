@@ -6,11 +6,13 @@
 mod fold;
 pub mod fuse;
 mod hoist_cross_kv;
+pub mod quantize;
 mod timesteps;
 
 pub use fold::fold;
 pub use fuse::fuse;
 pub use hoist_cross_kv::hoist_cross_kv;
+pub use quantize::quantize;
 pub use timesteps::{auto_timesteps, check_timesteps, timesteps, MAX_TIMESTEPS};
 
 use wcc_ir::Module;
@@ -28,6 +30,11 @@ pub enum PassError {
 pub struct PassOptions {
     /// Mel frames of the encoder's static input; `None` keeps the model's 30 s (3000).
     pub timesteps: Option<usize>,
+    /// `--int8`: the `quantize` pass makes the linear layers int8 (dynamic per-row
+    /// activation scales); without it the pass changes nothing.
+    pub int8: bool,
+    /// `--keep-float`: layers (value or weight names, `*` wildcards) `quantize` leaves in f32.
+    pub keep_float: Vec<String>,
 }
 
 pub struct Pass {
@@ -57,6 +64,11 @@ pub const PASSES: &[Pass] = &[
         name: "fuse",
         about: "equality saturation (egg) picks fused kernels: linear+GELU, linear+residual, mask+softmax",
         run: |m, _| fuse(m),
+    },
+    Pass {
+        name: "quantize",
+        about: "with --int8: int8 linear layers (per-channel weight scales, per-row activation scales), dequantized in the epilogue",
+        run: quantize,
     },
 ];
 

@@ -1,0 +1,195 @@
+//! The int8 kernels (`row_scale`, `quantize`, `qlinear`) of tiny.en and base built with
+//! `--int8`, compiled with cranelift-jit for every target level this host can run, against
+//! the reference interpreter's integer semantics: results exactly equal (the GELU epilogue,
+//! whose `erf` is a polynomial in the kernels and libm's in the interpreter, within 2e-5).
+//! And the machine code: on a VNNI target the reduction is one `vpdpbusd`.
+
+use std::collections::BTreeMap;
+
+use wcc_ir::interp::{eval, Data, Tensor};
+use wcc_ir::{DType, Op, TensorType};
+
+/// xorshift noise in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn model_dir(name: &str) -> std::path::PathBuf {
+    wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
+}
+
+/// Random operands of the right types: bytes over their whole range, positive scales.
+fn operand(t: &TensorType, k: usize) -> Tensor {
+    let n = t.numel();
+    let z = noise(n, k as u64 + 11);
+    match t.dtype {
+        DType::U8 => Tensor::new(t.shape.clone(), Data::U8(z.iter().map(|v| ((v + 1.0) * 127.99) as u8).collect())),
+        DType::I8 => Tensor::new(t.shape.clone(), Data::I8(z.iter().map(|v| (v * 127.99) as i8).collect())),
+        DType::I32 => Tensor::i32(t.shape.clone(), z.iter().map(|v| (v * 40000.0) as i32).collect()),
+        _ if k == 1 || k == 3 => Tensor::f32(t.shape.clone(), z.iter().map(|v| (v + 1.5) * 1e-3).collect()),
+        _ => Tensor::f32(t.shape.clone(), z.iter().map(|v| v * 3.0).collect()),
+    }
+}
+
+fn levels() -> Vec<wcc_targets::Target> {
+    let mut out = vec![wcc_targets::host().unwrap()];
+    if cfg!(target_arch = "x86_64") {
+        for level in ["x86_64-v2", "x86_64-v3", "x86_64-v4"] {
+            let t = wcc_targets::Target::named(level).unwrap();
+            if t.features.iter().all(|f| wcc_targets::host_has(f)) {
+                out.push(t);
+            } else {
+                eprintln!("{level}: this host lacks some of its features; not run");
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
+    let mut cases: BTreeMap<String, (Op, Vec<TensorType>, TensorType)> = BTreeMap::new();
+    for name in ["tiny.en", "base"] {
+        let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
+        let opts = wcc_passes::PassOptions { int8: true, ..Default::default() };
+        let m = wcc_passes::run_observed(loaded.module, &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(()))
+            .unwrap();
+        for g in &m.graphs {
+            let mut konst: Vec<bool> = g.values.iter().map(|v| matches!(v.def, wcc_ir::ValueDef::Weight(_))).collect();
+            for n in &g.nodes {
+                konst[n.output.index()] = n.inputs.iter().all(|i| konst[i.index()]);
+                if konst[n.output.index()] || !matches!(n.op, Op::RowScale | Op::Quantize { .. } | Op::QLinear { .. }) {
+                    continue;
+                }
+                let tys: Vec<TensorType> = n.inputs.iter().map(|&i| g.ty(i).clone()).collect();
+                let key = format!(
+                    "{} {:?} {:?}",
+                    n.op.name(),
+                    n.op.attrs(),
+                    tys.iter().map(|t| &t.shape).collect::<Vec<_>>()
+                );
+                cases.entry(key).or_insert((n.op.clone(), tys, g.ty(n.output).clone()));
+            }
+        }
+    }
+    // Odd shapes: a reduction with a tail for quantize, rows and columns off the blocks.
+    cases.insert(
+        "quantize odd".into(),
+        (
+            Op::Quantize { dtype: DType::U8 },
+            vec![TensorType::f32([5, 37]), TensorType::f32([5])],
+            TensorType::new(DType::U8, [5, 37]),
+        ),
+    );
+    cases.insert(
+        "quantize static i8".into(),
+        (
+            Op::Quantize { dtype: DType::I8 },
+            vec![TensorType::f32([3, 48]), TensorType::f32([1])],
+            TensorType::new(DType::I8, [3, 48]),
+        ),
+    );
+    cases.insert(
+        "qlinear odd".into(),
+        (
+            Op::QLinear { gelu: false, residual: true },
+            vec![
+                TensorType::new(DType::U8, [7, 32]),
+                TensorType::f32([7]),
+                TensorType::new(DType::I8, [23, 32]),
+                TensorType::f32([23]),
+                TensorType::new(DType::I32, [23]),
+                TensorType::f32([23]),
+                TensorType::f32([7, 23]),
+            ],
+            TensorType::f32([7, 23]),
+        ),
+    );
+    assert!(cases.keys().filter(|k| k.starts_with("qlinear")).count() >= 8, "{:?}", cases.keys());
+    let targets = levels();
+    for (key, (op, tys, out)) in &cases {
+        let mut inputs: Vec<Tensor> = tys.iter().enumerate().map(|(k, t)| operand(t, k)).collect();
+        if matches!(op, Op::Quantize { .. }) {
+            // Scales that put some values past ±127 (clamped) and exact halves (ties).
+            let x = inputs[0].as_f32().unwrap().iter().map(|v| (v * 300.0).round() / 2.0).collect();
+            inputs[0] = Tensor::f32(tys[0].shape.clone(), x);
+            let s = vec![1.0f32; tys[1].numel()];
+            inputs[1] = Tensor::f32(tys[1].shape.clone(), s);
+        }
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let want = eval(op, &refs).unwrap();
+        for t in &targets {
+            let got = wcc_backend::jit::run_op_for(op, &refs, out, false, Some(t)).unwrap();
+            let exact = !matches!(op, Op::QLinear { gelu: true, .. });
+            match (&got.data, &want.data) {
+                (Data::F32(g), Data::F32(w)) if !exact => {
+                    let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let e = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+                    assert!(e < 2e-5, "{key} on {:?}: relative error {e}", t.features.len());
+                }
+                (g, w) => {
+                    let same = g == w;
+                    if !same {
+                        if let (Data::F32(g), Data::F32(w)) = (g, w) {
+                            let bad = g.iter().zip(w).position(|(a, b)| a.to_bits() != b.to_bits()).unwrap();
+                            panic!("{key}: element {bad}: kernel {} vs interpreter {}", g[bad], w[bad]);
+                        }
+                    }
+                    assert!(same, "{key}: kernel and interpreter differ ({} target features)", t.features.len());
+                }
+            }
+        }
+        eprintln!("{key}: equal on {} target levels", targets.len());
+    }
+}
+
+/// `objdump -d` of raw x86-64 code.
+fn disassemble(code: &[u8]) -> Option<String> {
+    let path = std::env::temp_dir().join(format!("wcc-kernel-{}.bin", std::process::id()));
+    std::fs::write(&path, code).ok()?;
+    let out = std::process::Command::new("objdump")
+        .args(["-D", "-b", "binary", "-m", "i386:x86-64"])
+        .arg(&path)
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(&path);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_int8_reduction_is_one_vpdpbusd_on_vnni_targets() {
+    let tys = [
+        TensorType::new(DType::U8, [12, 64]),
+        TensorType::f32([12]),
+        TensorType::new(DType::I8, [16, 64]),
+        TensorType::f32([16]),
+        TensorType::new(DType::I32, [16]),
+        TensorType::f32([16]),
+    ];
+    let refs: Vec<&TensorType> = tys.iter().collect();
+    let op = Op::QLinear { gelu: false, residual: false };
+    let mut vnni = wcc_targets::Target::named("x86_64-v4").unwrap();
+    vnni.features.push("avx512vnni".into());
+    let plain = wcc_targets::Target::named("x86_64-v3").unwrap();
+    let count = |t: &wcc_targets::Target| -> Option<usize> {
+        let lowered = wcc_backend::lower::lower_op(&op, &refs, &TensorType::f32([12, 16]), false, t).unwrap();
+        let isa = wcc_backend::cranelift::isa(t).unwrap();
+        let code = wcc_backend::cranelift::compile(&lowered.launches[0].0, &*isa).unwrap();
+        disassemble(&code).map(|d| d.matches("vpdpbusd").count())
+    };
+    let Some(with) = count(&vnni) else {
+        eprintln!("objdump is not available: machine code not checked");
+        return;
+    };
+    // 3 rows x 4 columns, 1 row x 4 columns, 1 row x 1 column: 17 dot products per step.
+    assert_eq!(with, 17, "one vpdpbusd per dot4 on an AVX512-VNNI target");
+    assert_eq!(count(&plain), Some(0), "no VNNI on x86-64-v3: the widening tree instead");
+}
