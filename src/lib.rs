@@ -164,7 +164,22 @@ pub fn compile(
             name: k.name.clone(),
             offset: offset as u64,
             len: bytes.len() as u64,
-            buffer_bytes: k.buffers.iter().map(|b| b.bytes() as u64).collect(),
+            kind: "cpu".into(),
+            buffers: k
+                .buffers
+                .iter()
+                .zip(k.access())
+                .map(|(b, a)| wbin::BufferDesc {
+                    name: b.name.clone(),
+                    elem: b.elem.name().into(),
+                    len: b.len as u64,
+                    access: match a {
+                        wcc_backend::kir::Access::Read => wbin::Access::Read,
+                        wcc_backend::kir::Access::Write => wbin::Access::Write,
+                        wcc_backend::kir::Access::ReadWrite => wbin::Access::ReadWrite,
+                    },
+                })
+                .collect(),
             parallel_extent: k.parallel_extent,
             flops: k.flops,
         });
@@ -185,6 +200,20 @@ pub fn compile(
         arena_bytes: program.arena_bytes,
         arena_persistent_bytes: program.persistent_bytes,
         arena_unshared_temporaries_bytes: program.temporaries.iter().flatten().map(|t| t.bytes as u64).sum(),
+        weights: program
+            .constants
+            .iter()
+            .map(|c| wbin::WeightEntry {
+                name: c.name.clone(),
+                dtype: c.dtype.name().into(),
+                shape: c.shape.clone(),
+                offset: c.offset,
+                quantization: c.scales.clone().map(|scales| wbin::Quantization {
+                    scheme: "symmetric_per_row".into(),
+                    scales,
+                }),
+            })
+            .collect(),
         kernels,
         graphs: program.graphs,
     };

@@ -77,9 +77,12 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
     std::fs::write(&bad, &b).unwrap();
     refused(&bad, "not a .wbin file");
     let mut b = bytes.clone();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
-    std::fs::write(&bad, &b).unwrap();
-    refused(&bad, "format version 2");
+    // An older format (version 1: f32 only, untyped buffers) and a newer one.
+    for v in [1u32, 3] {
+        b[8..12].copy_from_slice(&v.to_le_bytes());
+        std::fs::write(&bad, &b).unwrap();
+        refused(&bad, &format!("format version {v}, but this wcc reads version 2"));
+    }
 
     // A CPU feature this host lacks, and another architecture.
     let lacking = wcc_targets::X86_FEATURES.iter().find(|f| !wcc_targets::host_has(f)).expect("some feature is absent");
@@ -97,6 +100,16 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
     });
     let e = wcc_err(&["run", p(&bad), p(&jfk())]);
     assert!(e.contains("out of bounds"), "{e}");
+    // A program whose kernel would write into the (read-only) weights.
+    with_header(&good, &bad, |h| {
+        let l = &mut h.graphs[0].launches[0];
+        let k = &h.kernels[l.kernel as usize];
+        let w = k.buffers.iter().position(|b| b.access.writes()).expect("a kernel writes something");
+        let need = k.buffers[w].len * k.buffers[w].elem_bytes().unwrap();
+        l.buffers[w] = wbin::BufRef::Weight { offset: 0, len: need };
+    });
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("would write the weights"), "{e}");
 }
 
 #[test]

@@ -948,6 +948,46 @@ pub fn lower_op(
             let name = format!("slice_{}_{axis}_{start}_{}", shape_name(&inputs[0].shape), shape_name(&out.shape));
             one(strided_copy_kernel(name, inputs[0].numel(), &out.shape, &st, start * st[*axis]), ins(1))
         }
+        Op::Gather if inputs.len() == 3 => {
+            // From an int8 table: each element widened, converted and scaled by its row's scale.
+            let (v, d) = (inputs[0].shape[0], inputs[0].shape[1]);
+            let n = inputs[1].shape[0];
+            let mut vars = Vars::new();
+            let (r, id, sc, j) = (vars.next(), vars.next(), vars.next(), vars.next());
+            let body = vec![for_(
+                r,
+                var(START),
+                var(END),
+                1,
+                vec![
+                    // Clamped: an out-of-range id must not read outside the table.
+                    let_(id, min(max(load_i(1, var(r)), int(0)), int(v as i64 - 1))),
+                    let_(sc, load(2, var(id))),
+                    for_(
+                        j,
+                        int(0),
+                        int(d as i64),
+                        1,
+                        vec![store(
+                            3,
+                            add(mul(var(r), int(d as i64)), var(j)),
+                            mul(cvt(Ty::F32, load_i(0, add(mul(var(id), int(d as i64)), var(j)))), var(sc)),
+                        )],
+                    ),
+                ],
+            )];
+            one(
+                kernel(
+                    format!("gather_i8_{v}x{d}_{n}"),
+                    vec![tbuf("table", Elem::I8, v * d), ibuf("ids", n), buf("scales", v), buf("out", n * d)],
+                    n,
+                    0,
+                    body,
+                    vars,
+                ),
+                ins(3),
+            )
+        }
         Op::Gather => {
             let (v, d) = (inputs[0].shape[0], inputs[0].shape[1]);
             let n = inputs[1].shape[0];

@@ -52,6 +52,8 @@ pub struct StoredConstant {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub offset: u64,
+    /// For an int8 constant made by `quantize`: the name of the constant holding its scales.
+    pub scales: Option<String>,
 }
 
 /// One temporary buffer of the arena plan: live from node `first` to node `last`
@@ -92,6 +94,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
     // constants (a weight before folding, or its f32 copy once quantized) are never stored.
     let mut pool: Vec<Tensor> = Vec::new();
     let mut pool_names: Vec<(String, DType)> = Vec::new();
+    let mut pool_scales: Vec<Option<String>> = Vec::new();
     let mut pool_at: Vec<Option<usize>> = Vec::new();
     let mut weight_pool: HashMap<String, usize> = HashMap::new();
     let mut kernels: Vec<Kernel> = Vec::new();
@@ -124,6 +127,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                         let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
                         pool.push(Tensor::f32(v.ty.shape.clone(), data));
                         pool_names.push((format!("@{w}"), DType::F32));
+                        pool_scales.push(None);
                         pool_at.push(None);
                         weight_pool.insert(w.clone(), pool.len() - 1);
                         pool.len() - 1
@@ -141,6 +145,10 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
             pool_names.push((format!("{}:%{}", g.name, g.value(node.output).name), t.dtype()));
+            pool_scales.push(match node.op {
+                Op::Quantize { .. } => Some(format!("{}:%{}", g.name, g.value(node.inputs[1]).name)),
+                _ => None,
+            });
             pool.push(t.clone());
             pool_at.push(None);
             place[node.output.index()] = Some(Place::Weight(pool.len() - 1));
@@ -294,6 +302,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                             dtype: pool_names[id].1,
                             shape: pool[id].shape.clone(),
                             offset: at as u64,
+                            scales: pool_scales[id].clone(),
                         });
                         at
                     });

@@ -320,6 +320,21 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
         Op::Reshape { shape } => Tensor { shape: shape.clone(), data: args[0].data.clone() },
         Op::Transpose { perm } => transpose(args[0], perm),
         Op::Slice { axis, start, end } => slice(args[0], *axis, *start, *end),
+        Op::Gather if args.len() == 3 => {
+            let (table, scales) = (args[0].as_i8()?, f(2)?);
+            let d = args[0].shape[1];
+            let rows: Vec<Tensor> = args[1]
+                .as_i32()?
+                .iter()
+                .map(|&id| {
+                    let id = position(&[id], scales.len())?;
+                    let row = table[id * d..(id + 1) * d].iter().map(|&q| q as f32 * scales[id]).collect();
+                    Ok(Tensor::f32([1, d], row))
+                })
+                .collect::<Result<_, InterpError>>()?;
+            let refs: Vec<&Tensor> = rows.iter().collect();
+            concat(&refs, 0)?
+        }
         Op::Gather => gather(args[0], args[1].as_i32()?)?,
         Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, f(2)?)?,
         Op::CausalMask { len } => {

@@ -38,7 +38,9 @@ pub enum Op {
     Transpose { perm: Vec<usize> },
     /// `x[start..end]` along `axis`.
     Slice { axis: usize, start: usize, end: usize },
-    /// Row lookup: `table[V, D], ids i32[N] -> [N, D]`.
+    /// Row lookup: `table[V, D], ids i32[N] -> f32[N, D]`; or, from an int8 table,
+    /// `table i8[V, D], ids i32[N], scales f32[V] -> f32[N, D]` with each row dequantized
+    /// (`table[id, d] · scales[id]`).
     Gather,
     /// `cache[S, D], index i32[1], row[1, D] -> [S, D]`: the cache with row `index` replaced.
     ScatterRow,
@@ -222,7 +224,8 @@ impl Op {
             }
             Op::RowScale | Op::RowSum => (1, 1),
             Op::Linear => (2, 3),
-            Op::MatMul { .. } | Op::Add | Op::Mul | Op::Gather => (2, 2),
+            Op::MatMul { .. } | Op::Add | Op::Mul => (2, 2),
+            Op::Gather => (2, 3),
             Op::Scale { .. }
             | Op::Gelu
             | Op::Softmax
@@ -442,9 +445,12 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
             Ok(TensorType::new(x.dtype, shape))
         }
         Op::Gather => {
-            let table = float(0)?;
+            let table = if inputs.len() == 3 { typed(0, DType::I8)? } else { float(0)? };
             let ids = inputs[1];
             if table.rank() != 2 || ids.dtype != DType::I32 || ids.rank() != 1 {
+                return Err(shape_err());
+            }
+            if inputs.len() == 3 && typed(2, DType::F32)?.shape != [table.shape[0]] {
                 return Err(shape_err());
             }
             Ok(TensorType::f32([ids.shape[0], table.shape[1]]))

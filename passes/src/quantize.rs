@@ -16,7 +16,12 @@
 //! The weight-side nodes depend on weights alone, so the backend evaluates them at compile
 //! time and stores only `%w.q` (int8), `%w.scale` and `%w.sum`; the f32 weight is no longer
 //! read by any kernel and is not stored. Activations sharing one input (several layers
-//! reading the same `%x`) are quantized once.
+//! reading the same `%x`) are quantized once, and so are weights read by several layers.
+//!
+//! A `gather` from a constant table (the token embedding, which Whisper ties to the logits
+//! projection) reads the same int8 rows and scales, dequantized on lookup:
+//! `gather(%w.q, %ids, %w.scale)`. Sound for the same reason: each row is its int8
+//! approximation.
 //!
 //! Why it is sound: `qlinear` computes `Σ_k (xq−128)·wq · xs·ws + b`, and `(xq−128)·xs` and
 //! `wq·ws` are the round-to-nearest int8 approximations of `x` and `w` (relative error at
@@ -40,6 +45,10 @@ fn fail(msg: impl Into<String>) -> PassError {
 /// (see the README's int8 section): quantizing every linear layer, the logits projection
 /// included, keeps the word error rate of tiny.en and base within the bound.
 pub const DEFAULT_KEEP_FLOAT: &[&str] = &[];
+
+/// Gathers from tables with at least this many rows (a vocabulary, not the 448 positional
+/// embeddings, which are small and stay f32) read an int8 table.
+const VOCAB_MIN_ROWS: usize = 4096;
 
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -102,8 +111,21 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
         map[v.index()] = Some(id);
         id
     };
-    // Quantized activations, shared by the layers that read the same value.
+    // Quantized activations, shared by the layers that read the same value; quantized
+    // constants (scale, int8 values), shared by the layers that read the same weight (the
+    // token embedding and the tied logits projection), so each is stored once.
     let mut quantized: Vec<Option<(ValueId, ValueId)>> = vec![None; g.values.len()];
+    let mut weights_q: Vec<Option<(ValueId, ValueId)>> = vec![None; g.values.len()];
+    let mut quantize_weight = |out: &mut Graph, w: ValueId, mapped: ValueId| -> Result<(ValueId, ValueId), String> {
+        if let Some(q) = weights_q[w.index()] {
+            return Ok(q);
+        }
+        let base = &g.value(w).name;
+        let ws = out.add_node(format!("{base}.w_scale"), Op::RowScale, &[mapped])?;
+        let wq = out.add_node(format!("{base}.w_q"), Op::Quantize { dtype: DType::I8 }, &[mapped, ws])?;
+        weights_q[w.index()] = Some((ws, wq));
+        Ok((ws, wq))
+    };
     for node in &g.nodes {
         let mut ins = Vec::with_capacity(node.inputs.len());
         for &i in &node.inputs {
@@ -115,6 +137,18 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
             Op::FusedLinear { gelu, residual } => (gelu, residual),
             _ => (false, false),
         };
+        if matches!(node.op, Op::Gather)
+            && node.inputs.len() == 2
+            && konst[node.inputs[0].index()]
+            && !layer_names(g, node.output, node.inputs[0]).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)))
+            && g.ty(node.inputs[0]).shape[0] >= VOCAB_MIN_ROWS
+        {
+            // A vocabulary's embedding table: int8 rows, dequantized on lookup.
+            let (ws, wq) = quantize_weight(&mut out, node.inputs[0], ins[0])?;
+            let id = out.add_node(name, Op::Gather, &[wq, ins[1], ws])?;
+            map[node.output.index()] = Some(id);
+            continue;
+        }
         let is_linear = matches!(node.op, Op::Linear | Op::FusedLinear { .. });
         let (x, w) = (node.inputs[0], *node.inputs.get(1).unwrap_or(&node.inputs[0]));
         let k = g.ty(w).shape.get(1).copied().unwrap_or(0);
@@ -138,8 +172,7 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
                 (xq, xs)
             }
         };
-        let ws = out.add_node(format!("{name}.w_scale"), Op::RowScale, &[ins[1]])?;
-        let wq = out.add_node(format!("{name}.w_q"), Op::Quantize { dtype: DType::I8 }, &[ins[1], ws])?;
+        let (ws, wq) = quantize_weight(&mut out, w, ins[1])?;
         let wsum = out.add_node(format!("{name}.w_sum"), Op::RowSum, &[wq])?;
         let bias = match ins.get(2) {
             Some(&b) => b,

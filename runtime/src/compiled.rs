@@ -103,25 +103,44 @@ impl CompiledModel {
             for l in &g.launches {
                 let entry =
                     h.kernels.get(l.kernel as usize).ok_or_else(|| invalid(path, "launch of a missing kernel"))?;
-                if l.buffers.len() != entry.buffer_bytes.len() {
+                if l.buffers.len() != entry.buffers.len() {
                     return Err(invalid(
                         path,
                         format!(
                             "kernel {} takes {} buffers, launched with {}",
                             entry.name,
-                            entry.buffer_bytes.len(),
+                            entry.buffers.len(),
                             l.buffers.len()
                         ),
                     ));
                 }
+                if entry.kind != "cpu" {
+                    return Err(invalid(path, format!("kernel {} is a `{}` kernel, not CPU code", entry.name, entry.kind)));
+                }
                 let mut ptrs = Vec::with_capacity(l.buffers.len());
-                for (b, &need) in l.buffers.iter().zip(&entry.buffer_bytes) {
+                for (b, desc) in l.buffers.iter().zip(&entry.buffers) {
+                    let elem = desc.elem_bytes().ok_or_else(|| {
+                        invalid(path, format!("kernel {} buffer {}: unknown element type {}", entry.name, desc.name, desc.elem))
+                    })?;
+                    let need = desc.len.checked_mul(elem).unwrap_or(u64::MAX);
                     let (base, limit, offset, len) = match *b {
                         BufRef::Arena { offset, len } => (arena_ptr, arena_bytes as u64, offset, len),
-                        BufRef::Weight { offset, len } => (weights_ptr, s.weights.len() as u64, offset, len),
+                        BufRef::Weight { offset, len } => {
+                            // The weights are mapped read-only: no kernel may write them.
+                            if desc.access.writes() {
+                                return Err(invalid(
+                                    path,
+                                    format!("kernel {} would write the weights (buffer {})", entry.name, desc.name),
+                                ));
+                            }
+                            (weights_ptr, s.weights.len() as u64, offset, len)
+                        }
                     };
-                    if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % 4 != 0 {
-                        return Err(invalid(path, format!("a buffer of kernel {} is out of bounds", entry.name)));
+                    if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % elem != 0 {
+                        return Err(invalid(
+                            path,
+                            format!("buffer {} of kernel {} is out of bounds", desc.name, entry.name),
+                        ));
                     }
                     // SAFETY: offset + len is inside the arena / weights section (checked).
                     ptrs.push(unsafe { base.add(offset as usize) });

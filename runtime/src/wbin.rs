@@ -1,4 +1,4 @@
-//! The `.wbin` artifact (format version 1; see `FORMAT.md` beside this crate): reading,
+//! The `.wbin` artifact (format version 2; see `FORMAT.md` beside this crate): reading,
 //! validation and writing. Everything a compiled model needs to run is in the one file.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::tokenizer::GenerationConfig;
 
 pub const MAGIC: [u8; 8] = *b"WCCWBIN\0";
-pub const VERSION: u32 = 1;
+/// 2: typed buffers (element type and access per kernel argument), the weight table, int8.
+pub const VERSION: u32 = 2;
 /// Fixed-size start of the file: magic, version, checksum, section table, file length.
 pub const PRELUDE_LEN: usize = 104;
 /// Alignment of the weights section (a page, so it maps cleanly).
@@ -40,10 +41,71 @@ pub struct KernelEntry {
     /// Byte range of the machine code inside the code section.
     pub offset: u64,
     pub len: u64,
-    /// Size in bytes of each buffer the kernel reads or writes, in argument order.
-    pub buffer_bytes: Vec<u64>,
+    /// Where the code runs: `cpu` (machine code for `target`).
+    pub kind: String,
+    /// Each buffer argument, in order: what it holds and how the kernel uses it.
+    pub buffers: Vec<BufferDesc>,
     pub parallel_extent: u64,
     pub flops: u64,
+}
+
+/// How a kernel uses a buffer argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl Access {
+    pub fn writes(self) -> bool {
+        self != Access::Read
+    }
+}
+
+/// One buffer argument of a kernel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferDesc {
+    pub name: String,
+    /// `f32`, `i32`, `i8` or `u8`.
+    pub elem: String,
+    /// Length in elements.
+    pub len: u64,
+    pub access: Access,
+}
+
+impl BufferDesc {
+    /// Bytes of one element, or `None` for an element type this runtime does not know.
+    pub fn elem_bytes(&self) -> Option<u64> {
+        match self.elem.as_str() {
+            "f32" | "i32" => Some(4),
+            "i8" | "u8" => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// A constant stored in the weights section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightEntry {
+    /// `@weight`, or `graph:%value` for a value computed from weights at compile time.
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Byte offset in the weights section.
+    pub offset: u64,
+    /// For int8 values: how they were quantized and where their scales are.
+    pub quantization: Option<Quantization>,
+}
+
+/// Quantization parameters of an int8 entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quantization {
+    /// `symmetric_per_row`: `value = q · scale[row]`, zero point 0.
+    pub scheme: String,
+    /// The entry holding the f32 scales.
+    pub scales: String,
 }
 
 /// A buffer handed to a kernel: bytes of the arena or of the weights section.
@@ -102,6 +164,8 @@ pub struct Header {
     /// temporaries, and what the temporaries would take unshared.
     pub arena_persistent_bytes: u64,
     pub arena_unshared_temporaries_bytes: u64,
+    /// What the weights section holds.
+    pub weights: Vec<WeightEntry>,
     pub kernels: Vec<KernelEntry>,
     pub graphs: Vec<GraphProgram>,
 }
