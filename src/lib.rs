@@ -15,6 +15,14 @@ pub fn load_model(model: &str) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
+/// The checkpoint's tokenizer and generation settings.
+pub fn tokenizer_and_generation(
+    loaded: &LoadedModel,
+) -> Result<(wcc_runtime::tokenizer::WhisperTokenizer, wcc_format::GenerationConfig)> {
+    let tokenizer = wcc_runtime::tokenizer::WhisperTokenizer::from_bytes(&loaded.checkpoint.tokenizer_json()?)?;
+    Ok((tokenizer, loaded.generation()?))
+}
+
 /// Reads an audio file as 16 kHz mono samples.
 pub fn load_audio(path: &Path) -> Result<Vec<f32>> {
     Ok(wcc_runtime::audio::load_audio(path)?)
@@ -136,11 +144,11 @@ pub fn compile(
     out: &Path,
     progress: &dyn Fn(usize, usize),
 ) -> Result<CompileReport> {
-    use wcc_runtime::wbin;
+    use wcc_format as wbin;
 
     let target = wcc_targets::Target::named(target)?;
     let loaded = load_model(model)?;
-    let (_, generation) = loaded.generation()?;
+    let generation = loaded.generation()?;
     let tokenizer = loaded.checkpoint.tokenizer_json()?;
     let module = run_passes(loaded.module, passes, options, dumps)?;
     let program = wcc_backend::program::build(&module, &loaded.checkpoint, &target)?;
@@ -208,10 +216,10 @@ pub fn compile(
                 dtype: c.dtype.name().into(),
                 shape: c.shape.clone(),
                 offset: c.offset,
-                quantization: c.scales.clone().map(|scales| wbin::Quantization {
-                    scheme: "symmetric_per_row".into(),
-                    scales,
-                }),
+                quantization: c
+                    .scales
+                    .clone()
+                    .map(|scales| wbin::Quantization { scheme: "symmetric_per_row".into(), scales }),
             })
             .collect(),
         kernels,

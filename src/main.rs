@@ -78,6 +78,22 @@ enum Command {
         /// Run this list of passes instead (comma-separated, e.g. hoist-cross-kv).
         #[arg(long, value_delimiter = ',')]
         passes: Vec<String>,
+        #[command(flatten)]
+        quant: QuantArgs,
+    },
+    /// Run passes over a module in IR text form (a `.ir` file, as `--dump-dir` writes them)
+    /// and print the result: passes tested and tuned without a checkpoint.
+    Opt {
+        /// The `.ir` file.
+        file: PathBuf,
+        /// Passes to run, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        passes: Vec<String>,
+        /// Mel frames for the `timesteps` pass.
+        #[arg(long)]
+        timesteps: Option<wcc::Timesteps>,
+        #[command(flatten)]
+        quant: QuantArgs,
     },
     /// List the passes of the default pipeline.
     Passes,
@@ -244,15 +260,28 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{:16} {}", p.name, p.about);
             }
         }
-        Command::Ir { model, graph, format, after, timesteps, passes } => {
+        Command::Opt { file, passes, timesteps, quant } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let module = wcc_ir::parse_module(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let mut options = match timesteps {
+                Some(t) => t.options(None)?,
+                None => wcc_passes::PassOptions::default(),
+            };
+            quant.apply(&mut options);
+            let passes: Vec<&str> = passes.iter().map(String::as_str).collect();
+            let module = wcc::run_passes(module, &passes, &options, &wcc::Dumps::default())?;
+            print!("{}", wcc_ir::print_module(&module));
+        }
+        Command::Ir { model, graph, format, after, timesteps, passes, quant } => {
             let passes: Vec<&str> = match &after {
                 Some(last) => wcc_passes::pipeline_until(last)?,
                 None => passes.iter().map(String::as_str).collect(),
             };
-            let options = match timesteps {
+            let mut options = match timesteps {
                 Some(t) => t.options(None)?,
                 None => wcc_passes::PassOptions::default(),
             };
+            quant.apply(&mut options);
             let module = wcc::module_after(&model, &passes, &options)?;
             let graphs: Vec<&wcc_ir::Graph> = match &graph {
                 None => module.graphs.iter().collect(),
@@ -277,7 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
                 let loaded = wcc::load_model(&model)?;
-                let (tokenizer, cfg) = loaded.generation()?;
+                let (tokenizer, cfg) = wcc::tokenizer_and_generation(&loaded)?;
                 let module = wcc::run_passes(loaded.module, &pipeline, &options, &wcc::Dumps::default())?;
                 let mut m = InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
                 transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, t0.elapsed().as_secs_f64())?;

@@ -29,7 +29,7 @@ fn ct2_greedy(model_dir: &Path, audio: &Path, prompt: &[u32]) -> Vec<u64> {
 
 fn prompt_for(model_dir: &Path, language: Option<&str>) -> Vec<u32> {
     let loaded = wcc_frontend::load(model_dir).unwrap();
-    let (_, cfg) = loaded.generation().unwrap();
+    let cfg = loaded.generation().unwrap();
     let lang = language.map(|code| cfg.languages.iter().find(|(c, _)| c == code).unwrap().1);
     wcc_runtime::decode::transcribe_prompt(&cfg, lang, false)
 }

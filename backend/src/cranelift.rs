@@ -530,17 +530,22 @@ impl Emitter<'_> {
                     return self.err("pack takes four lanes");
                 }
                 let mut v = None;
+                let mut ty = Ty::F32x4;
                 for (l, e) in lanes.iter().enumerate() {
                     let (x, t) = self.expr(e)?;
-                    if t != Ty::F32 {
-                        return self.err(format!("pack of {t:?}"));
-                    }
+                    let (x, vt) = match t {
+                        Ty::F32 => (x, F32X4),
+                        // i64 lanes keep their low 32 bits.
+                        Ty::I64 => (self.b.ins().ireduce(I32, x), I32X4),
+                        _ => return self.err(format!("pack of {}", t.name())),
+                    };
+                    ty = if vt == I32X4 { Ty::I32x4 } else { Ty::F32x4 };
                     v = Some(match v {
-                        None => self.b.ins().splat(F32X4, x),
+                        None => self.b.ins().splat(vt, x),
                         Some(acc) => self.b.ins().insertlane(acc, x, l as u8),
                     });
                 }
-                (v.expect("four lanes"), Ty::F32x4)
+                (v.expect("four lanes"), ty)
             }
             Expr::HSum(a) | Expr::HMax(a) => {
                 let (x, t) = self.expr(a)?;

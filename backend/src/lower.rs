@@ -82,35 +82,39 @@ impl QSchedule {
     }
 }
 
-/// `qlinear`: `out[i, j] = float(Σ_k xq[i,k]·wq[j,k] − 128·wsum[j]) · (xs[i]·ws[j]) + b[j]`,
-/// then the epilogue. Buffers: xq u8, xs f32, wq i8, ws f32, wsum i32, b f32, [residual],
-/// out. The reduction runs 16 bytes at a time through `dot4` (one `vpdpbusd` on VNNI
-/// targets) into an `mr`×4 block of `i32x4` accumulators; two levels of pairwise adds turn
-/// four column accumulators into the four column totals, and the dequantization, bias,
-/// GELU and residual run on those four adjacent results at once.
-#[allow(clippy::too_many_arguments)]
-fn qlinear_kernel(
-    name: String,
+/// The shape and epilogue of an int8 product `out[b, i, j] = float(Σ_k xq[b,i,k]·wq[b,j,k] −
+/// 128·wsum[b,j]) · (xs[b,i]·ws[b,j]) (+ bias[j]) (GELU) (+ residual[b,i,j])`.
+struct QDot {
+    batch: usize,
     m: usize,
     n: usize,
     k: usize,
+    /// One activation scale per row (else one for all: a static scale).
     row_scales: bool,
+    bias: bool,
     epilogue: Epilogue,
-    target: &Target,
-) -> Result<Kernel, BackendError> {
-    if k % 16 != 0 {
-        return Err(BackendError(format!(
-            "{name}: the int8 product needs a reduction that is a multiple of 16, not {k}"
-        )));
-    }
+}
+
+/// `qlinear` (batch 1, with bias) and `qmatmul` (batched, no bias). Buffers: xq u8, xs f32,
+/// wq i8, ws f32, wsum i32, [bias f32], [residual], out. The reduction runs 16 bytes at a
+/// time through `dot4` (one `vpdpbusd` on VNNI targets) into an `mr`×4 block of `i32x4`
+/// accumulators, and the last `k % 16` elements as scalars; two levels of pairwise adds turn
+/// four column accumulators into the four column totals, and the dequantization, bias, GELU
+/// and residual run on those four adjacent results at once.
+fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
+    let QDot { batch, m, n, k, row_scales, bias, epilogue } = q;
     let sch = QSchedule::for_target(target, m);
     let (xq, xs, wq, ws, wsum, bb) = (0u32, 1u32, 2u32, 3u32, 4u32, 5u32);
-    let rb = 6u32;
-    let ob = 6 + epilogue.residual as u32;
+    let rb = 5 + bias as u32;
+    let ob = rb + epilogue.residual as u32;
     let n_rt = m.div_ceil(sch.rows_per_task);
     let n_ct = n.div_ceil(sch.cols_per_task);
     let mut vars = Vars::new();
-    let (p, ct, rt, j0, jend, j4end, i_lo, i_hi, i_full) = (
+    let (p, bi, rem, ct, rt, j0, jend, j4end, i_lo, i_hi, i_full, xb, wb) = (
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
         vars.next(),
         vars.next(),
         vars.next(),
@@ -122,43 +126,68 @@ fn qlinear_kernel(
         vars.next(),
     );
     let (k_, n_) = (k as i64, n as i64);
-    let row_scale = |i: Expr| if row_scales { load(xs, i) } else { load(xs, int(0)) };
+    let k16 = (k / 16 * 16) as i64;
+    // Rows of x and of w, counted over the whole batch.
+    let xrow = |i: Expr| add(var(xb), i);
+    let wrow = |j: Expr| add(var(wb), j);
+    let row_scale = |i: Expr| if row_scales { load(xs, xrow(i)) } else { load(xs, int(0)) };
     // `rows` rows from `i`, `cols` (4 or 1) columns from `j`.
     let block = |vars: &mut Vars, i: Expr, j: Expr, rows: usize, cols: usize| -> Vec<Stmt> {
         let accs: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
+        let tails: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
         let xv: Vec<Var> = (0..rows).map(|_| vars.next()).collect();
-        let (kk, wv) = (vars.next(), vars.next());
+        let (kk, wv, kt) = (vars.next(), vars.next(), vars.next());
+        let xat = |r: usize, kk: Expr| add(mul(xrow(add(i.clone(), int(r as i64))), int(k_)), kk);
+        let wat = |c: usize, kk: Expr| add(mul(wrow(add(j.clone(), int(c as i64))), int(k_)), kk);
         let mut s: Vec<Stmt> = accs.iter().flatten().map(|&a| let_(a, splat(int(0)))).collect();
-        let mut inner: Vec<Stmt> = xv
-            .iter()
-            .enumerate()
-            .map(|(r, &x)| let_(x, load_as(Ty::U8x16, xq, add(mul(add(i.clone(), int(r as i64)), int(k_)), var(kk)))))
-            .collect();
+        let mut inner: Vec<Stmt> =
+            xv.iter().enumerate().map(|(r, &x)| let_(x, load_as(Ty::U8x16, xq, xat(r, var(kk))))).collect();
         for c in 0..cols {
-            inner.push(let_(wv, load_as(Ty::I8x16, wq, add(mul(add(j.clone(), int(c as i64)), int(k_)), var(kk)))));
+            inner.push(let_(wv, load_as(Ty::I8x16, wq, wat(c, var(kk)))));
             for r in 0..rows {
                 inner.push(set(accs[r][c], dot4(var(accs[r][c]), var(wv), var(xv[r]))));
             }
         }
-        s.push(for_(kk, int(0), int(k_), 16, inner));
-        for (r, row) in accs.iter().enumerate() {
+        s.push(for_(kk, int(0), int(k16), 16, inner));
+        if k16 < k_ {
+            // The reduction's last k % 16 elements, one at a time.
+            s.extend(tails.iter().flatten().map(|&t| let_(t, int(0))));
+            let mut tail = Vec::new();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let prod = mul(load_i(xq, xat(r, var(kt))), load_i(wq, wat(c, var(kt))));
+                    tail.push(set(tails[r][c], add(var(tails[r][c]), prod)));
+                }
+            }
+            s.push(for_(kt, int(k16), int(k_), 1, tail));
+        }
+        for r in 0..rows {
             let ii = add(i.clone(), int(r as i64));
-            let at = add(mul(ii.clone(), int(n_)), j.clone());
-            let v = if cols == 4 {
-                let total = pair_add(pair_add(var(row[0]), var(row[1])), pair_add(var(row[2]), var(row[3])));
-                let c = sub(total, mul(load_as(Ty::I32x4, wsum, j.clone()), splat(int(128))));
-                let sc = mul(splat(row_scale(ii.clone())), load4(ws, j.clone()));
-                add(mul(cvt(Ty::F32x4, c), sc), load4(bb, j.clone()))
-            } else {
-                let a = var(row[0]);
-                let half = pair_add(a.clone(), a);
-                let total = lane(pair_add(half.clone(), half), 0);
-                let c = sub(total, mul(load_i(wsum, j.clone()), int(128)));
-                let sc = mul(row_scale(ii.clone()), load(ws, j.clone()));
-                add(mul(cvt(Ty::F32, c), sc), load(bb, j.clone()))
-            };
+            let at = add(mul(xrow(ii.clone()), int(n_)), j.clone());
             let vector = cols == 4;
-            let mut v = v;
+            let mut v = if vector {
+                let a = &accs[r];
+                let mut total = pair_add(pair_add(var(a[0]), var(a[1])), pair_add(var(a[2]), var(a[3])));
+                if k16 < k_ {
+                    total = add(total, pack(tails[r].iter().map(|&t| var(t)).collect()));
+                }
+                let c = sub(total, mul(load_as(Ty::I32x4, wsum, wrow(j.clone())), splat(int(128))));
+                let sc = mul(splat(row_scale(ii.clone())), load4(ws, wrow(j.clone())));
+                mul(cvt(Ty::F32x4, c), sc)
+            } else {
+                let a = var(accs[r][0]);
+                let half = pair_add(a.clone(), a);
+                let mut total = lane(pair_add(half.clone(), half), 0);
+                if k16 < k_ {
+                    total = add(total, var(tails[r][0]));
+                }
+                let c = sub(total, mul(load_i(wsum, wrow(j.clone())), int(128)));
+                let sc = mul(row_scale(ii.clone()), load(ws, wrow(j.clone())));
+                mul(cvt(Ty::F32, c), sc)
+            };
+            if bias {
+                v = add(v, if vector { load4(bb, j.clone()) } else { load(bb, j.clone()) });
+            }
             if epilogue.gelu {
                 let t = vars.next();
                 s.push(let_(t, v));
@@ -180,14 +209,19 @@ fn qlinear_kernel(
     .concat();
     let single = vec![for_(it2, var(i_lo), var(i_hi), 1, block(&mut vars, var(it2), var(jt), 1, 1))];
     let (cpt, rpt) = (sch.cols_per_task as i64, sch.rows_per_task as i64);
+    let per_batch = (n_ct * n_rt) as i64;
     let body = vec![for_(
         p,
         var(START),
         var(END),
         1,
         vec![
-            let_(ct, div(var(p), int(n_rt as i64))),
-            let_(rt, sub(var(p), mul(var(ct), int(n_rt as i64)))),
+            let_(bi, div(var(p), int(per_batch))),
+            let_(rem, sub(var(p), mul(var(bi), int(per_batch)))),
+            let_(ct, div(var(rem), int(n_rt as i64))),
+            let_(rt, sub(var(rem), mul(var(ct), int(n_rt as i64)))),
+            let_(xb, mul(var(bi), int(m as i64))),
+            let_(wb, mul(var(bi), int(n_))),
             let_(j0, mul(var(ct), int(cpt))),
             let_(jend, min(add(var(j0), int(cpt)), int(n_))),
             let_(j4end, add(var(j0), mul(div(sub(var(jend), var(j0)), int(4)), int(4)))),
@@ -198,19 +232,54 @@ fn qlinear_kernel(
             for_(jt, var(j4end), var(jend), 1, single),
         ],
     )];
+    let (bm, bn) = (batch * m, batch * n);
     let mut buffers = vec![
-        tbuf("xq", Elem::U8, m * k),
-        buf("xs", if row_scales { m } else { 1 }),
-        tbuf("wq", Elem::I8, n * k),
-        buf("ws", n),
-        ibuf("wsum", n),
-        buf("bias", n),
+        tbuf("xq", Elem::U8, bm * k),
+        buf("xs", if row_scales { bm } else { 1 }),
+        tbuf("wq", Elem::I8, bn * k),
+        buf("ws", bn),
+        ibuf("wsum", bn),
     ];
-    if epilogue.residual {
-        buffers.push(buf("residual", m * n));
+    if bias {
+        buffers.push(buf("bias", n));
     }
-    buffers.push(buf("out", m * n));
-    Ok(kernel(name, buffers, n_ct * n_rt, 2 * m * n * k, body, vars))
+    if epilogue.residual {
+        buffers.push(buf("residual", bm * n));
+    }
+    buffers.push(buf("out", bm * n));
+    kernel(name, buffers, batch * n_ct * n_rt, 2 * batch * m * n * k, body, vars)
+}
+
+/// `row_sum`: the sum of each row of an i8 tensor, as i32 (the zero-point correction of a
+/// product whose int8 operand is computed at run time: attention's K and V).
+fn row_sum_kernel(rows: usize, k: usize) -> Kernel {
+    let mut vars = Vars::new();
+    let (r, acc, j) = (vars.next(), vars.next(), vars.next());
+    let body = vec![for_(
+        r,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(acc, int(0)),
+            for_(
+                j,
+                int(0),
+                int(k as i64),
+                1,
+                vec![set(acc, add(var(acc), load_i(0, add(mul(var(r), int(k as i64)), var(j)))))],
+            ),
+            store(1, var(r), var(acc)),
+        ],
+    )];
+    kernel(
+        format!("row_sum_{rows}x{k}"),
+        vec![tbuf("x", Elem::I8, rows * k), ibuf("sum", rows)],
+        rows,
+        rows * k,
+        body,
+        vars,
+    )
 }
 
 /// `row_scale`: one f32 per row of `k`: `max(max |x|, 1e-30) / 127`.
@@ -927,12 +996,19 @@ pub fn lower_op(
                 if *gelu { "_gelu" } else { "" },
                 if *residual { "_residual" } else { "" }
             );
-            let ep = Epilogue { gelu: *gelu, residual: *residual };
-            let k = qlinear_kernel(name, m, n, k, inputs[1].numel() != 1, ep, target)?;
-            one(k, ins(inputs.len()))
+            let epilogue = Epilogue { gelu: *gelu, residual: *residual };
+            let q = QDot { batch: 1, m, n, k, row_scales: inputs[1].numel() != 1, bias: true, epilogue };
+            one(qdot_kernel(name, q, target), ins(inputs.len()))
+        }
+        Op::QMatMul => {
+            let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
+            let n = inputs[2].shape[1];
+            let q = QDot { batch: b, m, n, k, row_scales: true, bias: false, epilogue: Epilogue::default() };
+            one(qdot_kernel(format!("qmatmul_{b}x{m}x{n}x{k}"), q, target), ins(5))
         }
         Op::RowSum => {
-            Err(BackendError("row_sum is evaluated at compile time (on constant weights); it has no kernel".into()))
+            let k = *inputs[0].shape.last().unwrap();
+            one(row_sum_kernel(n_out, k), ins(1))
         }
         Op::Concat { .. } => Err(BackendError(
             "concat of activations is not lowered (only weights are concatenated, at compile time)".into(),

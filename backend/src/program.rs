@@ -15,9 +15,9 @@
 
 use std::collections::HashMap;
 
+use wcc_format::{BufRef, GraphProgram, IoSlot, Launch};
 use wcc_ir::interp::{self, Tensor, WeightLoader};
 use wcc_ir::{DType, Graph, Module, Op, ValueDef, ValueId};
-use wcc_runtime::wbin::{BufRef, GraphProgram, IoSlot, Launch};
 use wcc_targets::Target;
 
 use crate::kir::Kernel;

@@ -297,7 +297,8 @@ pub fn convert(ck: &Checkpoint, dir: &Path) -> Result<(), FrontendError> {
     });
     if let Ok(json_bytes) = ck.tokenizer_json() {
         std::fs::write(dir.join("tokenizer.json"), &json_bytes).map_err(|e| io_err(dir, e))?;
-        if let Ok(tok) = wcc_runtime::tokenizer::WhisperTokenizer::from_bytes(&json_bytes) {
+        if let Ok(tok) = crate::Vocab::read(ck) {
+            use wcc_format::Vocabulary;
             let langs: serde_json::Map<String, serde_json::Value> =
                 ck.generation.lang_ids.iter().filter_map(|&id| Some((tok.token(id)?, json!(id)))).collect();
             gen["lang_to_id"] = serde_json::Value::Object(langs);

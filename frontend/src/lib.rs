@@ -21,8 +21,8 @@ pub use resolve::resolve_model;
 
 use std::path::Path;
 
+use wcc_format::{GenerationConfig, Vocabulary};
 use wcc_ir::Module;
-use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
 
 /// A checkpoint lowered to IR, with what running it needs besides the weights.
 pub struct LoadedModel {
@@ -31,22 +31,40 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// The tokenizer and generation settings (needs the checkpoint's `tokenizer.json`).
-    pub fn generation(&self) -> Result<(WhisperTokenizer, GenerationConfig), FrontendError> {
+    /// The generation settings (needs the checkpoint's `tokenizer.json`).
+    pub fn generation(&self) -> Result<GenerationConfig, FrontendError> {
         let ck = &self.checkpoint;
-        let json = ck.tokenizer_json()?;
-        let tok = WhisperTokenizer::from_bytes(&json).map_err(|e| ck.error(e.to_string()))?;
+        let tok = Vocab::read(ck)?;
         let g = &ck.generation;
-        let cfg = tok
-            .generation_config(
-                ck.dims.n_vocab,
-                ck.dims.n_text_ctx,
-                &g.lang_ids,
-                g.suppress.clone(),
-                g.suppress_begin.clone(),
-            )
-            .map_err(|e| ck.error(e.to_string()))?;
-        Ok((tok, cfg))
+        GenerationConfig::new(
+            &tok,
+            ck.dims.n_vocab,
+            ck.dims.n_text_ctx,
+            &g.lang_ids,
+            g.suppress.clone(),
+            g.suppress_begin.clone(),
+        )
+        .map_err(|t| ck.error(format!("tokenizer.json has no special token {t}")))
+    }
+}
+
+/// The checkpoint's vocabulary (token text ↔ id), read with the `tokenizers` crate.
+pub(crate) struct Vocab(tokenizers::Tokenizer);
+
+impl Vocab {
+    pub(crate) fn read(ck: &Checkpoint) -> Result<Vocab, FrontendError> {
+        let json = ck.tokenizer_json()?;
+        tokenizers::Tokenizer::from_bytes(&json).map(Vocab).map_err(|e| ck.error(format!("tokenizer.json: {e}")))
+    }
+}
+
+impl Vocabulary for Vocab {
+    fn token_id(&self, token: &str) -> Option<u32> {
+        self.0.token_to_id(token)
+    }
+
+    fn token(&self, id: u32) -> Option<String> {
+        self.0.id_to_token(id)
     }
 }
 

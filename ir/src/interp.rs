@@ -349,9 +349,10 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
         Op::Quantize { dtype } => quantize(args[0], f(1)?, *dtype)?,
         Op::RowSum => {
             let w = args[0].as_i8()?;
-            let k = args[0].shape[1];
-            Tensor::i32([args[0].shape[0]], w.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect())
+            let k = *args[0].shape.last().unwrap();
+            Tensor::i32([w.len() / k], w.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect())
         }
+        Op::QMatMul => qmatmul(args)?,
         Op::QLinear { gelu: g, residual } => {
             let mut y = qlinear(args)?;
             if *g {
@@ -405,6 +406,26 @@ fn quantize(x: &Tensor, s: &[f32], dtype: DType) -> Result<Tensor, InterpError> 
         other => return Err(InterpError(format!("quantize to {other}"))),
     };
     Ok(Tensor::new(x.shape.clone(), data))
+}
+
+fn qmatmul(args: &[&Tensor]) -> Result<Tensor, InterpError> {
+    let (aq, asc, bq) = (args[0].as_u8()?, args[1].as_f32()?, args[2].as_i8()?);
+    let (bsc, bsum) = (args[3].as_f32()?, args[4].as_i32()?);
+    let (bt, m, k) = (args[0].shape[0], args[0].shape[1], args[0].shape[2]);
+    let n = args[2].shape[1];
+    let mut out = vec![0.0f32; bt * m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        let b = r / m;
+        let ar = &aq[r * k..(r + 1) * k];
+        for (j, o) in row.iter_mut().enumerate() {
+            let c = b * n + j;
+            let br = &bq[c * k..(c + 1) * k];
+            let acc: i32 = ar.iter().zip(br).map(|(&x, &w)| x as i32 * w as i32).sum();
+            let v = acc.wrapping_sub(128i32.wrapping_mul(bsum[c]));
+            *o = v as f32 * (asc[r] * bsc[c]);
+        }
+    });
+    Ok(Tensor::f32([bt, m, n], out))
 }
 
 /// `qlinear` without its GELU/residual epilogue.

@@ -54,7 +54,8 @@ pub enum Op {
     /// clamped to `[-127, 127]`, plus the zero point of `dtype` (0 for `i8`, 128 for `u8`).
     /// `s` holds one scale per row, or one for the whole tensor (a calibrated static scale).
     Quantize { dtype: DType },
-    /// `i8[N, K] -> i32[N]`: the sum of each row (the zero-point correction of `qlinear`).
+    /// `i8[..., K] -> i32[rows]`: the sum of each row (the zero-point correction of `qlinear`
+    /// and `qmatmul`).
     RowSum,
     /// The int8 linear layer, dequantized in its epilogue:
     /// `xq u8[..., K], xs f32[rows]|[1], wq i8[N, K], ws f32[N], wsum i32[N], b f32[N]
@@ -63,6 +64,10 @@ pub enum Op {
     /// (the sum exact in i32, then one rounding per operation in this order), then GELU if
     /// `gelu`, then `+ residual` if `residual`.
     QLinear { gelu: bool, residual: bool },
+    /// The int8 batched product `a · bᵀ` (attention's Q·Kᵀ, and P·V with V transposed):
+    /// `aq u8[B, M, K], as f32[B·M], bq i8[B, N, K], bs f32[B·N], bsum i32[B·N] -> f32[B, M, N]`,
+    /// `y[b, i, j] = float(Σ_k aq[b,i,k]·bq[b,j,k] − 128·bsum[b·N+j]) · (as[b·M+i]·bs[b·N+j])`.
+    QMatMul,
 }
 
 impl Op {
@@ -90,6 +95,7 @@ impl Op {
             Op::Quantize { .. } => "quantize",
             Op::RowSum => "row_sum",
             Op::QLinear { .. } => "qlinear",
+            Op::QMatMul => "qmatmul",
         }
     }
 
@@ -118,7 +124,7 @@ impl Op {
                 vec![("gelu", gelu.to_string()), ("residual", residual.to_string())]
             }
             Op::Quantize { dtype } => vec![("dtype", dtype.name().to_string())],
-            Op::RowScale | Op::RowSum => vec![],
+            Op::RowScale | Op::RowSum | Op::QMatMul => vec![],
             Op::Linear
             | Op::Add
             | Op::Mul
@@ -184,6 +190,7 @@ impl Op {
             "masked_softmax" => Op::MaskedSoftmax,
             "row_scale" => Op::RowScale,
             "row_sum" => Op::RowSum,
+            "qmatmul" => Op::QMatMul,
             "quantize" => {
                 let d = get("dtype")?;
                 match DType::from_name(d) {
@@ -223,6 +230,7 @@ impl Op {
                 }
             }
             Op::RowScale | Op::RowSum => (1, 1),
+            Op::QMatMul => (5, 5),
             Op::Linear => (2, 3),
             Op::MatMul { .. } | Op::Add | Op::Mul => (2, 2),
             Op::Gather => (2, 3),
@@ -311,10 +319,22 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         }
         Op::RowSum => {
             let w = typed(0, DType::I8)?;
-            if w.rank() != 2 {
+            if w.rank() < 2 {
                 return Err(shape_err());
             }
-            Ok(TensorType::new(DType::I32, [w.shape[0]]))
+            Ok(TensorType::new(DType::I32, [rows(w)?]))
+        }
+        Op::QMatMul => {
+            let (a, asc, b) = (typed(0, DType::U8)?, typed(1, DType::F32)?, typed(2, DType::I8)?);
+            let (bsc, bsum) = (typed(3, DType::F32)?, typed(4, DType::I32)?);
+            if a.rank() != 3 || b.rank() != 3 || a.shape[0] != b.shape[0] || a.shape[2] != b.shape[2] {
+                return Err(shape_err());
+            }
+            let (bt, m, n) = (a.shape[0], a.shape[1], b.shape[1]);
+            if asc.shape != [bt * m] || bsc.shape != [bt * n] || bsum.shape != [bt * n] {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([bt, m, n]))
         }
         Op::QLinear { residual, .. } => {
             let (xq, xs, wq) = (typed(0, DType::U8)?, typed(1, DType::F32)?, typed(2, DType::I8)?);

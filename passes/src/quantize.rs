@@ -1,8 +1,8 @@
 //! `quantize`: int8 linear layers with dynamic per-row activation scales (`--int8`).
 //!
 //! Every `linear` / `fused_linear` whose weight is a constant (a weight, or a value computed
-//! from weights alone such as fold's merged QKV) and whose input is computed at run time,
-//! with a reduction that is a multiple of 16, becomes
+//! from weights alone such as fold's merged QKV) and whose input is computed at run time
+//! becomes
 //!
 //! ```text
 //! %x.scale = row_scale(%x)                       f32[rows]   run time, per token
@@ -22,6 +22,11 @@
 //! projection) reads the same int8 rows and scales, dequantized on lookup:
 //! `gather(%w.q, %ids, %w.scale)`. Sound for the same reason: each row is its int8
 //! approximation.
+//!
+//! The encoder's attention products, `matmul` of two run-time values (Q·Kᵀ, and P·V with V
+//! transposed so both operands are read along the reduction), become `qmatmul` the same
+//! way, with the second operand quantized per row at run time (per key for K, per channel
+//! for V) and its row sums computed by a `row_sum` kernel.
 //!
 //! Why it is sound: `qlinear` computes `Σ_k (xq−128)·wq · xs·ws + b`, and `(xq−128)·xs` and
 //! `wq·ws` are the round-to-nearest int8 approximations of `x` and `w` (relative error at
@@ -49,6 +54,12 @@ pub const DEFAULT_KEEP_FLOAT: &[&str] = &[];
 /// Gathers from tables with at least this many rows (a vocabulary, not the 448 positional
 /// embeddings, which are small and stay f32) read an int8 table.
 const VOCAB_MIN_ROWS: usize = 4096;
+
+/// Products of two run-time values (attention's Q·Kᵀ and P·V) become int8 when they have
+/// at least this many rows: the encoder's (one row per audio frame), not the decoder's
+/// single-token steps, where quantizing the whole cache per token would cost more than the
+/// product.
+const MATMUL_MIN_ROWS: usize = 16;
 
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -116,6 +127,20 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
     // token embedding and the tied logits projection), so each is stored once.
     let mut quantized: Vec<Option<(ValueId, ValueId)>> = vec![None; g.values.len()];
     let mut weights_q: Vec<Option<(ValueId, ValueId)>> = vec![None; g.values.len()];
+    let quantize_activation = |out: &mut Graph,
+                               quantized: &mut Vec<Option<(ValueId, ValueId)>>,
+                               x: ValueId,
+                               mapped: ValueId|
+     -> Result<(ValueId, ValueId), String> {
+        if let Some(q) = quantized[x.index()] {
+            return Ok(q);
+        }
+        let base = &g.value(x).name;
+        let xs = out.add_node(format!("{base}.scale"), Op::RowScale, &[mapped])?;
+        let xq = out.add_node(format!("{base}.q"), Op::Quantize { dtype: DType::U8 }, &[mapped, xs])?;
+        quantized[x.index()] = Some((xq, xs));
+        Ok((xq, xs))
+    };
     let mut quantize_weight = |out: &mut Graph, w: ValueId, mapped: ValueId| -> Result<(ValueId, ValueId), String> {
         if let Some(q) = weights_q[w.index()] {
             return Ok(q);
@@ -149,29 +174,38 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
             map[node.output.index()] = Some(id);
             continue;
         }
+        if let Op::MatMul { transpose_b } = node.op {
+            let (a, b) = (node.inputs[0], node.inputs[1]);
+            let rows = g.ty(a).shape[1];
+            let keep = layer_names(g, node.output, b).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)));
+            if !konst[a.index()] && !konst[b.index()] && rows >= MATMUL_MIN_ROWS && !keep {
+                let (aq, asc) = quantize_activation(&mut out, &mut quantized, a, ins[0])?;
+                // The int8 product reads its second operand as rows along the reduction.
+                let bt = if transpose_b {
+                    ins[1]
+                } else {
+                    out.add_node(format!("{name}.b_t"), Op::Transpose { perm: vec![0, 2, 1] }, &[ins[1]])?
+                };
+                let bs = out.add_node(format!("{name}.b_scale"), Op::RowScale, &[bt])?;
+                let bq = out.add_node(format!("{name}.b_q"), Op::Quantize { dtype: DType::I8 }, &[bt, bs])?;
+                let bsum = out.add_node(format!("{name}.b_sum"), Op::RowSum, &[bq])?;
+                let id = out.add_node(name, Op::QMatMul, &[aq, asc, bq, bs, bsum])?;
+                map[node.output.index()] = Some(id);
+                continue;
+            }
+        }
         let is_linear = matches!(node.op, Op::Linear | Op::FusedLinear { .. });
         let (x, w) = (node.inputs[0], *node.inputs.get(1).unwrap_or(&node.inputs[0]));
-        let k = g.ty(w).shape.get(1).copied().unwrap_or(0);
         let quantizable = is_linear
             && !konst[x.index()]
             && konst[w.index()]
-            && k % 16 == 0
             && !layer_names(g, node.output, w).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)));
         if !quantizable {
             let id = out.add_node(name, node.op.clone(), &ins)?;
             map[node.output.index()] = Some(id);
             continue;
         }
-        let (xq, xs) = match quantized[x.index()] {
-            Some(q) => q,
-            None => {
-                let base = &g.value(x).name;
-                let xs = out.add_node(format!("{base}.scale"), Op::RowScale, &[ins[0]])?;
-                let xq = out.add_node(format!("{base}.q"), Op::Quantize { dtype: DType::U8 }, &[ins[0], xs])?;
-                quantized[x.index()] = Some((xq, xs));
-                (xq, xs)
-            }
-        };
+        let (xq, xs) = quantize_activation(&mut out, &mut quantized, x, ins[0])?;
         let (ws, wq) = quantize_weight(&mut out, w, ins[1])?;
         let wsum = out.add_node(format!("{name}.w_sum"), Op::RowSum, &[wq])?;
         let bias = match ins.get(2) {

@@ -115,12 +115,18 @@ impl CompiledModel {
                     ));
                 }
                 if entry.kind != "cpu" {
-                    return Err(invalid(path, format!("kernel {} is a `{}` kernel, not CPU code", entry.name, entry.kind)));
+                    return Err(invalid(
+                        path,
+                        format!("kernel {} is a `{}` kernel, not CPU code", entry.name, entry.kind),
+                    ));
                 }
                 let mut ptrs = Vec::with_capacity(l.buffers.len());
                 for (b, desc) in l.buffers.iter().zip(&entry.buffers) {
                     let elem = desc.elem_bytes().ok_or_else(|| {
-                        invalid(path, format!("kernel {} buffer {}: unknown element type {}", entry.name, desc.name, desc.elem))
+                        invalid(
+                            path,
+                            format!("kernel {} buffer {}: unknown element type {}", entry.name, desc.name, desc.elem),
+                        )
                     })?;
                     let need = desc.len.checked_mul(elem).unwrap_or(u64::MAX);
                     let (base, limit, offset, len) = match *b {

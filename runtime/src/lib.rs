@@ -12,7 +12,8 @@ pub mod mel;
 pub mod npy;
 pub mod tokenizer;
 pub mod transcribe;
-pub mod wbin;
+/// The `.wbin` format lives in its own crate, shared with the compiler.
+pub use wcc_format as wbin;
 
 /// Whisper's fixed audio constants.
 pub const SAMPLE_RATE: u32 = 16_000;

@@ -1,5 +1,10 @@
 //! The `.wbin` artifact (format version 2; see `FORMAT.md` beside this crate): reading,
-//! validation and writing. Everything a compiled model needs to run is in the one file.
+//! validation and writing, and the kernel ABI it describes (typed buffers, their access,
+//! kernel kinds). Everything a compiled model needs to run is in the one file.
+//!
+//! This crate is shared by the compiler (which writes) and the runtime (which reads) and
+//! depends on neither: it is the one home of what they must agree on. It also holds the
+//! generation settings ([`GenerationConfig`]) the file carries.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -8,8 +13,6 @@ use std::path::Path;
 
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
-
-use crate::tokenizer::GenerationConfig;
 
 pub const MAGIC: [u8; 8] = *b"WCCWBIN\0";
 /// 2: typed buffers (element type and access per kernel argument), the weight table, int8.
@@ -310,5 +313,91 @@ impl WbinFile {
 
     pub fn file_len(&self) -> usize {
         self.map.len()
+    }
+}
+
+/// The special tokens of a Whisper vocabulary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialTokens {
+    pub eot: u32,
+    pub sot: u32,
+    pub transcribe: u32,
+    pub translate: u32,
+    pub no_timestamps: u32,
+    /// `<|0.00|>`, the first timestamp token: `no_timestamps + 1` in every Whisper vocabulary.
+    pub timestamp_begin: u32,
+    /// `<|nospeech|>` (`<|nocaptions|>` in older vocabularies), if the vocabulary has it.
+    #[serde(default)]
+    pub no_speech: Option<u32>,
+}
+
+/// What a decoding strategy needs to know about the model's vocabulary and settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    pub special: SpecialTokens,
+    /// Multilingual models have language and task tokens in their prompt.
+    pub multilingual: bool,
+    /// `(code, token)` of every language token, e.g. `("en", 50259)`.
+    pub languages: Vec<(String, u32)>,
+    /// Never generated.
+    pub suppress: Vec<u32>,
+    /// Not generated as the first token (blank and end-of-text).
+    pub suppress_begin: Vec<u32>,
+    /// The decoder's context (448): prompt plus generated tokens never exceed it.
+    pub max_text_ctx: usize,
+}
+
+/// A vocabulary as generation settings need it: token text ↔ id.
+pub trait Vocabulary {
+    fn token_id(&self, token: &str) -> Option<u32>;
+    fn token(&self, id: u32) -> Option<String>;
+}
+
+impl SpecialTokens {
+    /// Looks the special tokens up; `Err` names the first one missing.
+    pub fn of(v: &dyn Vocabulary) -> Result<SpecialTokens, &'static str> {
+        let get = |t: &'static str| v.token_id(t).ok_or(t);
+        let no_timestamps = get("<|notimestamps|>")?;
+        Ok(SpecialTokens {
+            eot: get("<|endoftext|>")?,
+            sot: get("<|startoftranscript|>")?,
+            transcribe: get("<|transcribe|>")?,
+            translate: get("<|translate|>")?,
+            no_timestamps,
+            timestamp_begin: no_timestamps + 1,
+            no_speech: v.token_id("<|nospeech|>").or_else(|| v.token_id("<|nocaptions|>")),
+        })
+    }
+}
+
+impl GenerationConfig {
+    /// Builds the generation settings from a vocabulary and the checkpoint's lists.
+    /// `n_vocab` decides whether the model is multilingual (openai-whisper's rule: 51865 or
+    /// more entries). `Err` names a special token the vocabulary lacks.
+    pub fn new(
+        v: &dyn Vocabulary,
+        n_vocab: usize,
+        max_text_ctx: usize,
+        lang_ids: &[u32],
+        suppress: Vec<u32>,
+        suppress_begin: Vec<u32>,
+    ) -> Result<GenerationConfig, &'static str> {
+        let special = SpecialTokens::of(v)?;
+        let languages = lang_ids
+            .iter()
+            .filter_map(|&id| {
+                let t = v.token(id)?;
+                let code = t.strip_prefix("<|")?.strip_suffix("|>")?;
+                Some((code.to_string(), id))
+            })
+            .collect();
+        Ok(GenerationConfig {
+            special,
+            multilingual: n_vocab >= 51865,
+            languages,
+            suppress,
+            suppress_begin,
+            max_text_ctx,
+        })
     }
 }
