@@ -75,6 +75,9 @@ pub fn signature(isa: &dyn TargetIsa) -> Signature {
 
 /// Builds the Cranelift function of a kernel.
 pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendError> {
+    // The emitter translates what it is given: a kernel that could read or write outside its
+    // buffers, or outside its parallel slice, is refused before it becomes machine code.
+    crate::kir_verify::verify(k).map_err(|e| BackendError(e.to_string()))?;
     let mut func = Function::with_name_signature(UserFuncName::user(0, 0), signature(isa));
     let mut fctx = FunctionBuilderContext::new();
     let mut b = FunctionBuilder::new(&mut func, &mut fctx);

@@ -151,7 +151,8 @@ pub enum Expr {
     /// `f32x4` → `f32`: the sum / the maximum of the lanes.
     HSum(Box<Expr>),
     HMax(Box<Expr>),
-    /// Four `f32` → one `f32x4` (lane `i` from element `i`).
+    /// Four `f32` → one `f32x4`, or four `i64` → one `i32x4` (low 32 bits), lane `i` from
+    /// element `i`.
     Pack(Vec<Expr>),
     /// `acc + dot4(w, x)`: lane `l` of the `i32x4` accumulator plus
     /// `Σ_{q<4} w[4l+q] · x[4l+q]` of an `i8x16` and a `u8x16` (exact: each product fits
@@ -420,29 +421,337 @@ pub mod build {
     }
 }
 
+/// The name a variable is printed as: `start` and `end` for the parallel range, else `vN`.
+pub fn var_name(v: Var) -> String {
+    match v {
+        START => "start".into(),
+        END => "end".into(),
+        _ => format!("v{v}"),
+    }
+}
+
+impl Access {
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::ReadWrite => "readwrite",
+        }
+    }
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Eq => "==",
+        }
+    }
+}
+
+impl UnOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnOp::Neg => "neg",
+            UnOp::Abs => "abs",
+            UnOp::Sqrt => "sqrt",
+            UnOp::Exp => "exp",
+            UnOp::Erf => "erf",
+        }
+    }
+}
+
+impl BinOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinOp::Add => "add",
+            BinOp::Sub => "sub",
+            BinOp::Mul => "mul",
+            BinOp::Div => "div",
+            BinOp::Min => "min",
+            BinOp::Max => "max",
+        }
+    }
+}
+
+/// Types of `start` and `end` only: what is known of variables without a kernel around.
+fn range_types(v: Var) -> Option<Ty> {
+    (v == START || v == END).then_some(Ty::I64)
+}
+
+impl Expr {
+    /// The type of this expression under the emitter's typing rules, given the types of the
+    /// variables (`var_ty`); `None` when it is ill-typed or a variable's type is unknown.
+    pub fn ty(&self, var_ty: &dyn Fn(Var) -> Option<Ty>) -> Option<Ty> {
+        let t = |e: &Expr| e.ty(var_ty);
+        Some(match self {
+            Expr::Int(_) => Ty::I64,
+            Expr::F32(_) => Ty::F32,
+            Expr::Var(v) => var_ty(*v)?,
+            Expr::Load { index, ty, .. } => {
+                (t(index)? == Ty::I64).then_some(())?;
+                *ty
+            }
+            Expr::Bin(op, a, b) => {
+                let (x, y) = (t(a)?, t(b)?);
+                let bad = matches!(x, Ty::I8x16 | Ty::U8x16) || (x == Ty::I32x4 && *op == BinOp::Div);
+                (x == y && !bad).then_some(x)?
+            }
+            Expr::Fma(a, b, c) => {
+                let (x, y, z) = (t(a)?, t(b)?, t(c)?);
+                (x == y && y == z && matches!(x, Ty::F32 | Ty::F32x4)).then_some(x)?
+            }
+            Expr::Un(_, a) => Some(t(a)?).filter(|x| matches!(x, Ty::F32 | Ty::F32x4))?,
+            Expr::Splat(a) => match t(a)? {
+                Ty::F32 => Ty::F32x4,
+                Ty::I64 => Ty::I32x4,
+                _ => return None,
+            },
+            Expr::HSum(a) | Expr::HMax(a) => (t(a)? == Ty::F32x4).then_some(Ty::F32)?,
+            Expr::Pack(xs) => {
+                let lane = t(xs.first()?)?;
+                let ok = xs.len() == 4 && xs.iter().all(|x| t(x) == Some(lane));
+                match lane {
+                    Ty::F32 if ok => Ty::F32x4,
+                    Ty::I64 if ok => Ty::I32x4,
+                    _ => return None,
+                }
+            }
+            Expr::Dot4 { acc, w, x } => {
+                ((t(acc)?, t(w)?, t(x)?) == (Ty::I32x4, Ty::I8x16, Ty::U8x16)).then_some(Ty::I32x4)?
+            }
+            Expr::PairAdd(a, b) => ((t(a)?, t(b)?) == (Ty::I32x4, Ty::I32x4)).then_some(Ty::I32x4)?,
+            Expr::Cvt(to, a) => match (t(a)?, *to) {
+                (Ty::I32x4, Ty::F32x4) | (Ty::I64, Ty::F32) | (Ty::F32x4, Ty::I32x4) | (Ty::F32, Ty::I64) => *to,
+                _ => return None,
+            },
+            Expr::Narrow(to, xs) => {
+                let ok =
+                    xs.len() == 4 && matches!(to, Ty::I8x16 | Ty::U8x16) && xs.iter().all(|x| t(x) == Some(Ty::I32x4));
+                ok.then_some(*to)?
+            }
+            Expr::Lane(a, l) => match t(a)? {
+                Ty::I32x4 if *l < 4 => Ty::I64,
+                Ty::F32x4 if *l < 4 => Ty::F32,
+                _ => return None,
+            },
+            Expr::Select { a, b, then, otherwise, .. } => {
+                ((t(a)?, t(b)?) == (Ty::I64, Ty::I64)).then_some(())?;
+                let (x, y) = (t(then)?, t(otherwise)?);
+                (x == y).then_some(x)?
+            }
+        })
+    }
+
+    /// The text form (see [`Kernel`]'s `Display`), given the types of variables (they name
+    /// the result type of a `splat`).
+    pub fn text(&self, var_ty: &dyn Fn(Var) -> Option<Ty>) -> String {
+        let mut out = String::new();
+        Printer { var_ty }.expr(&mut out, self, 0);
+        out
+    }
+}
+
+/// Without variable types: a `splat` of a variable other than `start`/`end` prints as
+/// `splat(x)` rather than `splat.<ty>(x)`.
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text(&range_types))
+    }
+}
+
+impl Stmt {
+    /// One line of text: `let vN = …`, `vN = …`, `bufN[…] = …`, or a loop's header
+    /// `for vN in a..b step s {` (without its body).
+    pub fn line(&self, var_ty: &dyn Fn(Var) -> Option<Ty>) -> String {
+        let p = Printer { var_ty };
+        let mut out = String::new();
+        match self {
+            Stmt::Let { var, value } => {
+                out.push_str(&format!("let {} = ", var_name(*var)));
+                p.expr(&mut out, value, 0);
+            }
+            Stmt::Set { var, value } => {
+                out.push_str(&format!("{} = ", var_name(*var)));
+                p.expr(&mut out, value, 0);
+            }
+            Stmt::Store { buf, index, value } => {
+                out.push_str(&format!("buf{buf}["));
+                p.expr(&mut out, index, 0);
+                out.push_str("] = ");
+                p.expr(&mut out, value, 0);
+            }
+            Stmt::For { var, start, end, step, .. } => {
+                out.push_str(&format!("for {} in ", var_name(*var)));
+                p.expr(&mut out, start, 0);
+                out.push_str("..");
+                p.expr(&mut out, end, 0);
+                if *step != 1 {
+                    out.push_str(&format!(" step {step}"));
+                }
+                out.push_str(" {");
+            }
+        }
+        out
+    }
+}
+
+/// Binding strength of an expression's outermost operator in the text form: sums, products,
+/// negation (and negative literals), then atoms (names, literals, calls, loads).
+fn precedence(e: &Expr) -> u8 {
+    match e {
+        Expr::Bin(BinOp::Add | BinOp::Sub, ..) => 1,
+        Expr::Bin(BinOp::Mul | BinOp::Div, ..) => 2,
+        Expr::Un(UnOp::Neg, _) => 3,
+        Expr::Int(v) if *v < 0 => 3,
+        Expr::F32(v) if v.is_sign_negative() && !v.is_nan() => 3,
+        _ => 4,
+    }
+}
+
+struct Printer<'a> {
+    var_ty: &'a dyn Fn(Var) -> Option<Ty>,
+}
+
+impl Printer<'_> {
+    /// Writes `e`, parenthesised when it binds less tightly than `min`.
+    fn expr(&self, out: &mut String, e: &Expr, min: u8) {
+        let paren = precedence(e) < min;
+        if paren {
+            out.push('(');
+        }
+        match e {
+            Expr::Int(v) => out.push_str(&v.to_string()),
+            // `{:?}` is the shortest text that reads back as the same f32.
+            Expr::F32(v) => out.push_str(&format!("{v:?}")),
+            Expr::Var(v) => out.push_str(&var_name(*v)),
+            Expr::Load { buf, index, ty } => {
+                out.push_str(&format!("load.{} buf{buf}[", ty.name()));
+                self.expr(out, index, 0);
+                out.push(']');
+            }
+            Expr::Bin(op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div), a, b) => {
+                let (p, sym) = match op {
+                    BinOp::Add => (1, " + "),
+                    BinOp::Sub => (1, " - "),
+                    BinOp::Mul => (2, " * "),
+                    _ => (2, " / "),
+                };
+                // Left-associative: an operand of the same strength on the right keeps its
+                // parentheses, so the text shows the tree exactly.
+                self.expr(out, a, p);
+                out.push_str(sym);
+                self.expr(out, b, p + 1);
+            }
+            Expr::Bin(op, a, b) => self.call(out, op.name(), &[a, b]),
+            Expr::Fma(a, b, c) => self.call(out, "fma", &[a, b, c]),
+            Expr::Un(UnOp::Neg, a) => {
+                out.push('-');
+                self.expr(out, a, 4);
+            }
+            Expr::Un(op, a) => self.call(out, op.name(), &[a]),
+            Expr::Splat(a) => {
+                let name = match a.ty(self.var_ty) {
+                    Some(Ty::F32) => "splat.f32x4",
+                    Some(Ty::I64) => "splat.i32x4",
+                    _ => "splat",
+                };
+                self.call(out, name, &[a]);
+            }
+            Expr::HSum(a) => self.call(out, "hsum", &[a]),
+            Expr::HMax(a) => self.call(out, "hmax", &[a]),
+            Expr::Pack(xs) => self.call(out, "pack", &xs.iter().collect::<Vec<_>>()),
+            Expr::Dot4 { acc, w, x } => self.call(out, "dot4", &[acc, w, x]),
+            Expr::PairAdd(a, b) => self.call(out, "pair_add", &[a, b]),
+            Expr::Cvt(to, a) => self.call(out, &format!("cvt.{}", to.name()), &[a]),
+            Expr::Narrow(to, xs) => self.call(out, &format!("narrow.{}", to.name()), &xs.iter().collect::<Vec<_>>()),
+            Expr::Lane(a, l) => {
+                out.push_str("lane(");
+                self.expr(out, a, 0);
+                out.push_str(&format!(", {l})"));
+            }
+            Expr::Select { op, a, b, then, otherwise } => {
+                out.push_str("select(");
+                self.expr(out, a, 0);
+                out.push_str(&format!(" {} ", op.symbol()));
+                self.expr(out, b, 0);
+                out.push_str(", ");
+                self.expr(out, then, 0);
+                out.push_str(", ");
+                self.expr(out, otherwise, 0);
+                out.push(')');
+            }
+        }
+        if paren {
+            out.push(')');
+        }
+    }
+
+    fn call(&self, out: &mut String, name: &str, args: &[&Expr]) {
+        out.push_str(name);
+        out.push('(');
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            self.expr(out, a, 0);
+        }
+        out.push(')');
+    }
+}
+
+/// The kernel as text: its header, one line per buffer (element type, length, how the
+/// kernel uses it), and the body with infix arithmetic, e.g.
+///
+/// ```text
+/// kernel scale_8 (parallel 0..1) {
+///   buf0 x: f32[8] read
+///   buf1 out: f32[8] write
+///   for v2 in start..end {
+///     for v3 in 0..8 step 4 {
+///       buf1[v3] = load.f32x4 buf0[v3] * splat.f32x4(0.5)
+///     }
+///   }
+/// }
+/// ```
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "kernel {} (parallel 0..{}) {{", self.name, self.parallel_extent)?;
-        for (i, b) in self.buffers.iter().enumerate() {
-            writeln!(f, "  buf{i} {}: {:?}[{}]", b.name, b.elem, b.len)?;
+        for ((i, b), a) in self.buffers.iter().enumerate().zip(self.access()) {
+            writeln!(f, "  buf{i} {}: {}[{}] {}", b.name, b.elem.name(), b.len, a.name())?;
         }
-        fn stmts(f: &mut fmt::Formatter<'_>, s: &[Stmt], depth: usize) -> fmt::Result {
+        // Variable types as declared so far (like the emitter: a declaration stays visible
+        // after its block, for printing).
+        let mut types: std::collections::HashMap<Var, Ty> = [(START, Ty::I64), (END, Ty::I64)].into();
+        fn stmts(
+            f: &mut fmt::Formatter<'_>,
+            s: &[Stmt],
+            depth: usize,
+            types: &mut std::collections::HashMap<Var, Ty>,
+        ) -> fmt::Result {
             let pad = "  ".repeat(depth);
             for st in s {
+                let line = st.line(&|v| types.get(&v).copied());
+                writeln!(f, "{pad}{line}")?;
                 match st {
-                    Stmt::Let { var, value } => writeln!(f, "{pad}let v{var} = {value:?}")?,
-                    Stmt::Set { var, value } => writeln!(f, "{pad}v{var} = {value:?}")?,
-                    Stmt::Store { buf, index, value } => writeln!(f, "{pad}buf{buf}[{index:?}] = {value:?}")?,
-                    Stmt::For { var, start, end, step, body } => {
-                        writeln!(f, "{pad}for v{var} in {start:?}..{end:?} step {step} {{")?;
-                        stmts(f, body, depth + 1)?;
+                    Stmt::Let { var, value } => {
+                        match value.ty(&|v| types.get(&v).copied()) {
+                            Some(t) => types.insert(*var, t),
+                            None => types.remove(var),
+                        };
+                    }
+                    Stmt::For { var, body, .. } => {
+                        types.insert(*var, Ty::I64);
+                        stmts(f, body, depth + 1, types)?;
                         writeln!(f, "{pad}}}")?;
                     }
+                    _ => {}
                 }
             }
             Ok(())
         }
-        stmts(f, &self.body, 1)?;
+        stmts(f, &self.body, 1, &mut types)?;
         writeln!(f, "}}")
     }
 }

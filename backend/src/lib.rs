@@ -5,6 +5,7 @@
 pub mod cranelift;
 pub mod jit;
 pub mod kir;
+pub mod kir_verify;
 pub mod lower;
 pub mod program;
 

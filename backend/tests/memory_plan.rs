@@ -2,7 +2,7 @@
 //! sharing makes the arena smaller than the buffers it places, and kernels only touch the
 //! arena or the weights within bounds.
 
-use wcc_runtime::wbin::BufRef;
+use wcc_format::BufRef;
 
 fn model_dir(name: &str) -> std::path::PathBuf {
     wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
