@@ -2,6 +2,7 @@
 //! the end-to-end tests. The CLI itself (`main.rs`) only parses flags and calls in here.
 
 pub mod interpret;
+pub mod quantize_report;
 
 use std::path::Path;
 

@@ -39,7 +39,7 @@ struct QuantArgs {
     #[arg(long)]
     int8: bool,
     /// With --int8: layers kept in f32, by value or weight name (`*` wildcards), e.g.
-    /// `logits,enc.l0.*`.
+    /// `logits,enc.l0.*`; replaces the default list (`--keep-float ''` keeps none).
     #[arg(long, value_delimiter = ',', requires = "int8")]
     keep_float: Vec<String>,
 }
@@ -47,7 +47,10 @@ struct QuantArgs {
 impl QuantArgs {
     fn apply(self, options: &mut wcc_passes::PassOptions) {
         options.int8 = self.int8;
-        options.keep_float = self.keep_float;
+        // Given, the list replaces the default one (an empty pattern keeps nothing).
+        if !self.keep_float.is_empty() {
+            options.keep_float = Some(self.keep_float);
+        }
     }
 }
 
@@ -94,6 +97,23 @@ enum Command {
         timesteps: Option<wcc::Timesteps>,
         #[command(flatten)]
         quant: QuantArgs,
+    },
+    /// How much each layer costs in accuracy when it alone is int8, on calibration clips:
+    /// the table (or JSON) the default `--int8` policy comes from.
+    QuantizeReport {
+        #[arg(long)]
+        model: String,
+        /// A directory of .wav clips (the first window of each is used).
+        #[arg(long)]
+        calibrate: PathBuf,
+        /// At most this many clips (sorted by name).
+        #[arg(long, default_value_t = 4)]
+        clips: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// List the passes of the default pipeline.
     Passes,
@@ -258,6 +278,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Passes => {
             for p in wcc_passes::PASSES {
                 println!("{:16} {}", p.name, p.about);
+            }
+        }
+        Command::QuantizeReport { model, calibrate, clips, threads, json } => {
+            let report = wcc::quantize_report::quantize_report(&model, &calibrate, clips, threads.max(1), &|s| {
+                eprintln!("quantize-report: {s}")
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
             }
         }
         Command::Opt { file, passes, timesteps, quant } => {

@@ -21,7 +21,9 @@ fn run_line(line: &str, file: &Path) -> (Vec<String>, wcc_passes::PassOptions) {
     while let Some(w) = words.next() {
         match w {
             "--int8" => opts.int8 = true,
-            "--keep-float" => opts.keep_float = words.next().expect("patterns").split(',').map(String::from).collect(),
+            "--keep-float" => {
+                opts.keep_float = Some(words.next().expect("patterns").split(',').map(String::from).collect())
+            }
             "--timesteps" => opts.timesteps = Some(words.next().expect("frames").parse().expect("a number")),
             other => panic!("{}: unknown option `{other}` in the run line", file.display()),
         }

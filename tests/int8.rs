@@ -12,7 +12,7 @@ fn int8_module(name: &str, keep_float: &[&str]) -> (wcc_frontend::LoadedModel, w
     let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
     let opts = wcc_passes::PassOptions {
         int8: true,
-        keep_float: keep_float.iter().map(|s| s.to_string()).collect(),
+        keep_float: Some(keep_float.iter().map(|s| s.to_string()).collect()),
         ..Default::default()
     };
     let m =

@@ -33,8 +33,9 @@ pub struct PassOptions {
     /// `--int8`: the `quantize` pass makes the linear layers int8 (dynamic per-row
     /// activation scales); without it the pass changes nothing.
     pub int8: bool,
-    /// `--keep-float`: layers (value or weight names, `*` wildcards) `quantize` leaves in f32.
-    pub keep_float: Vec<String>,
+    /// `--keep-float`: layers (value or weight names, `*` wildcards) `quantize` leaves in
+    /// f32; `None` keeps the default list ([`quantize::DEFAULT_KEEP_FLOAT`]).
+    pub keep_float: Option<Vec<String>>,
 }
 
 pub struct Pass {

@@ -46,10 +46,9 @@ fn fail(msg: impl Into<String>) -> PassError {
     PassError::Failed { pass: NAME, msg: msg.into() }
 }
 
-/// The layers `--int8` keeps in float unless told otherwise: none. Measured on the dev set
-/// (see the README's int8 section): quantizing every linear layer, the logits projection
-/// included, keeps the word error rate of tiny.en and base within the bound.
-pub const DEFAULT_KEEP_FLOAT: &[&str] = &[];
+/// The layers `--int8` keeps in f32 unless `--keep-float` says otherwise, each with the
+/// reason: `(pattern, why)`. Chosen from `wcc quantize-report` (README, int8 section).
+pub const DEFAULT_KEEP_FLOAT: &[(&str, &str)] = &[];
 
 /// Gathers from tables with at least this many rows (a vocabulary, not the 448 positional
 /// embeddings, which are small and stay f32) read an int8 table.
@@ -88,7 +87,11 @@ pub fn quantize(mut m: Module, options: &PassOptions) -> Result<Module, PassErro
     }
     for g in &mut m.graphs {
         let name = g.name.clone();
-        *g = quantize_graph(g, &options.keep_float).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
+        let keep: Vec<String> = match &options.keep_float {
+            Some(list) => list.clone(),
+            None => DEFAULT_KEEP_FLOAT.iter().map(|(p, _)| p.to_string()).collect(),
+        };
+        *g = quantize_graph(g, &keep).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
     }
     Ok(m)
 }

@@ -223,6 +223,25 @@ impl CompiledModel {
         unsafe { std::slice::from_raw_parts_mut(self.arena.as_mut_ptr() as *mut u8, n) }
     }
 
+    /// The encoder's f32 outputs after the last `encode`, by name (the audio features, or the
+    /// cross-attention K/V hoisted into the encoder): what calibration and accuracy reports
+    /// compare.
+    pub fn encoder_outputs(&self) -> Vec<(String, Vec<f32>)> {
+        // SAFETY: `arena` holds `arena_bytes` initialised bytes; u8 has no invalid values.
+        let arena = unsafe {
+            std::slice::from_raw_parts(self.arena.as_ptr() as *const u8, self.file.header.arena_bytes as usize)
+        };
+        self.encoder
+            .outputs
+            .iter()
+            .filter(|o| o.dtype == "f32")
+            .map(|o| {
+                let b = &arena[o.offset as usize..(o.offset + o.bytes()) as usize];
+                (o.name.clone(), b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+            })
+            .collect()
+    }
+
     fn write_f32(&mut self, slot: &IoSlot, data: &[f32]) {
         let at = slot.offset as usize;
         let dst = &mut self.arena_bytes_mut()[at..at + 4 * data.len()];
