@@ -126,6 +126,66 @@ pub fn run_passes(
     Ok(m)
 }
 
+/// Calibrates `--int8-static`: compiles `model` in observe mode (the `quantize` pass outputs
+/// the row scales of every activation it would quantize), transcribes the first window of
+/// each `.wav` in `dir` (at most `clips`) greedily, and returns each activation's largest
+/// scale seen, by value name: the static scale that covers every row observed.
+pub fn calibrate(
+    model: &str,
+    options: &wcc_passes::PassOptions,
+    dir: &Path,
+    clips: usize,
+    threads: usize,
+) -> Result<std::collections::BTreeMap<String, f32>> {
+    use wcc_runtime::decode::{self, Decoder};
+    use wcc_runtime::transcribe::WhisperModel;
+
+    let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    let wbin = tmp.path().join("calibrate.wbin");
+    let observe =
+        wcc_passes::PassOptions { int8: true, scales: wcc_passes::ActivationScales::Observe, ..options.clone() };
+    compile(model, "host", &wcc_passes::default_pipeline(), &observe, &Dumps::default(), &wbin, &|_, _| {})?;
+    let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
+    let (n_mels, frames) = m.input_shape();
+    let audio = quantize_report::calibration_clips(dir, n_mels, frames, clips)?;
+    let mut max = std::collections::BTreeMap::new();
+    let mut seen = |outputs: Vec<(String, Vec<f32>)>| {
+        for (name, v) in outputs {
+            if let Some(x) = name.strip_suffix(".scale") {
+                let m = v.iter().copied().fold(0f32, f32::max);
+                let e = max.entry(x.to_string()).or_insert(0f32);
+                *e = e.max(m);
+            }
+        }
+    };
+    /// Observes the decoder's outputs after every step.
+    struct Observed<'a, F: FnMut(Vec<(String, Vec<f32>)>)> {
+        m: &'a mut wcc_runtime::compiled::CompiledModel,
+        seen: &'a mut F,
+        logits: Vec<f32>,
+    }
+    impl<F: FnMut(Vec<(String, Vec<f32>)>)> Decoder for Observed<'_, F> {
+        fn step(&mut self, token: u32, position: usize) -> std::result::Result<&[f32], String> {
+            self.logits = self.m.step(token, position)?.to_vec();
+            (self.seen)(self.m.decoder_outputs());
+            Ok(&self.logits)
+        }
+    }
+    let cfg = m.header().generation.clone();
+    for (name, mel) in &audio {
+        m.encode(mel).map_err(anyhow::Error::msg).with_context(|| format!("calibrating on {name}"))?;
+        seen(m.encoder_outputs());
+        let mut obs = Observed { m: &mut m, seen: &mut seen, logits: vec![] };
+        let lang = if cfg.multilingual { Some(decode::detect_language(&mut obs, &cfg)?.1) } else { None };
+        let prompt = decode::transcribe_prompt(&cfg, lang, false);
+        decode::greedy(&mut obs, &cfg, &prompt)?;
+    }
+    if max.is_empty() {
+        anyhow::bail!("calibration observed no activation: is anything quantizable?");
+    }
+    Ok(max)
+}
+
 /// What `compile` did, for the CLI to report.
 pub struct CompileReport {
     pub kernels: usize,

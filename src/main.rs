@@ -40,17 +40,39 @@ struct QuantArgs {
     int8: bool,
     /// With --int8: layers kept in f32, by value or weight name (`*` wildcards), e.g.
     /// `logits,enc.l0.*`; replaces the default list (`--keep-float ''` keeps none).
-    #[arg(long, value_delimiter = ',', requires = "int8")]
+    #[arg(long, value_delimiter = ',')]
     keep_float: Vec<String>,
+    /// int8 with static activation scales, calibrated on the clips of --calibrate (one scale
+    /// per activation, stored in the artifact; no per-row scaling at run time).
+    #[arg(long, conflicts_with = "int8", requires = "calibrate")]
+    int8_static: bool,
+    /// A directory of .wav clips to calibrate --int8-static on (the first window of each).
+    #[arg(long, requires = "int8_static")]
+    calibrate: Option<PathBuf>,
+    /// At most this many calibration clips.
+    #[arg(long, default_value_t = 8)]
+    calibration_clips: usize,
 }
 
 impl QuantArgs {
-    fn apply(self, options: &mut wcc_passes::PassOptions) {
-        options.int8 = self.int8;
+    /// Sets the quantization options; `--int8-static` runs the calibration (a compile and a
+    /// pass over the clips) first.
+    fn apply(self, model: &str, options: &mut wcc_passes::PassOptions) -> Result<()> {
+        if !self.keep_float.is_empty() && !self.int8 && !self.int8_static {
+            bail!("--keep-float needs --int8 or --int8-static");
+        }
+        options.int8 = self.int8 || self.int8_static;
         // Given, the list replaces the default one (an empty pattern keeps nothing).
         if !self.keep_float.is_empty() {
             options.keep_float = Some(self.keep_float);
         }
+        if let (true, Some(dir)) = (self.int8_static, &self.calibrate) {
+            eprintln!("calibrating on {} ...", dir.display());
+            let scales = wcc::calibrate(model, options, dir, self.calibration_clips, 2)?;
+            eprintln!("calibrated {} activation scales", scales.len());
+            options.scales = wcc_passes::ActivationScales::Static(scales);
+        }
+        Ok(())
     }
 }
 
@@ -297,7 +319,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => t.options(None)?,
                 None => wcc_passes::PassOptions::default(),
             };
-            quant.apply(&mut options);
+            if quant.int8_static {
+                bail!("--int8-static calibrates on a model's activations: use it with `wcc compile --model`");
+            }
+            quant.apply("", &mut options)?;
             let passes: Vec<&str> = passes.iter().map(String::as_str).collect();
             let module = wcc::run_passes(module, &passes, &options, &wcc::Dumps::default())?;
             print!("{}", wcc_ir::print_module(&module));
@@ -311,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(t) => t.options(None)?,
                 None => wcc_passes::PassOptions::default(),
             };
-            quant.apply(&mut options);
+            quant.apply(&model, &mut options)?;
             let module = wcc::module_after(&model, &passes, &options)?;
             let graphs: Vec<&wcc_ir::Graph> = match &graph {
                 None => module.graphs.iter().collect(),
@@ -331,7 +356,7 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
             let mut options = timesteps.options(Some(samples.len()))?;
-            quant.apply(&mut options);
+            quant.apply(&model, &mut options)?;
             let opts = TranscribeOptions { language, translate };
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
@@ -370,7 +395,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let dumps = wcc::Dumps { print_after: dump_ir, dir: dump_dir, kernels: dump_kernels };
             let mut options = timesteps.options(None)?;
-            quant.apply(&mut options);
+            quant.apply(&model, &mut options)?;
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }

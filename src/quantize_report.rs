@@ -62,7 +62,12 @@ pub fn quantizable_layers(model: &str) -> Result<Vec<(String, &'static str)>> {
 }
 
 /// The first window's log-mel of each audio file in `dir` (sorted by name, at most `max`).
-fn calibration_clips(dir: &Path, n_mels: usize, frames: usize, max: usize) -> Result<Vec<(String, Vec<f32>)>> {
+pub(crate) fn calibration_clips(
+    dir: &Path,
+    n_mels: usize,
+    frames: usize,
+    max: usize,
+) -> Result<Vec<(String, Vec<f32>)>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading the calibration directory {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -147,3 +147,52 @@ fn base_int8_transcribes_jfk_from_a_quarter_of_the_bytes() {
     let info = wcc_ok(&["info", p(&int8_path)]);
     assert!(info.contains("int8"), "{info}");
 }
+
+#[test]
+fn int8_static_calibrates_fixed_scales_into_the_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, dumps) = (dir.path().join("static.wbin"), dir.path().join("ir"));
+    let calib = shared_data().join("audio/multilingual");
+    wcc_ok(&[
+        "compile",
+        "--model",
+        "tiny.en",
+        "--int8-static",
+        "--calibrate",
+        p(&calib),
+        "--calibration-clips",
+        "3",
+        "-o",
+        p(&out),
+        "--dump-dir",
+        p(&dumps),
+    ]);
+    let ir = std::fs::read_to_string(dumps.join("05-quantize.ir")).unwrap();
+    // Every activation a linear layer reads has one calibrated scale, a constant.
+    let m = wcc_ir::parse_module(&ir).unwrap();
+    let mut fills = 0;
+    for g in &m.graphs {
+        for n in &g.nodes {
+            if let Op::QLinear { .. } = n.op {
+                let xs = g.value(n.inputs[1]);
+                let def = match xs.def {
+                    wcc_ir::ValueDef::Node(i) => &g.nodes[i].op,
+                    _ => panic!("%{} is not computed", xs.name),
+                };
+                assert!(matches!(def, Op::Fill { value } if *value > 0.0), "%{}: {def:?}", xs.name);
+                assert_eq!(xs.ty.shape, vec![1]);
+                fills += 1;
+            }
+        }
+    }
+    assert!(fills > 40, "{fills} static qlinear layers");
+    let text = wcc_ok(&["run", p(&out), p(&jfk())]).to_lowercase();
+    assert!(text.contains("ask not what your country can do for you"), "{text}");
+    // Bad combinations are refused before any work.
+    let e = wcc_err(&["compile", "--model", "tiny.en", "--keep-float", "logits", "-o", p(&dir.path().join("x.wbin"))]);
+    assert!(e.contains("--keep-float needs --int8"), "{e}");
+    // (A usage error: clap's exit code 2.)
+    let out = wcc(&["compile", "--model", "tiny.en", "--int8-static", "-o", p(&dir.path().join("x.wbin"))]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--calibrate"), "{e}");
+}

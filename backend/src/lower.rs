@@ -1003,13 +1003,16 @@ pub fn lower_op(
         Op::QMatMul => {
             let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
             let n = inputs[2].shape[1];
-            let q = QDot { batch: b, m, n, k, row_scales: true, bias: false, epilogue: Epilogue::default() };
-            one(qdot_kernel(format!("qmatmul_{b}x{m}x{n}x{k}"), q, target), ins(5))
+            let row_scales = inputs[1].numel() != 1;
+            let q = QDot { batch: b, m, n, k, row_scales, bias: false, epilogue: Epilogue::default() };
+            let name = format!("qmatmul_{b}x{m}x{n}x{k}{}", if row_scales { "" } else { "_static" });
+            one(qdot_kernel(name, q, target), ins(5))
         }
         Op::RowSum => {
             let k = *inputs[0].shape.last().unwrap();
             one(row_sum_kernel(n_out, k), ins(1))
         }
+        Op::Fill { .. } => Err(BackendError("fill is a constant: it is evaluated at compile time, not run".into())),
         Op::Concat { .. } => Err(BackendError(
             "concat of activations is not lowered (only weights are concatenated, at compile time)".into(),
         )),

@@ -353,6 +353,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
             Tensor::i32([w.len() / k], w.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect())
         }
         Op::QMatMul => qmatmul(args)?,
+        Op::Fill { value } => Tensor::f32([1], vec![*value]),
         Op::QLinear { gelu: g, residual } => {
             let mut y = qlinear(args)?;
             if *g {
@@ -422,7 +423,7 @@ fn qmatmul(args: &[&Tensor]) -> Result<Tensor, InterpError> {
             let br = &bq[c * k..(c + 1) * k];
             let acc: i32 = ar.iter().zip(br).map(|(&x, &w)| x as i32 * w as i32).sum();
             let v = acc.wrapping_sub(128i32.wrapping_mul(bsum[c]));
-            *o = v as f32 * (asc[r] * bsc[c]);
+            *o = v as f32 * (if asc.len() == 1 { asc[0] } else { asc[r] } * bsc[c]);
         }
     });
     Ok(Tensor::f32([bt, m, n], out))

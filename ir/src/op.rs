@@ -65,9 +65,11 @@ pub enum Op {
     /// `gelu`, then `+ residual` if `residual`.
     QLinear { gelu: bool, residual: bool },
     /// The int8 batched product `a · bᵀ` (attention's Q·Kᵀ, and P·V with V transposed):
-    /// `aq u8[B, M, K], as f32[B·M], bq i8[B, N, K], bs f32[B·N], bsum i32[B·N] -> f32[B, M, N]`,
+    /// `aq u8[B, M, K], as f32[B·M] (or f32[1], static), bq i8[B, N, K], bs f32[B·N], bsum i32[B·N] -> f32[B, M, N]`,
     /// `y[b, i, j] = float(Σ_k aq[b,i,k]·bq[b,j,k] − 128·bsum[b·N+j]) · (as[b·M+i]·bs[b·N+j])`.
     QMatMul,
+    /// `-> f32[1]`: a constant, such as a calibrated static quantization scale.
+    Fill { value: f32 },
 }
 
 impl Op {
@@ -96,6 +98,7 @@ impl Op {
             Op::RowSum => "row_sum",
             Op::QLinear { .. } => "qlinear",
             Op::QMatMul => "qmatmul",
+            Op::Fill { .. } => "fill",
         }
     }
 
@@ -119,6 +122,7 @@ impl Op {
                 vec![("axis", axis.to_string()), ("start", start.to_string()), ("end", end.to_string())]
             }
             Op::CausalMask { len } => vec![("len", len.to_string())],
+            Op::Fill { value } => vec![("value", format!("{value:?}"))],
             Op::Concat { axis } => vec![("axis", axis.to_string())],
             Op::FusedLinear { gelu, residual } | Op::QLinear { gelu, residual } => {
                 vec![("gelu", gelu.to_string()), ("residual", residual.to_string())]
@@ -185,6 +189,7 @@ impl Op {
             "gather" => Op::Gather,
             "scatter_row" => Op::ScatterRow,
             "causal_mask" => Op::CausalMask { len: usize_("len")? },
+            "fill" => Op::Fill { value: f32_("value")? },
             "concat" => Op::Concat { axis: usize_("axis")? },
             "fused_linear" => Op::FusedLinear { gelu: bool_("gelu")?, residual: bool_("residual")? },
             "masked_softmax" => Op::MaskedSoftmax,
@@ -231,6 +236,7 @@ impl Op {
             }
             Op::RowScale | Op::RowSum => (1, 1),
             Op::QMatMul => (5, 5),
+            Op::Fill { .. } => (0, 0),
             Op::Linear => (2, 3),
             Op::MatMul { .. } | Op::Add | Op::Mul => (2, 2),
             Op::Gather => (2, 3),
@@ -306,6 +312,7 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         }
     };
     match op {
+        Op::Fill { .. } => Ok(TensorType::f32([1])),
         Op::RowScale => {
             let x = float(0)?;
             Ok(TensorType::f32([rows(x)?]))
@@ -331,7 +338,7 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 return Err(shape_err());
             }
             let (bt, m, n) = (a.shape[0], a.shape[1], b.shape[1]);
-            if asc.shape != [bt * m] || bsc.shape != [bt * n] || bsum.shape != [bt * n] {
+            if (asc.shape != [bt * m] && asc.shape != [1]) || bsc.shape != [bt * n] || bsum.shape != [bt * n] {
                 return Err(shape_err());
             }
             Ok(TensorType::f32([bt, m, n]))

@@ -36,6 +36,23 @@ pub struct PassOptions {
     /// `--keep-float`: layers (value or weight names, `*` wildcards) `quantize` leaves in
     /// f32; `None` keeps the default list ([`quantize::DEFAULT_KEEP_FLOAT`]).
     pub keep_float: Option<Vec<String>>,
+    /// Where activation scales come from (with `int8`).
+    pub scales: ActivationScales,
+}
+
+/// How `quantize` scales activations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ActivationScales {
+    /// Per row, at run time (`--int8`).
+    #[default]
+    Dynamic,
+    /// Nothing is quantized; every activation that would be is observed instead: its
+    /// `row_scale` becomes a graph output named `<value>.scale` (the calibration build of
+    /// `--int8-static`).
+    Observe,
+    /// One calibrated scale per activation, by value name (`--int8-static`); activations
+    /// without one are scaled per row.
+    Static(std::collections::BTreeMap<String, f32>),
 }
 
 pub struct Pass {

@@ -23,6 +23,11 @@
 //! `gather(%w.q, %ids, %w.scale)`. Sound for the same reason: each row is its int8
 //! approximation.
 //!
+//! With `--int8-static`, activations get one scale each, calibrated on audio (`fill` constants
+//! stored in the artifact, no per-row scaling at run time); the calibration build itself is
+//! this pass in observe mode, which quantizes nothing and outputs each activation's row
+//! scales instead.
+//!
 //! The encoder's attention products, `matmul` of two run-time values (Q·Kᵀ, and P·V with V
 //! transposed so both operands are read along the reduction), become `qmatmul` the same
 //! way, with the second operand quantized per row at run time (per key for K, per channel
@@ -38,7 +43,7 @@
 
 use wcc_ir::{DType, Graph, Module, Op, ValueDef, ValueId};
 
-use crate::{PassError, PassOptions};
+use crate::{ActivationScales, PassError, PassOptions};
 
 const NAME: &str = "quantize";
 
@@ -91,7 +96,7 @@ pub fn quantize(mut m: Module, options: &PassOptions) -> Result<Module, PassErro
             Some(list) => list.clone(),
             None => DEFAULT_KEEP_FLOAT.iter().map(|(p, _)| p.to_string()).collect(),
         };
-        *g = quantize_graph(g, &keep).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
+        *g = quantize_graph(g, &keep, &options.scales).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
     }
     Ok(m)
 }
@@ -106,7 +111,7 @@ fn layer_names(g: &Graph, output: ValueId, weight: ValueId) -> Vec<String> {
     names
 }
 
-fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
+fn quantize_graph(g: &Graph, keep_float: &[String], scales: &ActivationScales) -> Result<Graph, String> {
     let konst = constants(g);
     // Rebuild the graph node by node, replacing the quantizable layers.
     let mut out = Graph::new(g.name.clone());
@@ -139,10 +144,26 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
             return Ok(q);
         }
         let base = &g.value(x).name;
-        let xs = out.add_node(format!("{base}.scale"), Op::RowScale, &[mapped])?;
+        let xs = match scales {
+            ActivationScales::Static(s) if s.contains_key(base) => {
+                out.add_node(format!("{base}.scale"), Op::Fill { value: s[base] }, &[])?
+            }
+            _ => out.add_node(format!("{base}.scale"), Op::RowScale, &[mapped])?,
+        };
         let xq = out.add_node(format!("{base}.q"), Op::Quantize { dtype: DType::U8 }, &[mapped, xs])?;
         quantized[x.index()] = Some((xq, xs));
         Ok((xq, xs))
+    };
+    // Observation (the calibration build of `--int8-static`): the row scales of every
+    // activation that would be quantized, as graph outputs.
+    let observing = *scales == ActivationScales::Observe;
+    let mut observed: Vec<Option<ValueId>> = vec![None; g.values.len()];
+    let observe = |out: &mut Graph, observed: &mut Vec<Option<ValueId>>, x: ValueId, mapped: ValueId| {
+        if observed[x.index()].is_none() {
+            let s = out.add_node(format!("{}.scale", g.value(x).name), Op::RowScale, &[mapped])?;
+            observed[x.index()] = Some(s);
+        }
+        Ok::<(), String>(())
     };
     let mut quantize_weight = |out: &mut Graph, w: ValueId, mapped: ValueId| -> Result<(ValueId, ValueId), String> {
         if let Some(q) = weights_q[w.index()] {
@@ -166,6 +187,7 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
             _ => (false, false),
         };
         if matches!(node.op, Op::Gather)
+            && !observing
             && node.inputs.len() == 2
             && konst[node.inputs[0].index()]
             && !layer_names(g, node.output, node.inputs[0]).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)))
@@ -181,7 +203,9 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
             let (a, b) = (node.inputs[0], node.inputs[1]);
             let rows = g.ty(a).shape[1];
             let keep = layer_names(g, node.output, b).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)));
-            if !konst[a.index()] && !konst[b.index()] && rows >= MATMUL_MIN_ROWS && !keep {
+            if !konst[a.index()] && !konst[b.index()] && rows >= MATMUL_MIN_ROWS && !keep && observing {
+                observe(&mut out, &mut observed, a, ins[0])?;
+            } else if !konst[a.index()] && !konst[b.index()] && rows >= MATMUL_MIN_ROWS && !keep {
                 let (aq, asc) = quantize_activation(&mut out, &mut quantized, a, ins[0])?;
                 // The int8 product reads its second operand as rows along the reduction.
                 let bt = if transpose_b {
@@ -203,7 +227,10 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
             && !konst[x.index()]
             && konst[w.index()]
             && !layer_names(g, node.output, w).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)));
-        if !quantizable {
+        if quantizable && observing {
+            observe(&mut out, &mut observed, x, ins[0])?;
+        }
+        if !quantizable || observing {
             let id = out.add_node(name, node.op.clone(), &ins)?;
             map[node.output.index()] = Some(id);
             continue;
@@ -224,5 +251,6 @@ fn quantize_graph(g: &Graph, keep_float: &[String]) -> Result<Graph, String> {
         map[node.output.index()] = Some(id);
     }
     out.outputs = g.outputs.iter().map(|o| map[o.index()].expect("outputs are computed")).collect();
+    out.outputs.extend(observed.into_iter().flatten());
     Ok(out)
 }

@@ -227,12 +227,21 @@ impl CompiledModel {
     /// cross-attention K/V hoisted into the encoder): what calibration and accuracy reports
     /// compare.
     pub fn encoder_outputs(&self) -> Vec<(String, Vec<f32>)> {
+        self.outputs(&self.encoder)
+    }
+
+    /// The decoder step's f32 outputs after the last `step` (logits, caches, and what a
+    /// calibration build observes).
+    pub fn decoder_outputs(&self) -> Vec<(String, Vec<f32>)> {
+        self.outputs(&self.decoder)
+    }
+
+    fn outputs(&self, g: &PreparedGraph) -> Vec<(String, Vec<f32>)> {
         // SAFETY: `arena` holds `arena_bytes` initialised bytes; u8 has no invalid values.
         let arena = unsafe {
             std::slice::from_raw_parts(self.arena.as_ptr() as *const u8, self.file.header.arena_bytes as usize)
         };
-        self.encoder
-            .outputs
+        g.outputs
             .iter()
             .filter(|o| o.dtype == "f32")
             .map(|o| {
