@@ -43,6 +43,12 @@ fn tiny_en_after_quantize_snapshots() {
     assert_eq!(step.matches("decoder.embed_tokens.weight.w_q: i8[51864,384] = quantize").count(), 1);
     assert!(enc.contains("%enc.l0.attn.scores: f32[6,1500,1500] = qmatmul"));
     assert!(enc.contains("%enc.l0.attn.ctx_heads: f32[6,1500,64] = qmatmul"));
+    // Cross-attention is int8 too, its K and V quantized once per window in the encoder.
+    assert!(step.contains("%dec.l0.xattn.scores: f32[6,1,1500] = qmatmul"));
+    assert!(enc.contains("%dec.l0.xattn.scores.b_q: i8[6,1500,64] = quantize{dtype=i8}(%dec.l0.xattn.k_heads"));
+    assert!(!step.contains("%dec.l0.xattn.k_heads:"), "the f32 cross K is no longer a step input");
+    // Self-attention over the growing cache stays f32.
+    assert!(step.contains("%dec.l0.attn.scores: f32[6,1,448] = matmul"));
 }
 
 fn constness(g: &wcc_ir::Graph) -> Vec<bool> {

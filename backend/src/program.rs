@@ -320,7 +320,8 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                 Some(Place::Persistent(at)) => Ok(IoSlot {
                     name: value.name.clone(),
                     offset: at as u64,
-                    dtype: if value.ty.dtype == DType::I32 { "i32".into() } else { "f32".into() },
+                    // Checkpoint types (f16/bf16) are widened to f32 by the kernels that read them.
+                    dtype: if value.ty.dtype.is_float() { "f32".into() } else { value.ty.dtype.name().into() },
                     shape: value.ty.shape.clone(),
                 }),
                 _ => Err(BackendError(format!("graph `{}`: %{} is not in the arena", g.name, value.name))),

@@ -41,6 +41,8 @@
 //! patterns name the layers (by the result's value name, or the weight's name) that stay in
 //! f32.
 
+use std::collections::HashSet;
+
 use wcc_ir::{DType, Graph, Module, Op, ValueDef, ValueId};
 
 use crate::{ActivationScales, PassError, PassOptions};
@@ -60,8 +62,9 @@ pub const DEFAULT_KEEP_FLOAT: &[(&str, &str)] = &[];
 const VOCAB_MIN_ROWS: usize = 4096;
 
 /// Products of two run-time values (attention's Q·Kᵀ and P·V) become int8 when they have
-/// at least this many rows: the encoder's (one row per audio frame), not the decoder's
-/// single-token steps, where quantizing the whole cache per token would cost more than the
+/// at least this many rows (the encoder's: one row per audio frame), or when their second
+/// operand is the same at every decoder step (cross-attention's K and V); not the decoder's
+/// self-attention, where quantizing the whole cache per token would cost more than the
 /// product.
 const MATMUL_MIN_ROWS: usize = 16;
 
@@ -90,13 +93,24 @@ pub fn quantize(mut m: Module, options: &PassOptions) -> Result<Module, PassErro
     if !options.int8 {
         return Ok(m);
     }
+    // Values a decoder step reads from the encoder (by name: the graphs connect that way).
+    let from_encoder: HashSet<String> = match m.graph("encoder") {
+        Some(e) => e.outputs.iter().map(|&o| e.value(o).name.clone()).collect(),
+        None => HashSet::new(),
+    };
     for g in &mut m.graphs {
         let name = g.name.clone();
         let keep: Vec<String> = match &options.keep_float {
             Some(list) => list.clone(),
             None => DEFAULT_KEEP_FLOAT.iter().map(|(p, _)| p.to_string()).collect(),
         };
-        *g = quantize_graph(g, &keep, &options.scales).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
+        let fed = if name == "encoder" { HashSet::new() } else { from_encoder.clone() };
+        *g = quantize_graph(g, &keep, &options.scales, &fed).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
+    }
+    // The int8 copies of the cross-attention K and V depend on the encoder's outputs alone:
+    // computed once per window in the encoder, not once per token.
+    if m.graph("encoder").is_some() && m.graph("decoder_step").is_some() {
+        m = crate::hoist_cross_kv(m).map_err(|e| fail(e.to_string()))?;
     }
     Ok(m)
 }
@@ -111,8 +125,25 @@ fn layer_names(g: &Graph, output: ValueId, weight: ValueId) -> Vec<String> {
     names
 }
 
-fn quantize_graph(g: &Graph, keep_float: &[String], scales: &ActivationScales) -> Result<Graph, String> {
+fn quantize_graph(
+    g: &Graph,
+    keep_float: &[String],
+    scales: &ActivationScales,
+    from_encoder: &HashSet<String>,
+) -> Result<Graph, String> {
     let konst = constants(g);
+    // Values the same at every decoder step of a window (weights and encoder outputs only).
+    let mut invariant: Vec<bool> = g
+        .values
+        .iter()
+        .map(|v| {
+            matches!(v.def, ValueDef::Weight(_))
+                || (matches!(v.def, ValueDef::Input(_)) && from_encoder.contains(&v.name))
+        })
+        .collect();
+    for n in &g.nodes {
+        invariant[n.output.index()] = n.inputs.iter().all(|i| invariant[i.index()]);
+    }
     // Rebuild the graph node by node, replacing the quantizable layers.
     let mut out = Graph::new(g.name.clone());
     let mut map: Vec<Option<ValueId>> = vec![None; g.values.len()];
@@ -203,9 +234,13 @@ fn quantize_graph(g: &Graph, keep_float: &[String], scales: &ActivationScales) -
             let (a, b) = (node.inputs[0], node.inputs[1]);
             let rows = g.ty(a).shape[1];
             let keep = layer_names(g, node.output, b).iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)));
-            if !konst[a.index()] && !konst[b.index()] && rows >= MATMUL_MIN_ROWS && !keep && observing {
+            // The encoder's products, and the decoder's cross-attention, whose K and V are
+            // quantized once per window (hoisted into the encoder below).
+            let worth = rows >= MATMUL_MIN_ROWS || invariant[b.index()];
+            let eligible = !konst[a.index()] && !konst[b.index()] && worth && !keep;
+            if eligible && observing {
                 observe(&mut out, &mut observed, a, ins[0])?;
-            } else if !konst[a.index()] && !konst[b.index()] && rows >= MATMUL_MIN_ROWS && !keep {
+            } else if eligible {
                 let (aq, asc) = quantize_activation(&mut out, &mut quantized, a, ins[0])?;
                 // The int8 product reads its second operand as rows along the reduction.
                 let bt = if transpose_b {

@@ -134,8 +134,10 @@ pub struct IoSlot {
 }
 
 impl IoSlot {
+    /// Bytes of the slot: its elements times their size (`i8`/`u8` 1, `f32`/`i32` 4).
     pub fn bytes(&self) -> u64 {
-        4 * self.shape.iter().product::<usize>() as u64
+        let elem = if matches!(self.dtype.as_str(), "i8" | "u8") { 1 } else { 4 };
+        elem * self.shape.iter().product::<usize>() as u64
     }
 }
 
