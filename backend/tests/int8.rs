@@ -1,30 +1,18 @@
-//! The int8 kernels (`row_scale`, `quantize`, `qlinear`) of tiny.en and base built with
+//! The int8 kernels (`row_scale`, `quantize`, `row_sum`, `qlinear`, `qmatmul`, `gather` from
+//! an int8 table) of tiny.en and base built with
 //! `--int8`, compiled with cranelift-jit for every target level this host can run, against
 //! the reference interpreter's integer semantics: results exactly equal (the GELU epilogue,
 //! whose `erf` is a polynomial in the kernels and libm's in the interpreter, within 2e-5).
 //! And the machine code: on a VNNI target the reduction is one `vpdpbusd`.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::{model_dir, noise};
 
 use wcc_ir::interp::{eval, Data, Tensor};
 use wcc_ir::{DType, Op, TensorType};
-
-/// xorshift noise in [-1, 1).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-fn model_dir(name: &str) -> std::path::PathBuf {
-    wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
-}
 
 /// Random operands of the right types: bytes over their whole range, positive scales.
 fn operand(t: &TensorType, k: usize) -> Tensor {
@@ -66,7 +54,10 @@ fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
             let mut konst: Vec<bool> = g.values.iter().map(|v| matches!(v.def, wcc_ir::ValueDef::Weight(_))).collect();
             for n in &g.nodes {
                 konst[n.output.index()] = n.inputs.iter().all(|i| konst[i.index()]);
-                if konst[n.output.index()] || !matches!(n.op, Op::RowScale | Op::Quantize { .. } | Op::QLinear { .. }) {
+                let int8_op =
+                    matches!(n.op, Op::RowScale | Op::Quantize { .. } | Op::QLinear { .. } | Op::QMatMul | Op::RowSum)
+                        || (n.op == Op::Gather && n.inputs.len() == 3);
+                if konst[n.output.index()] || !int8_op {
                     continue;
                 }
                 let tys: Vec<TensorType> = n.inputs.iter().map(|&i| g.ty(i).clone()).collect();
@@ -114,6 +105,7 @@ fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
         ),
     );
     assert!(cases.keys().filter(|k| k.starts_with("qlinear")).count() >= 8, "{:?}", cases.keys());
+    assert!(cases.keys().filter(|k| k.starts_with("qmatmul")).count() >= 4, "{:?}", cases.keys());
     let targets = levels();
     for (key, (op, tys, out)) in &cases {
         let mut inputs: Vec<Tensor> = tys.iter().enumerate().map(|(k, t)| operand(t, k)).collect();
@@ -123,6 +115,10 @@ fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
             inputs[0] = Tensor::f32(tys[0].shape.clone(), x);
             let s = vec![1.0f32; tys[1].numel()];
             inputs[1] = Tensor::f32(tys[1].shape.clone(), s);
+        }
+        if *op == Op::Gather {
+            // Token ids inside the table.
+            inputs[1] = Tensor::i32(tys[1].shape.clone(), vec![7; tys[1].numel()]);
         }
         let refs: Vec<&Tensor> = inputs.iter().collect();
         let want = eval(op, &refs).unwrap();

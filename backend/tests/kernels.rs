@@ -1,32 +1,20 @@
 //! Every kernel the real models use, compiled with cranelift-jit and run on random inputs
 //! of the real shapes, against the reference interpreter.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::{model_dir, noise};
 
 use wcc_ir::interp::{eval, Data, Tensor};
 use wcc_ir::{DType, Op};
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
 
 /// Max |a-b| / max(1, max|b|).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1f32, |m, v| if v.is_finite() { m.max(v.abs()) } else { m });
     a.iter().zip(b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max) / scale
-}
-
-fn model_dir(name: &str) -> std::path::PathBuf {
-    wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
 }
 
 #[test]
