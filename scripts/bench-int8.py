@@ -69,12 +69,15 @@ def main():
     ap.add_argument("--build", action="append", default=[], help="NAME=FLAGS, e.g. int8-lf='--int8 --keep-float logits'")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--skip-ct2", action="store_true")
+    ap.add_argument("--only", help="comma-separated build names to run (default: all)")
     a = ap.parse_args()
     norm = normalizer()
     builds = {"f32": [], "int8": ["--int8"]}
     for b in a.build:
         name, _, flags = b.partition("=")
         builds[name] = flags.split()
+    if a.only:
+        builds = {k: v for k, v in builds.items() if k in a.only.split(",")}
     out_dir = ROOT / "target/bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = DATA / "en/manifest.tsv"
@@ -113,13 +116,13 @@ def main():
         print(f"{a.model} {name:>10}: WER {r['wer']:.2f}% ({errors}/{words}), long-form WER {r['longform_wer']:.2f}% "
               f"(longest repeat {r['longform_repeat']} words), encoder {r['encoder_ms']:.0f} ms/window, "
               f"decoder {r['ms_per_token']:.2f} ms/token, {r['mb']:.1f} MB", flush=True)
-    f32 = report["f32"]
+    f32 = report.get("f32")
     for name, r in report.items():
-        if name != "f32":
+        if f32 and name != "f32":
             print(f"{a.model} {name} vs f32: WER {r['wer'] - f32['wer']:+.2f} abs, encoder {f32['encoder_ms'] / r['encoder_ms']:.2f}x "
                   f"faster, decoder {r['ms_per_token'] / f32['ms_per_token']:.2f}x the time per token, "
                   f"size {r['mb'] / f32['mb']:.2f}x")
-    if not a.skip_ct2:
+    if not a.skip_ct2 and f32 and "int8" in report:
         ct2_encoder(a.model, int(a.threads), report)
     print(json.dumps(report))
 

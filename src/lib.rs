@@ -128,12 +128,12 @@ pub fn run_passes(
 
 /// Calibrates `--int8-static`: compiles `model` in observe mode (the `quantize` pass outputs
 /// the row scales of every activation it would quantize), transcribes the first window of
-/// each `.wav` in `dir` (at most `clips`) greedily, and returns each activation's largest
+/// each `.wav` in `dirs` (at most `clips` from each) greedily, and returns each activation's largest
 /// scale seen, by value name: the static scale that covers every row observed.
 pub fn calibrate(
     model: &str,
     options: &wcc_passes::PassOptions,
-    dir: &Path,
+    dirs: &[std::path::PathBuf],
     clips: usize,
     threads: usize,
 ) -> Result<std::collections::BTreeMap<String, f32>> {
@@ -147,7 +147,7 @@ pub fn calibrate(
     compile(model, "host", &wcc_passes::default_pipeline(), &observe, &Dumps::default(), &wbin, &|_, _| {})?;
     let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
     let (n_mels, frames) = m.input_shape();
-    let audio = quantize_report::calibration_clips(dir, n_mels, frames, clips)?;
+    let audio = quantize_report::calibration_clips(dirs, n_mels, frames, clips)?;
     let mut max = std::collections::BTreeMap::new();
     let mut seen = |outputs: Vec<(String, Vec<f32>)>| {
         for (name, v) in outputs {

@@ -46,10 +46,11 @@ struct QuantArgs {
     /// per activation, stored in the artifact; no per-row scaling at run time).
     #[arg(long, conflicts_with = "int8", requires = "calibrate")]
     int8_static: bool,
-    /// A directory of .wav clips to calibrate --int8-static on (the first window of each).
-    #[arg(long, requires = "int8_static")]
-    calibrate: Option<PathBuf>,
-    /// At most this many calibration clips.
+    /// Directories of .wav clips to calibrate --int8-static on, comma-separated (the first
+    /// window of each clip).
+    #[arg(long, requires = "int8_static", value_delimiter = ',')]
+    calibrate: Vec<PathBuf>,
+    /// At most this many calibration clips from each directory.
     #[arg(long, default_value_t = 8)]
     calibration_clips: usize,
 }
@@ -66,9 +67,10 @@ impl QuantArgs {
         if !self.keep_float.is_empty() {
             options.keep_float = Some(self.keep_float);
         }
-        if let (true, Some(dir)) = (self.int8_static, &self.calibrate) {
-            eprintln!("calibrating on {} ...", dir.display());
-            let scales = wcc::calibrate(model, options, dir, self.calibration_clips, 2)?;
+        if self.int8_static {
+            let dirs: Vec<String> = self.calibrate.iter().map(|d| d.display().to_string()).collect();
+            eprintln!("calibrating on {} ...", dirs.join(", "));
+            let scales = wcc::calibrate(model, options, &self.calibrate, self.calibration_clips, 2)?;
             eprintln!("calibrated {} activation scales", scales.len());
             options.scales = wcc_passes::ActivationScales::Static(scales);
         }
@@ -125,10 +127,10 @@ enum Command {
     QuantizeReport {
         #[arg(long)]
         model: String,
-        /// A directory of .wav clips (the first window of each is used).
-        #[arg(long)]
-        calibrate: PathBuf,
-        /// At most this many clips (sorted by name).
+        /// Directories of .wav clips, comma-separated (the first window of each is used).
+        #[arg(long, value_delimiter = ',', required = true)]
+        calibrate: Vec<PathBuf>,
+        /// At most this many clips from each directory (sorted by name).
         #[arg(long, default_value_t = 4)]
         clips: usize,
         #[arg(long, default_value_t = 2)]

@@ -10,7 +10,7 @@
 //! token is the f32 build's. The rows are ranked by the KL divergence; layers that a default
 //! `--int8` keeps in f32 are marked, with the reason.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use wcc_ir::Op;
@@ -61,23 +61,28 @@ pub fn quantizable_layers(model: &str) -> Result<Vec<(String, &'static str)>> {
     Ok(out)
 }
 
-/// The first window's log-mel of each audio file in `dir` (sorted by name, at most `max`).
+/// The first window's log-mel of the audio files in `dirs` (each directory's sorted by name,
+/// at most `max` from each).
 pub(crate) fn calibration_clips(
-    dir: &Path,
+    dirs: &[PathBuf],
     n_mels: usize,
     frames: usize,
     max: usize,
 ) -> Result<Vec<(String, Vec<f32>)>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading the calibration directory {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("wav")))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("{}: no .wav files to calibrate on", dir.display());
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        let mut here: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading the calibration directory {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("wav")))
+            .collect();
+        here.sort();
+        if here.is_empty() {
+            bail!("{}: no .wav files to calibrate on", dir.display());
+        }
+        here.truncate(max.max(1));
+        files.extend(here);
     }
-    files.truncate(max.max(1));
     let filters = wcc_runtime::mel::mel_filters(n_mels);
     files
         .iter()
@@ -167,7 +172,7 @@ fn kept_by_default(layer: &str) -> Option<String> {
 /// Builds the report: one compile and one pass over the clips per layer.
 pub fn quantize_report(
     model: &str,
-    calibrate: &Path,
+    calibrate: &[PathBuf],
     clips: usize,
     threads: usize,
     progress: &dyn Fn(&str),

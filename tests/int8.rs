@@ -174,7 +174,8 @@ fn int8_static_calibrates_fixed_scales_into_the_artifact() {
         p(&dumps),
     ]);
     let ir = std::fs::read_to_string(dumps.join("05-quantize.ir")).unwrap();
-    // Every activation a linear layer reads has one calibrated scale, a constant.
+    // Every activation an encoder linear layer reads has one calibrated scale, a constant; a
+    // decoder step's single row keeps its run-time scale (see quantize.rs for why).
     let m = wcc_ir::parse_module(&ir).unwrap();
     let mut fills = 0;
     for g in &m.graphs {
@@ -185,13 +186,17 @@ fn int8_static_calibrates_fixed_scales_into_the_artifact() {
                     wcc_ir::ValueDef::Node(i) => &g.nodes[i].op,
                     _ => panic!("%{} is not computed", xs.name),
                 };
-                assert!(matches!(def, Op::Fill { value } if *value > 0.0), "%{}: {def:?}", xs.name);
-                assert_eq!(xs.ty.shape, vec![1]);
-                fills += 1;
+                if g.name == "encoder" {
+                    assert!(matches!(def, Op::Fill { value } if *value > 0.0), "%{}: {def:?}", xs.name);
+                    assert_eq!(xs.ty.shape, vec![1]);
+                    fills += 1;
+                } else {
+                    assert_eq!(def, &Op::RowScale, "%{}", xs.name);
+                }
             }
         }
     }
-    assert!(fills > 40, "{fills} static qlinear layers");
+    assert_eq!(fills, 17, "tiny.en's encoder: 4 layers x 4 linear layers, and the cross K/V");
     let text = wcc_ok(&["run", p(&out), p(&jfk())]).to_lowercase();
     assert!(text.contains("ask not what your country can do for you"), "{text}");
     // Bad combinations are refused before any work.

@@ -23,10 +23,13 @@
 //! `gather(%w.q, %ids, %w.scale)`. Sound for the same reason: each row is its int8
 //! approximation.
 //!
-//! With `--int8-static`, activations get one scale each, calibrated on audio (`fill` constants
-//! stored in the artifact, no per-row scaling at run time); the calibration build itself is
-//! this pass in observe mode, which quantizes nothing and outputs each activation's row
-//! scales instead.
+//! With `--int8-static`, the activations the encoder's linear layers read get one scale each,
+//! calibrated on audio (`fill` constants stored in the artifact, no per-row scaling of them at
+//! run time); the calibration build itself is this pass in observe mode, which quantizes
+//! nothing and outputs each activation's row scales instead. Two kinds keep run-time scales,
+//! because one scale for the whole tensor cost base its transcripts on the dev set (a clip
+//! loops): attention's Q and P (one scale across heads and frames), and a decoder step's
+//! single row (whose row scale is already one scale for the tensor).
 //!
 //! The encoder's attention products, `matmul` of two run-time values (Q·Kᵀ, and P·V with V
 //! transposed so both operands are read along the reduction), become `qmatmul` the same
@@ -169,14 +172,20 @@ fn quantize_graph(
     let quantize_activation = |out: &mut Graph,
                                quantized: &mut Vec<Option<(ValueId, ValueId)>>,
                                x: ValueId,
-                               mapped: ValueId|
+                               mapped: ValueId,
+                               may_be_static: bool|
      -> Result<(ValueId, ValueId), String> {
         if let Some(q) = quantized[x.index()] {
             return Ok(q);
         }
         let base = &g.value(x).name;
+        // Static scales serve activations of many rows (the encoder's frames). A decoder
+        // step's single row is scaled dynamically: its per-row scale is already one scale for
+        // the tensor, and token-by-token ranges are what a few calibration windows cover worst
+        // (measured: base loops on a dev clip with calibrated decoder scales).
+        let many_rows = g.ty(x).numel() / g.ty(x).shape.last().copied().unwrap_or(1).max(1) > 1;
         let xs = match scales {
-            ActivationScales::Static(s) if s.contains_key(base) => {
+            ActivationScales::Static(s) if may_be_static && many_rows && s.contains_key(base) => {
                 out.add_node(format!("{base}.scale"), Op::Fill { value: s[base] }, &[])?
             }
             _ => out.add_node(format!("{base}.scale"), Op::RowScale, &[mapped])?,
@@ -241,7 +250,9 @@ fn quantize_graph(
             if eligible && observing {
                 observe(&mut out, &mut observed, a, ins[0])?;
             } else if eligible {
-                let (aq, asc) = quantize_activation(&mut out, &mut quantized, a, ins[0])?;
+                // Attention's Q and P keep per-row scales even in static builds: one scale
+                // for every head and frame costs base its transcripts (measured: loops).
+                let (aq, asc) = quantize_activation(&mut out, &mut quantized, a, ins[0], false)?;
                 // The int8 product reads its second operand as rows along the reduction.
                 let bt = if transpose_b {
                     ins[1]
@@ -270,7 +281,7 @@ fn quantize_graph(
             map[node.output.index()] = Some(id);
             continue;
         }
-        let (xq, xs) = quantize_activation(&mut out, &mut quantized, x, ins[0])?;
+        let (xq, xs) = quantize_activation(&mut out, &mut quantized, x, ins[0], true)?;
         let (ws, wq) = quantize_weight(&mut out, w, ins[1])?;
         let wsum = out.add_node(format!("{name}.w_sum"), Op::RowSum, &[wq])?;
         let bias = match ins.get(2) {
