@@ -814,7 +814,9 @@ fn strided_copy_kernel(name: String, in_len: usize, out_shape: &[usize], strides
     }
     let body = vec![for_(idx[0], var(START), var(END), 1, body)];
     let n: usize = shape.iter().product();
-    kernel(name, vec![buf("x", in_len), buf("out", n)], shape[0], 0, body, vars)
+    // No arithmetic, but `n` elements moved: enough work to be worth splitting across threads
+    // (the runtime splits by this figure).
+    kernel(name, vec![buf("x", in_len), buf("out", n)], shape[0], n, body, vars)
 }
 
 /// Row-major strides of `shape`.
