@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wer import edit_distance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "../shared/data/audio"
 
@@ -29,16 +32,6 @@ def normalizer():
     except ImportError:
         sys.exit("whisper-normalizer is missing: run with the reference venv (scripts/setup-reference)")
     return EnglishTextNormalizer()
-
-
-def edit_distance(a, b):
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def longest_repeat(words):

@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wer import edit_distance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -18,16 +21,6 @@ def normalize(text):
     # Lower case, apostrophes dropped, other punctuation to spaces (a basic English normalizer).
     text = text.lower().replace("'", "")
     return re.sub(r"[^a-z0-9]+", " ", text).split()
-
-
-def edit_distance(a, b):
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def main():

@@ -238,15 +238,11 @@ pub fn compile(
                 .buffers
                 .iter()
                 .zip(k.access())
-                .map(|(b, a)| wbin::BufferDesc {
+                .map(|(b, access)| wbin::BufferDesc {
                     name: b.name.clone(),
                     elem: b.elem.name().into(),
                     len: b.len as u64,
-                    access: match a {
-                        wcc_backend::kir::Access::Read => wbin::Access::Read,
-                        wcc_backend::kir::Access::Write => wbin::Access::Write,
-                        wcc_backend::kir::Access::ReadWrite => wbin::Access::ReadWrite,
-                    },
+                    access,
                 })
                 .collect(),
             parallel_extent: k.parallel_extent,
@@ -269,20 +265,7 @@ pub fn compile(
         arena_bytes: program.arena_bytes,
         arena_persistent_bytes: program.persistent_bytes,
         arena_unshared_temporaries_bytes: program.temporaries.iter().flatten().map(|t| t.bytes as u64).sum(),
-        weights: program
-            .constants
-            .iter()
-            .map(|c| wbin::WeightEntry {
-                name: c.name.clone(),
-                dtype: c.dtype.name().into(),
-                shape: c.shape.clone(),
-                offset: c.offset,
-                quantization: c
-                    .scales
-                    .clone()
-                    .map(|scales| wbin::Quantization { scheme: "symmetric_per_row".into(), scales }),
-            })
-            .collect(),
+        weights: program.constants,
         kernels,
         graphs: program.graphs,
     };

@@ -223,13 +223,9 @@ impl Buffer {
     }
 }
 
-/// How a kernel uses a buffer (derived from its body).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Access {
-    Read,
-    Write,
-    ReadWrite,
-}
+/// How a kernel uses a buffer (derived from its body): the artifact's notion, recorded in
+/// the `.wbin` per kernel argument.
+pub use wcc_format::Access;
 
 impl Kernel {
     /// How the kernel uses each buffer: read, written, or both.
@@ -427,16 +423,6 @@ pub fn var_name(v: Var) -> String {
         START => "start".into(),
         END => "end".into(),
         _ => format!("v{v}"),
-    }
-}
-
-impl Access {
-    pub fn name(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-            Access::ReadWrite => "readwrite",
-        }
     }
 }
 

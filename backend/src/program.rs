@@ -15,9 +15,9 @@
 
 use std::collections::HashMap;
 
-use wcc_format::{BufRef, GraphProgram, IoSlot, Launch};
+use wcc_format::{BufRef, GraphProgram, IoSlot, Launch, Quantization, WeightEntry};
 use wcc_ir::interp::{self, Tensor, WeightLoader};
-use wcc_ir::{DType, Graph, Module, Op, ValueDef, ValueId};
+use wcc_ir::{Graph, Module, Op, ValueDef, ValueId};
 use wcc_targets::Target;
 
 use crate::kir::Kernel;
@@ -35,25 +35,14 @@ pub struct Program {
     pub graphs: Vec<GraphProgram>,
     /// The constants kernels read, little-endian, each 64-byte aligned.
     pub weights: Vec<u8>,
-    /// What `weights` holds: one entry per stored constant.
-    pub constants: Vec<StoredConstant>,
+    /// What `weights` holds: one entry per stored constant (a weight `@w`, or a value
+    /// computed from weights alone, `graph:%value`, such as an int8 weight and its scales).
+    pub constants: Vec<WeightEntry>,
     pub arena_bytes: u64,
     /// Bytes of the persistent part of the arena.
     pub persistent_bytes: u64,
     /// The temporaries of each graph, as placed (for checking and reporting the plan).
     pub temporaries: Vec<Vec<Placed>>,
-}
-
-/// A constant stored in the weights blob: a weight, or a value computed from weights alone
-/// (named `graph:%value`), such as an int8 weight and its scales.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredConstant {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    pub offset: u64,
-    /// For an int8 constant made by `quantize`: the name of the constant holding its scales.
-    pub scales: Option<String>,
 }
 
 /// One temporary buffer of the arena plan: live from node `first` to node `last`
@@ -93,7 +82,8 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
     // is stored in `weights` once a launch reads it. Constants only used to compute other
     // constants (a weight before folding, or its f32 copy once quantized) are never stored.
     let mut pool: Vec<Tensor> = Vec::new();
-    let mut pool_names: Vec<(String, DType)> = Vec::new();
+    // Per constant: its name in the weight table, and for int8 values where their scales are.
+    let mut pool_names: Vec<String> = Vec::new();
     let mut pool_scales: Vec<Option<String>> = Vec::new();
     let mut pool_at: Vec<Option<usize>> = Vec::new();
     let mut weight_pool: HashMap<String, usize> = HashMap::new();
@@ -126,7 +116,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                     None => {
                         let data = loader.load_f32(decl).map_err(|e| BackendError(format!("@{w}: {e}")))?;
                         pool.push(Tensor::f32(v.ty.shape.clone(), data));
-                        pool_names.push((format!("@{w}"), DType::F32));
+                        pool_names.push(format!("@{w}"));
                         pool_scales.push(None);
                         pool_at.push(None);
                         weight_pool.insert(w.clone(), pool.len() - 1);
@@ -144,7 +134,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
             let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
-            pool_names.push((format!("{}:%{}", g.name, g.value(node.output).name), t.dtype()));
+            pool_names.push(format!("{}:%{}", g.name, g.value(node.output).name));
             pool_scales.push(match node.op {
                 Op::Quantize { .. } => Some(format!("{}:%{}", g.name, g.value(node.inputs[1]).name)),
                 _ => None,
@@ -297,12 +287,14 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                 Place::Weight(id) => {
                     let at = *pool_at[id].get_or_insert_with(|| {
                         let at = push_weight(&mut weights, &pool[id]);
-                        stored.push(StoredConstant {
-                            name: pool_names[id].0.clone(),
-                            dtype: pool_names[id].1,
+                        stored.push(WeightEntry {
+                            name: pool_names[id].clone(),
+                            dtype: pool[id].dtype().name().into(),
                             shape: pool[id].shape.clone(),
                             offset: at as u64,
-                            scales: pool_scales[id].clone(),
+                            quantization: pool_scales[id]
+                                .clone()
+                                .map(|scales| Quantization { scheme: "symmetric_per_row".into(), scales }),
                         });
                         at
                     });

@@ -53,7 +53,7 @@ pub struct KernelEntry {
 }
 
 /// How a kernel uses a buffer argument.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Access {
     Read,
@@ -64,6 +64,14 @@ pub enum Access {
 impl Access {
     pub fn writes(self) -> bool {
         self != Access::Read
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::ReadWrite => "readwrite",
+        }
     }
 }
 
