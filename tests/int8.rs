@@ -103,25 +103,7 @@ fn int8_encoder_on_real_features_stays_close_to_f32() {
     // The decoder's first step from the int8 encoder's outputs: the same next token.
     let step = |m: &wcc_ir::Module, enc: &[Tensor]| -> Vec<f32> {
         let it = Interpreter::new(m, &loaded.checkpoint).unwrap();
-        let g = m.graph("decoder_step").unwrap();
-        let inputs: Vec<Tensor> = g
-            .inputs
-            .iter()
-            .map(|&i| {
-                let v = g.value(i);
-                match v.name.as_str() {
-                    "tokens" => Tensor::i32([1], vec![50257]),
-                    "position" => Tensor::i32([1], vec![0]),
-                    name => {
-                        let e = m.graph("encoder").unwrap();
-                        match e.outputs.iter().position(|&o| e.value(o).name == name) {
-                            Some(k) => enc[k].clone(),
-                            None => Tensor::zeros(v.ty.shape.clone()),
-                        }
-                    }
-                }
-            })
-            .collect();
+        let inputs = decoder_step_inputs(m, enc, 50257, 0, &|ty| Tensor::zeros(ty.shape.clone()));
         it.run("decoder_step", &inputs).unwrap().swap_remove(0).into_f32().unwrap()
     };
     let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;

@@ -79,20 +79,7 @@ fn run_encoder_and_step(m: &wcc_ir::Module, weights: &dyn wcc_ir::interp::Weight
     let enc = m.graph("encoder").unwrap();
     let mel_ty = enc.ty(enc.inputs[0]);
     let enc_out = interp.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
-    let dec = m.graph("decoder_step").unwrap();
-    let inputs: Vec<Tensor> = dec
-        .inputs
-        .iter()
-        .map(|&i| {
-            let v = dec.value(i);
-            match v.name.as_str() {
-                "tokens" => Tensor::i32([1], vec![50257]),
-                "position" => Tensor::i32([1], vec![3]),
-                name if name.starts_with("self_") => Tensor::f32(v.ty.shape.clone(), noise(v.ty.numel(), 7)),
-                name => enc_out[enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap()].clone(),
-            }
-        })
-        .collect();
+    let inputs = decoder_step_inputs(m, &enc_out, 50257, 3, &|ty| Tensor::f32(ty.shape.clone(), noise(ty.numel(), 7)));
     let step = interp.run("decoder_step", &inputs).unwrap();
     (enc_out, step)
 }

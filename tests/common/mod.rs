@@ -101,3 +101,29 @@ pub fn relative_errors(a: &[f32], b: &[f32]) -> (f64, f64) {
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// The inputs of one `decoder_step` of `m`: `token` at `position`, each self-attention cache
+/// (`self_*`) made by `cache`, every other input fed from the encoder output of the same name
+/// (`enc_out`, in the encoder's output order), as the runtime binds graphs.
+pub fn decoder_step_inputs(
+    m: &wcc_ir::Module,
+    enc_out: &[wcc_ir::interp::Tensor],
+    token: i32,
+    position: i32,
+    cache: &dyn Fn(&wcc_ir::TensorType) -> wcc_ir::interp::Tensor,
+) -> Vec<wcc_ir::interp::Tensor> {
+    use wcc_ir::interp::Tensor;
+    let (enc, dec) = (m.graph("encoder").unwrap(), m.graph("decoder_step").unwrap());
+    dec.inputs
+        .iter()
+        .map(|&i| {
+            let v = dec.value(i);
+            match v.name.as_str() {
+                "tokens" => Tensor::i32([1], vec![token]),
+                "position" => Tensor::i32([1], vec![position]),
+                name if name.starts_with("self_") => cache(&v.ty),
+                name => enc_out[enc.outputs.iter().position(|&o| enc.value(o).name == name).unwrap()].clone(),
+            }
+        })
+        .collect()
+}
