@@ -27,6 +27,18 @@ fn operand(t: &TensorType, k: usize) -> Tensor {
     }
 }
 
+/// The operand types of a `qlinear` of `m` rows, `n` columns, reduction `k`, without residual.
+fn qlinear_types(m: usize, n: usize, k: usize) -> Vec<TensorType> {
+    vec![
+        TensorType::new(DType::U8, [m, k]),
+        TensorType::f32([m]),
+        TensorType::new(DType::I8, [n, k]),
+        TensorType::f32([n]),
+        TensorType::new(DType::I32, [n]),
+        TensorType::f32([n]),
+    ]
+}
+
 fn levels() -> Vec<wcc_targets::Target> {
     let mut out = vec![wcc_targets::host().unwrap()];
     if cfg!(target_arch = "x86_64") {
@@ -92,15 +104,7 @@ fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
         "qlinear odd".into(),
         (
             Op::QLinear { gelu: false, residual: true },
-            vec![
-                TensorType::new(DType::U8, [7, 32]),
-                TensorType::f32([7]),
-                TensorType::new(DType::I8, [23, 32]),
-                TensorType::f32([23]),
-                TensorType::new(DType::I32, [23]),
-                TensorType::f32([23]),
-                TensorType::f32([7, 23]),
-            ],
+            [qlinear_types(7, 23, 32), vec![TensorType::f32([7, 23])]].concat(),
             TensorType::f32([7, 23]),
         ),
     );
@@ -162,14 +166,7 @@ fn disassemble(code: &[u8]) -> Option<String> {
 
 #[test]
 fn the_int8_reduction_is_one_vpdpbusd_on_vnni_targets() {
-    let tys = [
-        TensorType::new(DType::U8, [12, 64]),
-        TensorType::f32([12]),
-        TensorType::new(DType::I8, [16, 64]),
-        TensorType::f32([16]),
-        TensorType::new(DType::I32, [16]),
-        TensorType::f32([16]),
-    ];
+    let tys = qlinear_types(12, 16, 64);
     let refs: Vec<&TensorType> = tys.iter().collect();
     let op = Op::QLinear { gelu: false, residual: false };
     let mut vnni = wcc_targets::Target::named("x86_64-v4").unwrap();
