@@ -59,6 +59,50 @@ fn tiny_en_graph_snapshots() {
     // after fuse no separate GELU or residual add left there.
     let step = print_graph(fused.graph("decoder_step").unwrap());
     assert!(!step.contains("xattn.k:") && !step.contains("gelu(") && step.contains("masked_softmax("));
+    let fused_encoder = fused.graph("encoder").cloned();
+    let attended = wcc_passes::run(fused, &["attention"]).unwrap();
+    let step = print_graph(attended.graph("decoder_step").unwrap());
+    insta::assert_snapshot!("tiny_en_decoder_step_after_attention", step);
+    // The self-attention sites are gone: one cache_attention per layer, no mask, and no
+    // transpose of a whole cache left in the step.
+    let layers = attended.param("n_text_layer").unwrap() as usize;
+    assert_eq!(step.matches("cache_attention{heads=6}(").count(), layers);
+    assert!(!step.contains("causal_mask") && !step.contains("masked_softmax") && !step.contains("f32[6,448,64]"));
+    assert_eq!(attended.graph("encoder"), fused_encoder.as_ref(), "attention changed the encoder");
+}
+
+#[test]
+fn attention_preserves_what_tiny_en_computes_at_every_kind_of_position() {
+    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    let fused = wcc_passes::run(loaded.module, &["hoist-cross-kv", "fold", "fuse"]).unwrap();
+    let attended = wcc_passes::run(fused.clone(), &["attention"]).unwrap();
+    let n_ctx = fused.param("n_text_ctx").unwrap() as i32;
+    let (a, b) = (
+        Interpreter::new(&fused, &loaded.checkpoint).unwrap(),
+        Interpreter::new(&attended, &loaded.checkpoint).unwrap(),
+    );
+    let enc = fused.graph("encoder").unwrap();
+    let mel_ty = enc.ty(enc.inputs[0]);
+    let enc_out = a.run("encoder", &[Tensor::f32(mel_ty.shape.clone(), noise(mel_ty.numel(), 1))]).unwrap();
+    // The first position (one visible row), one inside, the last one; random caches, so
+    // rows after the position hold values the mask must hide.
+    for pos in [0, 17, n_ctx - 1] {
+        let inputs = decoder_step_inputs(&fused, &enc_out, 50257, pos, &|ty| {
+            Tensor::f32(ty.shape.clone(), noise(ty.numel(), 7))
+        });
+        let (x, y) = (a.run("decoder_step", &inputs).unwrap(), b.run("decoder_step", &inputs).unwrap());
+        assert_eq!(x.len(), y.len());
+        for (x, y) in x.iter().zip(&y) {
+            let (l2, maxrel) = relative_errors(x.as_f32().unwrap(), y.as_f32().unwrap());
+            eprintln!("position {pos}: attention changes an output by {l2:.1e} (L2) / {maxrel:.1e} (max)");
+            // Same arithmetic, the dot products summed in another order.
+            assert!(l2 < 1e-5 && maxrel < 1e-4, "position {pos}: {l2} / {maxrel}");
+        }
+    }
+    // A position past the cache is refused, as the unrewritten step refuses it.
+    let inputs =
+        decoder_step_inputs(&fused, &enc_out, 50257, n_ctx, &|ty| Tensor::f32(ty.shape.clone(), noise(ty.numel(), 7)));
+    assert!(a.run("decoder_step", &inputs).is_err() && b.run("decoder_step", &inputs).is_err());
 }
 
 /// Deterministic pseudo-random values in [-1, 1).

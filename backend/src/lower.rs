@@ -678,6 +678,130 @@ fn softmax_kernel(rows: usize, d: usize, masked: bool) -> Kernel {
     )
 }
 
+/// `cache_attention` (see the op): one task per head, the query rows inside. For each row,
+/// three passes over the visible cache rows `0..len`: the scores (`q·k`, four `f32x4`
+/// partial sums over the head's columns) into the scratch row of the head with their
+/// maximum, then `exp(score - max)` in place with their sum, then the weighted sum of the
+/// value rows, a block of (up to) sixteen columns at a time held in registers across all
+/// rows, scaled by `1/sum` once at the end. The caches are read in their stored layout
+/// (row `t`, the head's columns), and rows after the query's position are never touched.
+/// Buffers: q, k, v, position, out, scratch `f32[H·S]`.
+fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result<Kernel, BackendError> {
+    if dh % 4 != 0 {
+        return Err(BackendError(format!("cache_attention: the head size {dh} is not a multiple of 4")));
+    }
+    let d = (heads * dh) as i64;
+    let (s_, dh_) = (s as i64, dh as i64);
+    // Vectors per block: four when the head size allows it (independent accumulators).
+    let w: i64 = if dh % 16 == 0 { 4 } else { 1 };
+    let mut vars = Vars::new();
+    let (h, p0, i, len, qb, sb, mx, t, kb, c, sc, sum, t2, e, inv, c2, t3, pt) = (
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+        vars.next(),
+    );
+    let acc: Vec<Var> = (0..w).map(|_| vars.next()).collect();
+    let (q_, k_, v_, pos_, out_, scr) = (0u32, 1u32, 2u32, 3u32, 4u32, 5u32);
+    // Scores: q·k over the head's columns, `w` partial sums.
+    let mut dot = vec![];
+    for (j, &a) in acc.iter().enumerate() {
+        let off = |base: Var| add(add(var(base), var(c)), int(4 * j as i64));
+        dot.push(set(a, fma(load4(q_, off(qb)), load4(k_, off(kb)), var(a))));
+    }
+    let total = acc.iter().skip(1).fold(var(acc[0]), |x, &a| add(x, var(a)));
+    let zero_acc: Vec<Stmt> = acc.iter().map(|&a| let_(a, splat(f(0.0)))).collect();
+    let scores = for_(
+        t,
+        int(0),
+        var(len),
+        1,
+        [
+            vec![let_(kb, add(mul(var(t), int(d)), mul(var(h), int(dh_))))],
+            zero_acc.clone(),
+            vec![
+                for_(c, int(0), int(dh_), 4 * w, dot),
+                let_(sc, hsum(total)),
+                store(scr, add(var(sb), var(t)), var(sc)),
+                set(mx, max(var(mx), var(sc))),
+            ],
+        ]
+        .concat(),
+    );
+    let exps = for_(
+        t2,
+        int(0),
+        var(len),
+        1,
+        vec![
+            let_(e, un(UnOp::Exp, sub(load(scr, add(var(sb), var(t2))), var(mx)))),
+            store(scr, add(var(sb), var(t2)), var(e)),
+            set(sum, add(var(sum), var(e))),
+        ],
+    );
+    // P·V: a block of `4w` columns accumulated over every visible row.
+    let mut axpy = vec![let_(pt, splat(load(scr, add(var(sb), var(t3)))))];
+    for (j, &a) in acc.iter().enumerate() {
+        let at = add(add(add(mul(var(t3), int(d)), mul(var(h), int(dh_))), var(c2)), int(4 * j as i64));
+        axpy.push(set(a, fma(var(pt), load4(v_, at), var(a))));
+    }
+    let mut pv = zero_acc;
+    pv.push(for_(t3, int(0), var(len), 1, axpy));
+    for (j, &a) in acc.iter().enumerate() {
+        pv.push(store(out_, add(add(var(qb), var(c2)), int(4 * j as i64)), mul(var(a), splat(var(inv)))));
+    }
+    let row = vec![
+        // Rows after the cache's end are never visible (the interpreter refuses such a
+        // position; the kernel clamps so that it cannot read past the cache).
+        let_(len, add(min(add(var(p0), var(i)), int(s_ - 1)), int(1))),
+        let_(qb, add(mul(var(i), int(d)), mul(var(h), int(dh_)))),
+        let_(sb, mul(var(h), int(s_))),
+        let_(mx, f(f32::NEG_INFINITY)),
+        scores,
+        let_(sum, f(0.0)),
+        exps,
+        let_(inv, div(f(1.0), var(sum))),
+        for_(c2, int(0), int(dh_), 4 * w, pv),
+    ];
+    let body = vec![for_(
+        h,
+        var(START),
+        var(END),
+        1,
+        vec![let_(p0, max(load_i(pos_, int(0)), int(0))), for_(i, int(0), int(m as i64), 1, row)],
+    )];
+    Ok(kernel(
+        format!("cache_attention_{m}x{s}x{heads}x{dh}"),
+        vec![
+            buf("q", m * heads * dh),
+            buf("k", s * heads * dh),
+            buf("v", s * heads * dh),
+            ibuf("position", 1),
+            buf("out", m * heads * dh),
+            buf("scores", heads * s),
+        ],
+        heads,
+        // An upper bound (every row visible): what the runtime weighs to split the launch.
+        4 * m * heads * s * dh,
+        body,
+        vars,
+    ))
+}
+
 /// Layer norm over rows of `d`; with `affine`, buffers are (x, gamma, beta, out), else (x, out).
 fn layer_norm_kernel(rows: usize, d: usize, eps: f32, affine: bool) -> Kernel {
     let ob = if affine { 3 } else { 1 };
@@ -1145,6 +1269,13 @@ pub fn lower_op(
                 vars,
             );
             one(k, ins(3))
+        }
+        Op::CacheAttention { heads } => {
+            let (m, s) = (inputs[0].shape[0], inputs[1].shape[0]);
+            let dh = inputs[0].shape[1] / heads;
+            let k = cache_attention_kernel(m, s, *heads, dh)?;
+            let slots = [ins(4), vec![Slot::Scratch(0)]].concat();
+            Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![heads * s * 4] })
         }
         Op::CausalMask { len } => {
             let mut vars = Vars::new();

@@ -112,3 +112,30 @@ fn odd_shapes_take_the_remainder_paths() {
         assert!(e < 1e-5, "{op:?} {a:?} x {b:?}: {e}");
     }
 }
+
+#[test]
+fn cache_attention_sees_exactly_the_rows_up_to_each_query_position() {
+    // Head sizes on both block paths (16-column blocks, and 4), several query rows, and the
+    // first and last positions; the cache rows after the last visible one hold huge values,
+    // which any read past the position would show.
+    for (m, s, heads, dh, pos) in
+        [(1, 9, 2, 4, 0), (1, 9, 2, 4, 8), (3, 10, 3, 20, 4), (2, 7, 2, 64, 5), (1, 448, 8, 64, 30)]
+    {
+        let d = heads * dh;
+        let q = Tensor::f32([m, d], noise(m * d, 11));
+        let mut kv = [noise(s * d, 12), noise(s * d, 13)];
+        for c in &mut kv {
+            for x in &mut c[(pos + m) * d..] {
+                *x = 1e30;
+            }
+        }
+        let (k, v) = (Tensor::f32([s, d], kv[0].clone()), Tensor::f32([s, d], kv[1].clone()));
+        let p = Tensor::i32([1], vec![pos as i32]);
+        let op = Op::CacheAttention { heads };
+        let args = [&q, &k, &v, &p];
+        let want = eval(&op, &args).unwrap();
+        let got = wcc_backend::jit::run_op(&op, &args, &wcc_ir::TensorType::f32([m, d]), false).unwrap();
+        let e = rel_err(got.as_f32().unwrap(), want.as_f32().unwrap());
+        assert!(e < 1e-5, "m={m} s={s} heads={heads} dh={dh} pos={pos}: {e}");
+    }
+}

@@ -160,6 +160,28 @@ impl Graph {
         self.outputs = self.outputs.iter().map(map).collect();
     }
 
+    /// Drops the nodes no graph output depends on, then [`Graph::canonicalize`]s. Passes
+    /// that replace a subgraph by one node call it to remove what they replaced; every op is
+    /// pure, so a node nothing reads computes nothing observable.
+    pub fn remove_dead_nodes(&mut self) {
+        let mut live = vec![false; self.values.len()];
+        for &o in &self.outputs {
+            live[o.index()] = true;
+        }
+        for node in self.nodes.iter().rev() {
+            if live[node.output.index()] {
+                for &i in &node.inputs {
+                    live[i.index()] = true;
+                }
+            }
+        }
+        self.nodes.retain(|n| live[n.output.index()]);
+        for (i, node) in self.nodes.iter().enumerate() {
+            self.values[node.output.index()].def = ValueDef::Node(i);
+        }
+        self.canonicalize();
+    }
+
     /// How many nodes use each value (graph outputs count as a use).
     pub fn use_counts(&self) -> Vec<usize> {
         let mut uses = vec![0; self.values.len()];

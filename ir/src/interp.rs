@@ -337,6 +337,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
         }
         Op::Gather => gather(args[0], args[1].as_i32()?)?,
         Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, f(2)?)?,
+        Op::CacheAttention { heads } => cache_attention(args[0], f(1)?, f(2)?, args[3].as_i32()?, *heads)?,
         Op::CausalMask { len } => {
             let pos = position(args[0].as_i32()?, *len)?;
             Tensor::f32([1, *len], (0..*len).map(|j| if j <= pos { 0.0 } else { f32::NEG_INFINITY }).collect())
@@ -678,4 +679,34 @@ fn scatter_row(cache: &Tensor, index: &[i32], row: &[f32]) -> Result<Tensor, Int
     let mut out = cache.as_f32()?.to_vec();
     out[i * d..(i + 1) * d].copy_from_slice(row);
     Ok(Tensor::f32([s, d], out))
+}
+
+/// `cache_attention`: per query row and head, scores over the visible cache rows, softmax
+/// (as [`softmax`] computes it), then the probability-weighted sum of the value rows.
+fn cache_attention(q: &Tensor, k: &[f32], v: &[f32], pos: &[i32], heads: usize) -> Result<Tensor, InterpError> {
+    let (m, d) = (q.shape[0], q.shape[1]);
+    let s = k.len() / d;
+    let dh = d / heads;
+    let p = position(pos, s)?;
+    if p + m > s {
+        return Err(InterpError(format!("{m} query rows from position {p} run past the cache's {s} rows")));
+    }
+    let qd = q.as_f32()?;
+    let mut out = vec![0.0f32; m * d];
+    for i in 0..m {
+        let len = p + i + 1;
+        for h in 0..heads {
+            let qh = &qd[i * d + h * dh..i * d + (h + 1) * dh];
+            let scores: Vec<f32> = (0..len).map(|t| dot(qh, &k[t * d + h * dh..t * d + (h + 1) * dh])).collect();
+            let probs = softmax(&Tensor::f32([len], scores))?;
+            let probs = probs.as_f32()?;
+            let o = &mut out[i * d + h * dh..i * d + (h + 1) * dh];
+            for (t, &pt) in probs.iter().enumerate() {
+                for (oj, &vj) in o.iter_mut().zip(&v[t * d + h * dh..t * d + (h + 1) * dh]) {
+                    *oj += pt * vj;
+                }
+            }
+        }
+    }
+    Ok(Tensor::f32([m, d], out))
 }

@@ -70,6 +70,13 @@ pub enum Op {
     QMatMul,
     /// `-> f32[1]`: a constant, such as a calibrated static quantization scale.
     Fill { value: f32 },
+    /// Attention of `M` query rows over a key/value cache in its stored layout:
+    /// `q f32[M, D], k f32[S, D], v f32[S, D], position i32[1] -> f32[M, D]`, `D = heads·dh`.
+    /// Query row `i` sits at position `p + i` and sees cache rows `t <= p + i` only (causal);
+    /// for head `h` (columns `h·dh..(h+1)·dh`):
+    /// `out[i, h·dh + j] = Σ_t softmax_t(Σ_c q[i, h·dh+c]·k[t, h·dh+c]) · v[t, h·dh + j]`.
+    /// No scaling: Whisper's `dh^-1/4` is already in `q` and `k`. `p + M - 1` must be `< S`.
+    CacheAttention { heads: usize },
 }
 
 impl Op {
@@ -99,6 +106,7 @@ impl Op {
             Op::QLinear { .. } => "qlinear",
             Op::QMatMul => "qmatmul",
             Op::Fill { .. } => "fill",
+            Op::CacheAttention { .. } => "cache_attention",
         }
     }
 
@@ -123,6 +131,7 @@ impl Op {
             }
             Op::CausalMask { len } => vec![("len", len.to_string())],
             Op::Fill { value } => vec![("value", format!("{value:?}"))],
+            Op::CacheAttention { heads } => vec![("heads", heads.to_string())],
             Op::Concat { axis } => vec![("axis", axis.to_string())],
             Op::FusedLinear { gelu, residual } | Op::QLinear { gelu, residual } => {
                 vec![("gelu", gelu.to_string()), ("residual", residual.to_string())]
@@ -189,6 +198,7 @@ impl Op {
             "gather" => Op::Gather,
             "scatter_row" => Op::ScatterRow,
             "causal_mask" => Op::CausalMask { len: usize_("len")? },
+            "cache_attention" => Op::CacheAttention { heads: usize_("heads")? },
             "fill" => Op::Fill { value: f32_("value")? },
             "concat" => Op::Concat { axis: usize_("axis")? },
             "fused_linear" => Op::FusedLinear { gelu: bool_("gelu")?, residual: bool_("residual")? },
@@ -236,6 +246,7 @@ impl Op {
             }
             Op::RowScale | Op::RowSum => (1, 1),
             Op::QMatMul => (5, 5),
+            Op::CacheAttention { .. } => (4, 4),
             Op::Fill { .. } => (0, 0),
             Op::Linear => (2, 3),
             Op::MatMul { .. } | Op::Add | Op::Mul => (2, 2),
@@ -313,6 +324,21 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
     };
     match op {
         Op::Fill { .. } => Ok(TensorType::f32([1])),
+        Op::CacheAttention { heads } => {
+            let (q, k, v) = (float(0)?, float(1)?, float(2)?);
+            int_scalar(3)?;
+            if q.rank() != 2 || k.rank() != 2 || k.shape != v.shape || q.shape[1] != k.shape[1] {
+                return Err(shape_err());
+            }
+            let d = q.shape[1];
+            if *heads == 0 || d % heads != 0 || d == 0 || q.shape[0] == 0 || q.shape[0] > k.shape[0] {
+                return Err(format!(
+                    "cache_attention{{heads={heads}}} needs D > 0 divisible by the heads and 0 < M <= S, got ({})",
+                    [q, k, v].iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            Ok(TensorType::f32(q.shape.clone()))
+        }
         Op::RowScale => {
             let x = float(0)?;
             Ok(TensorType::f32([rows(x)?]))

@@ -3,12 +3,14 @@
 //! ([`run_observed`]) applies passes by name, verifies the module after each one (a failure
 //! names the pass), and lets the caller look at the module after every pass (`--dump-ir`).
 
+mod attention;
 mod fold;
 pub mod fuse;
 mod hoist_cross_kv;
 pub mod quantize;
 mod timesteps;
 
+pub use attention::attention;
 pub use fold::fold;
 pub use fuse::fuse;
 pub use hoist_cross_kv::hoist_cross_kv;
@@ -82,6 +84,11 @@ pub const PASSES: &[Pass] = &[
         name: "fuse",
         about: "equality saturation (egg) picks fused kernels: linear+GELU, linear+residual, mask+softmax",
         run: |m, _| fuse(m),
+    },
+    Pass {
+        name: "attention",
+        about: "the decoder's self-attention over the KV cache as one op: no per-step cache transposes, only the filled rows",
+        run: |m, _| attention(m),
     },
     Pass {
         name: "quantize",
