@@ -171,7 +171,7 @@ enum Command {
         /// audio is transcribed in windows of this length.
         #[arg(long, default_value = "3000")]
         timesteps: wcc::Timesteps,
-        /// host, x86_64-v2, x86_64-v3, x86_64-v4 or aarch64.
+        /// host, x86_64-v2, x86_64-v3, x86_64-v4, aarch64 or aarch64-i8mm (Armv8.6 int8: `usdot`).
         #[arg(long, default_value = "host")]
         target: String,
         #[arg(short, long)]

@@ -44,6 +44,9 @@ fn cranelift_flag(feature: &str) -> Option<&'static str> {
         "avx512bw" => "has_avx512bw",
         // With avx512vl, the widening dot-product tree becomes one EVEX `vpdpbusd`.
         "avx512vnni" => "has_avx512vnni",
+        // aarch64: the dot-product tree becomes one `usdot` (unsigned × signed) with i8mm.
+        "dotprod" => "has_dotprod",
+        "i8mm" => "has_i8mm",
         _ => return None,
     })
 }
@@ -92,6 +95,7 @@ pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendErro
         elems: k.buffers.iter().map(|b| b.elem).collect(),
         fma: isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
             || isa.name() == "aarch64",
+        arm: isa.name() == "aarch64",
         name: k.name.clone(),
     };
     for (i, _) in k.buffers.iter().enumerate() {
@@ -124,12 +128,27 @@ pub fn compile(k: &Kernel, isa: &dyn TargetIsa) -> Result<Vec<u8>, BackendError>
     Ok(code.code_buffer().to_vec())
 }
 
+/// The kernel's machine code as text (Cranelift's listing of the final instructions), for
+/// tests and dumps that check an instruction was selected (`vpdpbusd`, `usdot`) on any host,
+/// without a disassembler for the target.
+pub fn listing(k: &Kernel, isa: &dyn TargetIsa) -> Result<String, BackendError> {
+    let func = function(k, isa)?;
+    let mut ctx = Context::for_function(func);
+    ctx.set_disasm(true);
+    let code = ctx
+        .compile(isa, &mut ControlPlane::default())
+        .map_err(|e| BackendError(format!("kernel {}: cranelift: {:?}", k.name, e.inner)))?;
+    Ok(code.vcode.clone().unwrap_or_default())
+}
+
 struct Emitter<'a> {
     b: FunctionBuilder<'a>,
     vars: Vec<Option<(Variable, Ty)>>,
     bases: Vec<Value>,
     elems: Vec<Elem>,
     fma: bool,
+    /// aarch64: operand order of the dot-product tree (see `Expr::Dot4`).
+    arm: bool,
     name: String,
 }
 
@@ -458,15 +477,26 @@ impl Emitter<'_> {
                 if (tc, ta, tb) != (Ty::I32x4, Ty::I8x16, Ty::U8x16) {
                     return self.err(format!("dot4 of {}, {}, {}", tc.name(), ta.name(), tb.name()));
                 }
-                // Exactly the tree of Cranelift's `vpdpbusd` rule (x64 lower.isle): products
-                // of sign- and zero-extended halves in i16 (exact: |i8·u8| < 2^15), widened
-                // and summed pairwise twice, added to the accumulator. Without VNNI the same
-                // tree is computed by the generic lowering, with the same result.
+                // Exactly the tree of Cranelift's `vpdpbusd` rule (x64 lower.isle) and of its
+                // aarch64 `usdot` rule (FEAT_I8MM): products of sign- and zero-extended
+                // halves in i16 (exact: |i8·u8| < 2^15), widened and summed pairwise twice,
+                // added to the accumulator. The rules match the product's operands in a
+                // fixed order (x64: signed first; aarch64: unsigned first), so the order
+                // follows the ISA. Without VNNI / i8mm the same tree is computed by the
+                // generic lowering, with the same result.
+                let unsigned_first = self.arm;
                 let b = &mut self.b;
+                let mul = |b: &mut FunctionBuilder, s: Value, u: Value| {
+                    if unsigned_first {
+                        b.ins().imul(u, s)
+                    } else {
+                        b.ins().imul(s, u)
+                    }
+                };
                 let (al, bl) = (b.ins().swiden_low(a), b.ins().uwiden_low(x_));
-                let lo = b.ins().imul(al, bl);
+                let lo = mul(b, al, bl);
                 let (ah, bh) = (b.ins().swiden_high(a), b.ins().uwiden_high(x_));
-                let hi = b.ins().imul(ah, bh);
+                let hi = mul(b, ah, bh);
                 let (lol, loh) = (b.ins().swiden_low(lo), b.ins().swiden_high(lo));
                 let pl = b.ins().iadd_pairwise(lol, loh);
                 let (hil, hih) = (b.ins().swiden_low(hi), b.ins().swiden_high(hi));

@@ -186,3 +186,22 @@ fn the_int8_reduction_is_one_vpdpbusd_on_vnni_targets() {
     assert_eq!(with, 17, "one vpdpbusd per dot4 on an AVX512-VNNI target");
     assert_eq!(count(&plain), Some(0), "no VNNI on x86-64-v3: the widening tree instead");
 }
+
+#[test]
+fn the_int8_reduction_is_one_usdot_on_aarch64_with_i8mm() {
+    // Checked on Cranelift's listing of the final instructions, so it holds on any host.
+    let tys = qlinear_types(12, 16, 64);
+    let refs: Vec<&TensorType> = tys.iter().collect();
+    let op = Op::QLinear { gelu: false, residual: false };
+    let count = |level: &str, insn: &str| -> usize {
+        let t = wcc_targets::Target::named(level).unwrap();
+        let lowered = wcc_backend::lower::lower_op(&op, &refs, &TensorType::f32([12, 16]), false, &t).unwrap();
+        let isa = wcc_backend::cranelift::isa(&t).unwrap();
+        let text = wcc_backend::cranelift::listing(&lowered.launches[0].0, &*isa).unwrap();
+        text.lines().filter(|l| l.split_whitespace().next() == Some(insn)).count()
+    };
+    // 3 rows x 4 columns, 1 row x 4 columns, 1 row x 1 column: 17 dot products per step.
+    assert_eq!(count("aarch64-i8mm", "usdot"), 17, "one usdot per dot4 with FEAT_I8MM");
+    assert_eq!(count("aarch64", "usdot"), 0, "plain NEON: the widening tree");
+    assert!(count("aarch64", "smull") + count("aarch64", "umull") + count("aarch64", "mul") > 0);
+}

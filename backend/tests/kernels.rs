@@ -90,7 +90,7 @@ fn every_kernel_compiles_for_every_target_level() {
             })
             .unwrap();
         let program = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();
-        for level in ["x86_64-v2", "x86_64-v3", "x86_64-v4", "aarch64"] {
+        for level in ["x86_64-v2", "x86_64-v3", "x86_64-v4", "aarch64", "aarch64-i8mm"] {
             let target = wcc_targets::Target::named(level).unwrap();
             let isa = wcc_backend::cranelift::isa(&target).unwrap();
             let mut bytes = 0;

@@ -50,7 +50,7 @@ pub struct Target {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("unknown target `{0}` (targets: host, x86_64-v2, x86_64-v3, x86_64-v4, aarch64)")]
+    #[error("unknown target `{0}` (targets: host, x86_64-v2, x86_64-v3, x86_64-v4, aarch64, aarch64-i8mm)")]
     Unknown(String),
     #[error("the host architecture `{0}` is not supported (x86_64 and aarch64 are)")]
     UnsupportedHost(String),
@@ -71,6 +71,7 @@ impl Target {
     /// Resolves `host` or a named level.
     pub fn named(name: &str) -> Result<Target, TargetError> {
         let x86 = |f: &[&str]| Target { arch: "x86_64".into(), features: f.iter().map(|s| s.to_string()).collect() };
+        let arm = |f: &[&str]| Target { arch: "aarch64".into(), features: f.iter().map(|s| s.to_string()).collect() };
         const V2: &[&str] = &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
         const V3: &[&str] =
             &["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt", "avx", "avx2", "fma", "bmi1", "bmi2", "lzcnt", "f16c"];
@@ -79,7 +80,9 @@ impl Target {
             "x86_64-v2" => x86(V2),
             "x86_64-v3" => x86(V3),
             "x86_64-v4" => x86(&[V3, &["avx512f", "avx512vl", "avx512dq", "avx512bw"]].concat()),
-            "aarch64" => Target { arch: "aarch64".into(), features: vec!["neon".into()] },
+            "aarch64" => arm(&["neon"]),
+            // Armv8.6 (Neoverse V1/N2, Apple M2 and later): the mixed-sign `usdot`.
+            "aarch64-i8mm" => arm(&AARCH64_FEATURES),
             other => return Err(TargetError::Unknown(other.into())),
         };
         if t.arch == "x86_64" && !t.has("sse4.1") {
@@ -89,8 +92,13 @@ impl Target {
     }
 }
 
-/// Whether the running CPU has `feature` (a name of [`X86_FEATURES`] or `neon`); unknown
-/// names are reported as absent.
+/// The aarch64 features wcc knows by name: NEON (required), the signed dot product
+/// (FEAT_DotProd, `sdot`) and the int8 matrix extension (FEAT_I8MM, whose `usdot` multiplies
+/// unsigned activations by signed weights, the form of wcc's int8 kernels).
+pub const AARCH64_FEATURES: [&str; 3] = ["neon", "dotprod", "i8mm"];
+
+/// Whether the running CPU has `feature` (a name of [`X86_FEATURES`] or
+/// [`AARCH64_FEATURES`]); unknown names are reported as absent.
 pub fn host_has(feature: &str) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -98,7 +106,12 @@ pub fn host_has(feature: &str) -> bool {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        feature == "neon"
+        match feature {
+            "neon" => std::arch::is_aarch64_feature_detected!("neon"),
+            "dotprod" => std::arch::is_aarch64_feature_detected!("dotprod"),
+            "i8mm" => std::arch::is_aarch64_feature_detected!("i8mm"),
+            _ => false,
+        }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
@@ -115,7 +128,10 @@ pub fn host() -> Result<Target, TargetError> {
             arch: arch.into(),
             features: X86_FEATURES.iter().filter(|f| host_has(f)).map(|f| f.to_string()).collect(),
         }),
-        "aarch64" => Ok(Target { arch: arch.into(), features: vec!["neon".into()] }),
+        "aarch64" => Ok(Target {
+            arch: arch.into(),
+            features: AARCH64_FEATURES.iter().filter(|f| host_has(f)).map(|f| f.to_string()).collect(),
+        }),
         other => Err(TargetError::UnsupportedHost(other.into())),
     }
 }
