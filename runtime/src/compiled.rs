@@ -47,16 +47,14 @@ struct PreparedGraph {
     outputs: Vec<IoSlot>,
 }
 
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u8; 64]);
-
 /// A loaded `.wbin`.
 pub struct CompiledModel {
     file: WbinFile,
     // Kept alive: the kernels' machine code (read + execute, never writable).
     _code: Mmap,
-    arena: Vec<Line>,
+    /// Anonymous memory: zeroed and page-aligned, its pages faulted in on first use, so a
+    /// large arena costs nothing at load.
+    arena: MmapMut,
     encoder: PreparedGraph,
     decoder: PreparedGraph,
     pool: Option<rayon::ThreadPool>,
@@ -94,7 +92,8 @@ impl CompiledModel {
             fns.push(unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) });
         }
         let arena_bytes = h.arena_bytes as usize;
-        let mut arena = vec![Line([0; 64]); arena_bytes.div_ceil(64).max(1)];
+        let mut arena =
+            MmapMut::map_anon(arena_bytes.max(1)).map_err(|e| invalid(path, format!("arena memory: {e}")))?;
         let arena_ptr = arena.as_mut_ptr() as *mut u8;
         let weights_ptr = s.weights.as_ptr() as *mut u8;
         let prepare = |name: &str| -> Result<PreparedGraph, WbinError> {
