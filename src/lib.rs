@@ -1,6 +1,7 @@
 //! The `wcc` driver: glue between the compiler crates and the runtime, used by the CLI and
 //! the end-to-end tests. The CLI itself (`main.rs`) only parses flags and calls in here.
 
+pub mod bench;
 pub mod interpret;
 pub mod quantize_report;
 

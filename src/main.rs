@@ -209,6 +209,21 @@ enum Command {
     },
     /// Print the header of a `.wbin`.
     Info { wbin: PathBuf },
+    /// Time a compiled model: load, log-mel, encoder, decoder step, end to end (median and
+    /// spread over runs), and each kernel class's rate against this machine's peak.
+    Bench {
+        wbin: PathBuf,
+        /// Audio to transcribe; without it, 30 s of generated audio.
+        clip: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Timed runs, after one warm-up run.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the log-mel features wcc computes for an audio file (first window) as .npy.
     Features {
         audio: PathBuf,
@@ -443,6 +458,14 @@ fn run(cli: Cli) -> Result<()> {
                 for (name, t, n) in m.profile() {
                     eprintln!("{:>9.2} {n:>7}  {name}", t * 1e3);
                 }
+            }
+        }
+        Command::Bench { wbin, clip, threads, runs, json } => {
+            let r = wcc::bench::bench(&wbin, clip.as_deref(), threads, runs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                wcc::bench::print(&r);
             }
         }
         Command::Info { wbin } => {

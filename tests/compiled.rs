@@ -101,3 +101,37 @@ fn tiny_en_dev_set_tokens_equal_ctranslate2() {
 fn base_dev_set_tokens_equal_ctranslate2() {
     dev_set_matches_ctranslate2("base");
 }
+
+/// The same `.wbin` gives the same tokens at 1, 2 and 4 threads and when run again: every
+/// kernel computes each output element in one fixed order, whichever thread runs it.
+#[test]
+fn tokens_do_not_depend_on_the_thread_count_or_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wbin = tmp.path().join("tiny8.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let clips = manifest_clips();
+    let run = |threads: usize| -> (Vec<Vec<u32>>, Vec<(String, Vec<f32>)>) {
+        let mut m = CompiledModel::load(&wbin, threads).unwrap();
+        let tok = m.tokenizer().unwrap();
+        let cfg = m.header().generation.clone();
+        let tokens = clips
+            .iter()
+            .map(|c| {
+                let samples = wcc_runtime::audio::load_audio(c).unwrap();
+                transcribe(&mut m, &tok, &cfg, &samples, &TranscribeOptions::default()).unwrap().tokens()
+            })
+            .collect();
+        // The encoder outputs of the last clip, bit for bit.
+        (tokens, m.encoder_outputs())
+    };
+    let (want, want_enc) = run(2);
+    for threads in [1, 4, 2] {
+        let (got, got_enc) = run(threads);
+        for ((c, a), b) in clips.iter().zip(&want).zip(&got) {
+            assert_eq!(a, b, "{}: tokens at {threads} threads differ from 2 threads", c.display());
+        }
+        for ((name, a), (_, b)) in want_enc.iter().zip(&got_enc) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs at {threads} threads");
+        }
+    }
+}

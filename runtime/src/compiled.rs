@@ -4,45 +4,19 @@
 use std::path::Path;
 
 use memmap2::{Mmap, MmapMut};
-use rayon::prelude::*;
 
 use crate::decode::Decoder;
 use crate::tokenizer::WhisperTokenizer;
 use crate::transcribe::WhisperModel;
 use crate::wbin::{BufRef, Header, IoSlot, WbinError, WbinFile};
 
-/// The kernel ABI: `(buffer pointers, runtime function table, start, end)`.
-type KernelFn = unsafe extern "C" fn(*const *mut u8, *const u8, i64, i64);
-
-/// Functions the runtime offers kernels (reserved for micro-kernels; empty in format v1).
-#[repr(C)]
-struct RuntimeTable {
-    version: u64,
-}
-
-static RUNTIME_TABLE: RuntimeTable = RuntimeTable { version: 1 };
+use crate::team::{run_alone, split_ranges, KernelFn, Launch, Team};
 
 /// Below this much work per call a kernel runs on one thread: waking the others costs more.
 const PARALLEL_MIN_FLOPS: u64 = 200_000;
 
-struct PreparedLaunch {
-    kernel: usize,
-    f: KernelFn,
-    ptrs: Vec<*mut u8>,
-    extent: u64,
-    split: bool,
-}
-
-// SAFETY: the pointers point into the arena and the mapped weights, both owned by the
-// `CompiledModel` for as long as the launches exist. When a launch is split across
-// threads, each thread runs a disjoint sub-range of the kernel's parallel loop, and every
-// kernel writes only the output elements of its own parallel indices (a property of the
-// lowering), so the threads never write the same memory.
-unsafe impl Sync for PreparedLaunch {}
-unsafe impl Send for PreparedLaunch {}
-
 struct PreparedGraph {
-    launches: Vec<PreparedLaunch>,
+    launches: Vec<Launch>,
     inputs: Vec<IoSlot>,
     outputs: Vec<IoSlot>,
 }
@@ -57,8 +31,8 @@ pub struct CompiledModel {
     arena: MmapMut,
     encoder: PreparedGraph,
     decoder: PreparedGraph,
-    pool: Option<rayon::ThreadPool>,
-    threads: usize,
+    /// The other threads (none for one thread).
+    team: Option<Team>,
     logits: IoSlot,
     /// Seconds and calls per kernel, when profiling.
     profile: Option<std::cell::RefCell<Vec<(f64, u64)>>>,
@@ -151,12 +125,13 @@ impl CompiledModel {
                     ptrs.push(unsafe { base.add(offset as usize) });
                 }
                 let split = threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
-                launches.push(PreparedLaunch {
+                launches.push(Launch {
                     kernel: l.kernel as usize,
                     f: fns[l.kernel as usize],
                     ptrs,
                     extent: entry.parallel_extent,
                     split,
+                    ranges: if split { split_ranges(entry.parallel_extent, threads) } else { vec![] },
                 });
             }
             for slot in g.inputs.iter().chain(&g.outputs) {
@@ -174,17 +149,12 @@ impl CompiledModel {
             .find(|o| o.name == "logits")
             .cloned()
             .ok_or_else(|| invalid(path, "the decoder has no logits output"))?;
-        let pool = if threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .map_err(|e| invalid(path, format!("threads: {e}")))?,
-            )
+        let team = if threads > 1 {
+            Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
             None
         };
-        Ok(CompiledModel { file, _code: code, arena, encoder, decoder, pool, threads, logits, profile: None })
+        Ok(CompiledModel { file, _code: code, arena, encoder, decoder, team, logits, profile: None })
     }
 
     /// Starts timing every kernel launch (see [`CompiledModel::profile`]).
@@ -259,31 +229,11 @@ impl CompiledModel {
     }
 
     fn run(&self, g: &PreparedGraph) {
-        for l in &g.launches {
-            let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let call = |start: u64, end: u64| {
-                if start < end {
-                    let rt = &RUNTIME_TABLE as *const RuntimeTable as *const u8;
-                    // SAFETY: see `PreparedLaunch`: buffers bounds-checked at load, code
-                    // compiled for this CPU, disjoint ranges per thread.
-                    unsafe { (l.f)(l.ptrs.as_ptr(), rt, start as i64, end as i64) };
-                }
-            };
-            match (&self.pool, l.split) {
-                (Some(pool), true) => {
-                    let n = self.threads as u64;
-                    let chunk = l.extent.div_ceil(n);
-                    pool.install(|| {
-                        (0..n).into_par_iter().for_each(|t| call(t * chunk, ((t + 1) * chunk).min(l.extent)))
-                    });
-                }
-                _ => call(0, l.extent),
-            }
-            if let (Some(p), Some(t0)) = (&self.profile, t0) {
-                let e = &mut p.borrow_mut()[l.kernel];
-                e.0 += t0.elapsed().as_secs_f64();
-                e.1 += 1;
-            }
+        let mut profile = self.profile.as_ref().map(|p| p.borrow_mut());
+        let profile = profile.as_deref_mut().map(|v| v.as_mut_slice());
+        match &self.team {
+            Some(team) => team.run(&g.launches, profile),
+            None => run_alone(&g.launches, profile),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod compiled;
 pub mod decode;
 pub mod mel;
 pub mod npy;
+mod team;
 pub mod tokenizer;
 pub mod transcribe;
 /// The `.wbin` format lives in its own crate, shared with the compiler.
