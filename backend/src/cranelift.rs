@@ -246,12 +246,19 @@ impl Emitter<'_> {
                 let i = self.b.use_var(iv);
                 let c = self.b.ins().icmp(IntCC::SignedLessThan, i, e);
                 self.b.ins().brif(c, body_block, &[], exit, &[]);
+                // Seal each block as soon as all its predecessors exist, so that a variable
+                // the loop does not assign reaches the body as the value from before the
+                // loop, not as a block parameter of the header: only then is an expression of
+                // such variables seen as loop-invariant (and hoisted out of the loop).
+                self.b.seal_block(body_block);
                 self.b.switch_to_block(body_block);
                 self.stmts(body)?;
                 let i = self.b.use_var(iv);
                 let next = self.b.ins().iadd_imm_s(i, *step);
                 self.b.def_var(iv, next);
                 self.b.ins().jump(header, &[]);
+                self.b.seal_block(header);
+                self.b.seal_block(exit);
                 self.b.switch_to_block(exit);
             }
         }
