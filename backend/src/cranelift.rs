@@ -331,16 +331,35 @@ impl Emitter<'_> {
         }
     }
 
+    /// `if cond then a else b` per lane (`cond` from an `fcmp` of this type).
+    fn select_f(&mut self, ty: Ty, cond: Value, a: Value, b: Value) -> Value {
+        match ty {
+            Ty::F32x4 => {
+                let mask = self.bits_as_float(ty, cond);
+                self.b.ins().bitselect(mask, a, b)
+            }
+            _ => self.b.ins().select(cond, a, b),
+        }
+    }
+
     /// `e^x`: range reduction `x = n·ln2 + r`, a degree-6 Taylor polynomial on
     /// `|r| ≤ ln2/2` (relative error < 2e-7), and `2^n` built in the exponent bits.
-    /// Inputs below -87.3 give exactly 0 (so a `-inf` mask gives a zero weight).
+    /// Inputs below -87.3 give exactly 0 (so a `-inf` mask gives a zero weight); NaN stays
+    /// NaN. Written for x86's vector unit: the clamps are a compare and a blend (IEEE
+    /// `fmin`/`fmax` expand to several instructions each), and `n` is rounded and turned
+    /// into an integer by adding `1.5·2^23` (the float's low mantissa bits are then `n`),
+    /// not by a rounding plus a saturating conversion.
     fn exp(&mut self, ty: Ty, x: Value) -> Value {
         let (lo, hi) = (self.fconst(ty, -87.3), self.fconst(ty, 88.7));
-        let xc = self.b.ins().fmin(x, hi);
-        let xc = self.b.ins().fmax(xc, lo);
+        let over = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+        let xc = self.select_f(ty, over, hi, x);
+        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let xc = self.select_f(ty, under, lo, xc);
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
-        let t = self.b.ins().fmul(xc, log2e);
-        let n = self.b.ins().nearest(t);
+        let magic = self.fconst(ty, 12_582_912.0);
+        // t + 1.5·2^23 rounds t to the nearest integer n (|n| ≤ 128 here).
+        let tm = self.fma(xc, log2e, magic);
+        let n = self.b.ins().fsub(tm, magic);
         let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
         let r = self.fma(n, ln2_hi, xc);
         let r = self.fma(n, ln2_lo, r);
@@ -349,24 +368,16 @@ impl Emitter<'_> {
             let cv = self.fconst(ty, c);
             p = self.fma(p, r, cv);
         }
-        let ni = match ty {
-            Ty::F32x4 => self.b.ins().fcvt_to_sint_sat(I32X4, n),
-            _ => self.b.ins().fcvt_to_sint_sat(I32, n),
-        };
-        let bias = self.iconst32(ty, 127);
-        let e = self.b.ins().iadd(ni, bias);
+        // The bits of tm are 0x4B400000 + n (two's complement in the low bits); adding
+        // 127 - 0x4B400000 leaves n + 127, the biased exponent of 2^n, shifted into place.
+        let bits = self.float_bits(ty, tm);
+        let bias = self.iconst32(ty, (127i32 - 0x4B40_0000) as u32 as i64);
+        let e = self.b.ins().iadd(bits, bias);
         let e = self.b.ins().ishl_imm_u(e, 23);
         let scale = self.bits_as_float(ty, e);
         let res = self.b.ins().fmul(p, scale);
         let zero = self.fconst(ty, 0.0);
-        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
-        match ty {
-            Ty::F32x4 => {
-                let mask = self.bits_as_float(ty, under);
-                self.b.ins().bitselect(mask, zero, res)
-            }
-            _ => self.b.ins().select(under, zero, res),
-        }
+        self.select_f(ty, under, zero, res)
     }
 
     /// `erf(x)` by Abramowitz & Stegun 7.1.26: `1 - poly(t)·e^(-x²)`, `t = 1/(1 + p|x|)`,
