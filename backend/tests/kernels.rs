@@ -124,6 +124,22 @@ fn odd_shapes_take_the_remainder_paths() {
         let e = rel_err(got.as_f32().unwrap(), want.as_f32().unwrap());
         assert!(e < 1e-5, "{op:?} {a:?} x {b:?}: {e}");
     }
+    // A linear layer with every epilogue, rows not a multiple of the 3-row block or of the
+    // row tile (7, 31), columns not a multiple of 4 or 16, a reduction not a multiple of 4.
+    for (m, n, k) in [(7, 37, 13), (31, 21, 6), (1, 5, 3), (2, 18, 9)] {
+        let x = Tensor::f32([m, k], noise(m * k, 5));
+        let w = Tensor::f32([n, k], noise(n * k, 6));
+        let b = Tensor::f32([n], noise(n, 7));
+        let r = Tensor::f32([m, n], noise(m * n, 8));
+        for (gelu, residual) in [(false, false), (true, false), (false, true), (true, true)] {
+            let op = Op::FusedLinear { gelu, residual };
+            let args: Vec<&Tensor> = if residual { vec![&x, &w, &b, &r] } else { vec![&x, &w, &b] };
+            let want = eval(&op, &args).unwrap();
+            let got = wcc_backend::jit::run_op(&op, &args, &wcc_ir::TensorType::f32([m, n]), false).unwrap();
+            let e = rel_err(got.as_f32().unwrap(), want.as_f32().unwrap());
+            assert!(e < 1e-5, "{op:?} {m}x{n}x{k}: {e}");
+        }
+    }
 }
 
 #[test]
