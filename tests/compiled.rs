@@ -135,3 +135,35 @@ fn tokens_do_not_depend_on_the_thread_count_or_the_run() {
         }
     }
 }
+
+/// A token or position out of range is refused by the compiled step as by the interpreter
+/// (the kernels clamp indices, so without the check it would be a silent wrong answer).
+#[test]
+fn compiled_step_refuses_a_token_or_position_out_of_range() {
+    use wcc_runtime::decode::Decoder;
+    let tmp = tempfile::tempdir().unwrap();
+    let wbin = compile("tiny.en", tmp.path());
+    let mut m = CompiledModel::load(&wbin, 1).unwrap();
+    let cfg = m.header().generation.clone();
+    let mel = vec![-0.5f32; 80 * 3000];
+    m.encode(&mel).unwrap();
+    let n_vocab = m.step(cfg.special.sot, 0).unwrap().len();
+    let e = m.step(n_vocab as u32, 1).unwrap_err();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let e = m.step(cfg.special.sot, cfg.max_text_ctx).unwrap_err();
+    assert!(e.contains("outside the text context"), "{e}");
+    assert!(m.step(cfg.special.sot, cfg.max_text_ctx - 1).is_ok());
+    // The interpreter says the same of the same inputs.
+    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
+    let interp = wcc_ir::interp::Interpreter::new(&module, &loaded.checkpoint).unwrap();
+    let enc = module.graph("encoder").unwrap();
+    let out = interp
+        .run("encoder", &[wcc_ir::interp::Tensor::f32(enc.ty(enc.inputs[0]).shape.clone(), mel.clone())])
+        .unwrap();
+    let zeros = |ty: &wcc_ir::TensorType| wcc_ir::interp::Tensor::f32(ty.shape.clone(), vec![0.0; ty.numel()]);
+    let bad_token = decoder_step_inputs(&module, &out, n_vocab as i32, 1, &zeros);
+    assert!(interp.run("decoder_step", &bad_token).is_err());
+    let bad_pos = decoder_step_inputs(&module, &out, cfg.special.sot as i32, cfg.max_text_ctx as i32, &zeros);
+    assert!(interp.run("decoder_step", &bad_pos).is_err());
+}

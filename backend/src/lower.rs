@@ -1183,7 +1183,8 @@ pub fn lower_op(
         }
         Op::MaskedSoftmax => {
             let d = *out.shape.last().unwrap();
-            if inputs[1].numel() != d {
+            let m = &inputs[1].shape;
+            if m.last() != Some(&d) || m[..m.len() - 1].iter().any(|&e| e != 1) {
                 return Err(BackendError(format!(
                     "masked softmax: the mask {:?} must vary along the last axis only",
                     inputs[1].shape

@@ -168,3 +168,15 @@ fn cache_attention_sees_exactly_the_rows_up_to_each_query_position() {
         assert!(e < 1e-5, "m={m} s={s} heads={heads} dh={dh} pos={pos}: {e}");
     }
 }
+
+#[test]
+fn a_column_mask_is_not_lowered_as_a_row_mask() {
+    // `[8, 1]` has as many elements as a row of the scores but is a column: refused with the
+    // reason, where it used to be read as a row (a wrong result).
+    let (x, m) = (wcc_ir::TensorType::f32([2, 8, 8]), wcc_ir::TensorType::f32([8, 1]));
+    let t = wcc_targets::host().unwrap();
+    let e = wcc_backend::lower::lower_op(&Op::MaskedSoftmax, &[&x, &m], &x, false, &t).unwrap_err();
+    assert!(e.to_string().contains("must vary along the last axis only"), "{e}");
+    let row = wcc_ir::TensorType::f32([1, 8]);
+    assert!(wcc_backend::lower::lower_op(&Op::MaskedSoftmax, &[&x, &row], &x, false, &t).is_ok());
+}

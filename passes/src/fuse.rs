@@ -119,7 +119,9 @@ fn residual_fits(egraph: &mut EGraph<Term, Facts>, root: Id, subst: &Subst) -> b
 /// The mask `?m` varies along the last axis only (one mask row for every row of scores).
 fn mask_is_a_row(egraph: &mut EGraph<Term, Facts>, _root: Id, subst: &Subst) -> bool {
     match (shape_of(egraph, subst, "?s"), shape_of(egraph, subst, "?m")) {
-        (Some(s), Some(m)) => m.iter().product::<usize>() == *s.last().unwrap_or(&0),
+        // Same last extent, every other extent 1: a `[len, 1]` column has the right element
+        // count but adds one value per row, not per column.
+        (Some(s), Some(m)) => s.last().is_some() && m.last() == s.last() && m[..m.len() - 1].iter().all(|&e| e == 1),
         _ => false,
     }
 }

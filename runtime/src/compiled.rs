@@ -292,6 +292,17 @@ impl WhisperModel for CompiledModel {
 
 impl Decoder for CompiledModel {
     fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
+        // The kernels clamp what they index with (they never read outside a buffer), so a
+        // token or position out of range would give a wrong answer, not an error: refuse it
+        // here, as the interpreter does.
+        let n_vocab = self.logits.bytes() / 4;
+        if u64::from(token) >= n_vocab {
+            return Err(format!("token {token} is outside the vocabulary (0..{n_vocab})"));
+        }
+        let n_ctx = self.file.header.generation.max_text_ctx;
+        if position >= n_ctx {
+            return Err(format!("position {position} is outside the text context (0..{n_ctx})"));
+        }
         for i in 0..self.decoder.inputs.len() {
             let (name, at) = (self.decoder.inputs[i].name.clone(), self.decoder.inputs[i].offset as usize);
             let v = match name.as_str() {
