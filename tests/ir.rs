@@ -206,3 +206,22 @@ fn fold_and_fuse_preserve_what_tiny_en_computes() {
         }
     }
 }
+
+#[test]
+fn zero_sized_dimensions_are_refused_by_the_verifier_naming_the_tensor() {
+    // Rows are elements / last extent, heads divide widths: an empty tensor would reach a
+    // division by zero in the interpreter and the lowering, so the verifier refuses it.
+    let value = "module \"t\" {\n  graph main(%x: f32[0,8]) {\n    %y: f32[0,8] = gelu(%x)\n    return (%y)\n  }\n}\n";
+    let e = verify(&parse_module(value).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("%x") && e.contains("zero-sized"), "{e}");
+    let weight = "module \"t\" {\n  weight @w: f32[4,0] = \"w\"\n  graph main(%x: f32[2,0]) {\n    %y: f32[2,4] = linear(%x, @w)\n    return (%y)\n  }\n}\n";
+    let e = verify(&parse_module(weight).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("@w") && e.contains("zero-sized"), "{e}");
+    // The CLI says so and exits non-zero, without a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("empty.ir");
+    std::fs::write(&f, value).unwrap();
+    let out = wcc(&["opt", p(&f), "--passes", "fuse"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("zero-sized") && !err.contains("panicked"), "{err}");
+}

@@ -11,12 +11,15 @@ pub struct VerifyError(pub String);
 /// Checks that the module is well formed: weight names unique and every weight use matches
 /// its declaration; in each graph, values uniquely named, every operand defined before its
 /// use (no dangling edges), every node's declared type equal to the type its op infers,
-/// and inputs/outputs well defined.
+/// no tensor with a zero-sized dimension, and inputs/outputs well defined.
 pub fn verify(module: &Module) -> Result<(), VerifyError> {
     let mut names = HashSet::new();
     for w in &module.weights {
         if !names.insert(w.name.as_str()) {
             return Err(VerifyError(format!("weight @{} is declared twice", w.name)));
+        }
+        if w.ty.shape.contains(&0) {
+            return Err(VerifyError(format!("weight @{} has a zero-sized dimension: {}", w.name, w.ty)));
         }
         if let Some((a, b)) = w.source.rows {
             if a >= b || b - a != w.ty.shape.first().copied().unwrap_or(0) {
@@ -43,6 +46,11 @@ fn verify_graph(module: &Module, g: &Graph) -> Result<(), String> {
     for v in &g.values {
         if !names.insert(v.name.as_str()) {
             return Err(format!("value %{} is defined twice", v.name));
+        }
+        // Every op divides by some extent (rows = elements / last axis, heads, windows):
+        // an empty tensor has no meaning here and would reach those divisions.
+        if v.ty.shape.contains(&0) {
+            return Err(format!("%{} has a zero-sized dimension: {}", v.name, v.ty));
         }
     }
     // defined[i]: value i may be used from here on.
