@@ -303,6 +303,15 @@ fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: w
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`wcc ir ... | head`) ends wcc quietly, as
+    // it ends any Unix tool, instead of failing the next write with a panic: Rust ignores
+    // SIGPIPE by default, so restore the default action.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

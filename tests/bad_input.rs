@@ -130,3 +130,25 @@ fn writing_a_checkpoint_never_overwrites_one() {
     let e = wcc_err(&["checkpoint", "random", "--size", "huge", "-o", p(&tmp.path().join("x"))]);
     assert!(e.contains("unknown model size `huge`"), "{e}");
 }
+
+/// Output piped into a reader that stops early (`wcc ir ... | head`) ends wcc quietly, as it
+/// ends any Unix tool, not with a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_wcc_without_a_panic() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wcc"))
+        .args(["ir", "--model", "base"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The read end is closed here, with most of the IR (hundreds of KB) still to write.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success() || out.status.signal() == Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
