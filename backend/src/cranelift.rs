@@ -331,6 +331,18 @@ impl Emitter<'_> {
         }
     }
 
+    /// The float minimum or maximum as Rust's `f32::min`/`max` (and the interpreter) define
+    /// it: `a` if it is the smaller/larger or `b` is NaN, else `b` (so a NaN operand loses
+    /// to a number). Two compares, an or and a blend: Cranelift's IEEE `fmin`/`fmax`
+    /// expand to several more instructions on x86, in loops (row maxima) that they bound.
+    fn min_max(&mut self, ty: Ty, a: Value, b: Value, max: bool) -> Value {
+        let cc = if max { FloatCC::GreaterThan } else { FloatCC::LessThan };
+        let better = self.b.ins().fcmp(cc, a, b);
+        let b_nan = self.b.ins().fcmp(FloatCC::Unordered, b, b);
+        let take_a = self.b.ins().bor(better, b_nan);
+        self.select_f(ty, take_a, a, b)
+    }
+
     /// `if cond then a else b` per lane (`cond` from an `fcmp` of this type).
     fn select_f(&mut self, ty: Ty, cond: Value, a: Value, b: Value) -> Value {
         match ty {
@@ -449,8 +461,8 @@ impl Emitter<'_> {
                     (_, BinOp::Sub) => i.fsub(x, y),
                     (_, BinOp::Mul) => i.fmul(x, y),
                     (_, BinOp::Div) => i.fdiv(x, y),
-                    (_, BinOp::Min) => i.fmin(x, y),
-                    (_, BinOp::Max) => i.fmax(x, y),
+                    (_, BinOp::Min) => return Ok((self.min_max(tx, x, y, false), tx)),
+                    (_, BinOp::Max) => return Ok((self.min_max(tx, x, y, true), tx)),
                 };
                 (v, tx)
             }
@@ -609,7 +621,7 @@ impl Emitter<'_> {
                     if sum {
                         s.b.ins().fadd(p, q)
                     } else {
-                        s.b.ins().fmax(p, q)
+                        s.min_max(Ty::F32, p, q, true)
                     }
                 };
                 let l = pair(self, lanes[0], lanes[1]);

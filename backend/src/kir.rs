@@ -109,6 +109,7 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// On floats, as Rust's `f32::min`/`max`: a NaN operand loses to a number.
     Min,
     Max,
 }
