@@ -7,7 +7,7 @@
 //! launches wherever a thread could otherwise read what another has not finished writing:
 //! before a split launch (it may read what thread 0 wrote) and after one (the next launch
 //! may read any part of its result). Between two launches that thread 0 runs alone there is
-//! none. So the other threads are woken once per program, not once per launch, and wait
+//! none. One more ends every program, so no thread touches it after the run returns. So the other threads are woken once per program, not once per launch, and wait
 //! for each other by spinning on one counter; between programs they spin a little, then
 //! park until the next one. Nothing is allocated per run.
 
@@ -160,8 +160,8 @@ impl Team {
             w.thread().unpark();
         }
         walk(s, launches, 0, profile);
-        // Every worker has passed the last barrier of `walk` (there is one after the last
-        // split launch, and workers touch nothing after it), so `launches` may go.
+        // Every worker has passed the final barrier of `walk` and touches nothing after it,
+        // so `launches` may go (or be run again) once this returns.
     }
 }
 
@@ -229,9 +229,9 @@ fn walk(s: &Shared, launches: &[Launch], id: usize, mut profile: Option<&mut [(f
         }
         prev_split = l.split;
     }
-    if prev_split {
-        s.barrier.wait();
-    }
+    // Always a final barrier: without it a worker could still be walking the tail of the
+    // list (launches thread 0 runs alone) when `run` returns and the list is dropped.
+    s.barrier.wait();
     if let (Some(p), Some((k, t0))) = (profile, pending) {
         p[k].0 += t0.elapsed().as_secs_f64();
         p[k].1 += 1;
