@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use wcc_backend::kir::build::*;
 use wcc_backend::kir::{Buffer, Elem, Kernel, Stmt, Ty, END, START};
 use wcc_runtime::compiled::CompiledModel;
-use wcc_runtime::decode::{transcribe_prompt, Decoder};
+use wcc_runtime::decode::{argmax, transcribe_prompt, Decoder};
 use wcc_runtime::mel::log_mel_spectrogram_with;
 use wcc_runtime::transcribe::{transcribe, TranscribeOptions, WhisperModel};
 use wcc_runtime::{HOP_LENGTH, SAMPLE_RATE};
@@ -99,17 +99,6 @@ fn class_of(name: &str) -> &'static str {
     } else {
         "data movement, other"
     }
-}
-
-/// The greedy argmax of `logits`.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Runs `STEPS` decoder steps from position 0: the prompt, then greedy tokens.

@@ -82,6 +82,56 @@ impl QSchedule {
     }
 }
 
+/// The parallel task decomposition the matrix-product kernels share: task `p` is (batch `bi`,
+/// a tile of `cols` columns, a tile of `rows` rows), row tiles fastest, so consecutive tasks
+/// reuse one tile of weight rows. Its variables, and the statements that set them: columns
+/// `j0..jend` (`j0..j4end` in fours), rows `i_lo..i_hi` (`i_lo..i_full` in blocks of `mr`).
+struct Tile {
+    p: Var,
+    bi: Var,
+    j0: Var,
+    jend: Var,
+    j4end: Var,
+    i_lo: Var,
+    i_hi: Var,
+    i_full: Var,
+}
+
+impl Tile {
+    fn new(vars: &mut Vars) -> Tile {
+        Tile {
+            p: vars.next(),
+            bi: vars.next(),
+            j0: vars.next(),
+            jend: vars.next(),
+            j4end: vars.next(),
+            i_lo: vars.next(),
+            i_hi: vars.next(),
+            i_full: vars.next(),
+        }
+    }
+
+    /// `m × n` per batch item, tiles of `cols × rows`, register blocks of `mr` rows.
+    fn prologue(&self, vars: &mut Vars, m: usize, n: usize, cols: usize, rows: usize, mr: usize) -> Vec<Stmt> {
+        let (rem, ct, rt) = (vars.next(), vars.next(), vars.next());
+        let n_rt = m.div_ceil(rows) as i64;
+        let per_batch = n.div_ceil(cols) as i64 * n_rt;
+        let (cols, rows, mr) = (cols as i64, rows as i64, mr as i64);
+        vec![
+            let_(self.bi, div(var(self.p), int(per_batch))),
+            let_(rem, sub(var(self.p), mul(var(self.bi), int(per_batch)))),
+            let_(ct, div(var(rem), int(n_rt))),
+            let_(rt, sub(var(rem), mul(var(ct), int(n_rt)))),
+            let_(self.j0, mul(var(ct), int(cols))),
+            let_(self.jend, min(add(var(self.j0), int(cols)), int(n as i64))),
+            let_(self.j4end, add(var(self.j0), mul(div(sub(var(self.jend), var(self.j0)), int(4)), int(4)))),
+            let_(self.i_lo, mul(var(rt), int(rows))),
+            let_(self.i_hi, min(add(var(self.i_lo), int(rows)), int(m as i64))),
+            let_(self.i_full, add(var(self.i_lo), mul(div(sub(var(self.i_hi), var(self.i_lo)), int(mr)), int(mr)))),
+        ]
+    }
+}
+
 /// The shape and epilogue of an int8 product `out[b, i, j] = float(Σ_k xq[b,i,k]·wq[b,j,k] −
 /// 128·wsum[b,j]) · (xs[b,i]·ws[b,j]) (+ bias[j]) (GELU) (+ residual[b,i,j])`.
 struct QDot {
@@ -110,21 +160,9 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
     let n_rt = m.div_ceil(sch.rows_per_task);
     let n_ct = n.div_ceil(sch.cols_per_task);
     let mut vars = Vars::new();
-    let (p, bi, rem, ct, rt, j0, jend, j4end, i_lo, i_hi, i_full, xb, wb) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
+    let tile = Tile::new(&mut vars);
+    let Tile { p, bi, j0, jend, j4end, i_lo, i_hi, i_full } = tile;
+    let (xb, wb) = (vars.next(), vars.next());
     let (k_, n_) = (k as i64, n as i64);
     let k16 = (k / 16 * 16) as i64;
     // Rows of x and of w, counted over the whole batch.
@@ -217,29 +255,22 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
     ]
     .concat();
     let single = vec![for_(it2, var(i_lo), var(i_hi), 1, block(&mut vars, var(it2), var(jt), 1, 1))];
-    let (cpt, rpt) = (sch.cols_per_task as i64, sch.rows_per_task as i64);
-    let per_batch = (n_ct * n_rt) as i64;
+    let prologue = tile.prologue(&mut vars, m, n, sch.cols_per_task, sch.rows_per_task, mr);
     let body = vec![for_(
         p,
         var(START),
         var(END),
         1,
-        vec![
-            let_(bi, div(var(p), int(per_batch))),
-            let_(rem, sub(var(p), mul(var(bi), int(per_batch)))),
-            let_(ct, div(var(rem), int(n_rt as i64))),
-            let_(rt, sub(var(rem), mul(var(ct), int(n_rt as i64)))),
-            let_(xb, mul(var(bi), int(m as i64))),
-            let_(wb, mul(var(bi), int(n_))),
-            let_(j0, mul(var(ct), int(cpt))),
-            let_(jend, min(add(var(j0), int(cpt)), int(n_))),
-            let_(j4end, add(var(j0), mul(div(sub(var(jend), var(j0)), int(4)), int(4)))),
-            let_(i_lo, mul(var(rt), int(rpt))),
-            let_(i_hi, min(add(var(i_lo), int(rpt)), int(m as i64))),
-            let_(i_full, add(var(i_lo), mul(div(sub(var(i_hi), var(i_lo)), int(mr as i64)), int(mr as i64)))),
-            for_(j, var(j0), var(j4end), 4, group),
-            for_(jt, var(j4end), var(jend), 1, single),
-        ],
+        [
+            prologue,
+            vec![
+                let_(xb, mul(var(bi), int(m as i64))),
+                let_(wb, mul(var(bi), int(n_))),
+                for_(j, var(j0), var(j4end), 4, group),
+                for_(jt, var(j4end), var(jend), 1, single),
+            ],
+        ]
+        .concat(),
     )];
     let (bm, bn) = (batch * m, batch * n);
     let mut buffers = vec![
@@ -487,26 +518,12 @@ fn dot_kernel(
     let rb = 2 + bias as u32;
     let ob = 2 + bias as u32 + epilogue.residual as u32;
     let (n_ct, n_rt) = (n.div_ceil(NB), m.div_ceil(rpt));
-    let per_batch = (n_ct * n_rt) as i64;
     let (k_, n_) = (k as i64, n as i64);
     let k4 = (k / 4 * 4) as i64;
     let mut vars = Vars::new();
-    let (p, bi, rem, ct, rt, j0, jend, j4end, i_lo, i_hi, i_full, xbase, obase, wbase) = (
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-        vars.next(),
-    );
+    let tile = Tile::new(&mut vars);
+    let Tile { p, bi, j0, jend, j4end, i_lo, i_hi, i_full } = tile;
+    let (xbase, obase, wbase) = (vars.next(), vars.next(), vars.next());
     // `rows` rows from `i`, `cols` (4 or 1) columns from `j`.
     let block = |vars: &mut Vars, i: Expr, j: Expr, rows: usize, cols: usize| -> Vec<Stmt> {
         let accs: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
@@ -582,28 +599,23 @@ fn dot_kernel(
     ]
     .concat();
     let single = vec![for_(it2, var(i_lo), var(i_hi), 1, block(&mut vars, var(it2), var(jt), 1, 1))];
+    let prologue = tile.prologue(&mut vars, m, n, NB, rpt, mr);
     let body = vec![for_(
         p,
         var(START),
         var(END),
         1,
-        vec![
-            let_(bi, div(var(p), int(per_batch))),
-            let_(rem, sub(var(p), mul(var(bi), int(per_batch)))),
-            let_(ct, div(var(rem), int(n_rt as i64))),
-            let_(rt, sub(var(rem), mul(var(ct), int(n_rt as i64)))),
-            let_(xbase, mul(var(bi), int(x_bstride as i64))),
-            let_(wbase, mul(var(bi), int(w_bstride as i64))),
-            let_(obase, mul(var(bi), int((m * n) as i64))),
-            let_(j0, mul(var(ct), int(NB as i64))),
-            let_(jend, min(add(var(j0), int(NB as i64)), int(n_))),
-            let_(j4end, add(var(j0), mul(div(sub(var(jend), var(j0)), int(4)), int(4)))),
-            let_(i_lo, mul(var(rt), int(rpt as i64))),
-            let_(i_hi, min(add(var(i_lo), int(rpt as i64)), int(m as i64))),
-            let_(i_full, add(var(i_lo), mul(div(sub(var(i_hi), var(i_lo)), int(mr as i64)), int(mr as i64)))),
-            for_(j, var(j0), var(j4end), 4, group),
-            for_(jt, var(j4end), var(jend), 1, single),
-        ],
+        [
+            prologue,
+            vec![
+                let_(xbase, mul(var(bi), int(x_bstride as i64))),
+                let_(wbase, mul(var(bi), int(w_bstride as i64))),
+                let_(obase, mul(var(bi), int((m * n) as i64))),
+                for_(j, var(j0), var(j4end), 4, group),
+                for_(jt, var(j4end), var(jend), 1, single),
+            ],
+        ]
+        .concat(),
     )];
     let x_len = if x_bstride == 0 { m * k } else { batch * m * k };
     let w_len = if w_bstride == 0 { n * k } else { batch * n * k };

@@ -32,7 +32,8 @@ fn step(dec: &mut dyn Decoder, token: u32, position: usize, logits: &mut Vec<f32
     Ok(())
 }
 
-fn argmax(v: &[f32]) -> u32 {
+/// The greedy choice: the index of the largest logit.
+pub fn argmax(v: &[f32]) -> u32 {
     // First maximum on ties, as torch.argmax / CTranslate2 do.
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
