@@ -97,6 +97,9 @@ pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendErro
             || isa.name() == "aarch64",
         arm: isa.name() == "aarch64",
         name: k.name.clone(),
+        read_only: k.access().iter().map(|a| *a == wcc_format::Access::Read).collect(),
+        levels: vec![0; k.vars.max(2) as usize],
+        depth: 0,
     };
     for (i, _) in k.buffers.iter().enumerate() {
         let trusted = MemFlagsData::trusted();
@@ -150,6 +153,14 @@ struct Emitter<'a> {
     /// aarch64: operand order of the dot-product tree (see `Expr::Dot4`).
     arm: bool,
     name: String,
+    /// Per buffer: the kernel never stores to it (see `movable_flags`).
+    read_only: Vec<bool>,
+    /// Per variable: the depth of the innermost loop whose iterations it can change with
+    /// (0: constant for the whole kernel). A loop variable has its loop's depth, a `let` the
+    /// deepest of what it reads, a variable `set` in a loop at least that loop's depth.
+    levels: Vec<u32>,
+    /// Loops the statement being emitted is nested in.
+    depth: u32,
 }
 
 fn clif(ty: Ty) -> Type {
@@ -168,6 +179,47 @@ impl Emitter<'_> {
         MemFlagsData::new().with_notrap()
     }
 
+    /// The loop depth an expression's value varies at (see `levels`).
+    fn level(&self, e: &Expr) -> u32 {
+        let mut l = 0;
+        e.visit(&mut |x| {
+            if let Expr::Var(v) = x {
+                l = l.max(self.levels.get(*v as usize).copied().unwrap_or(u32::MAX));
+            }
+        });
+        l
+    }
+
+    fn set_level(&mut self, var: u32, level: u32) {
+        let slot = var as usize;
+        if slot >= self.levels.len() {
+            self.levels.resize(slot + 1, 0);
+        }
+        self.levels[slot] = level;
+    }
+
+    /// The flags of a load from `buf` at `index`. A load from a buffer this kernel never
+    /// writes, at an index that changes with every iteration of the innermost loop around it,
+    /// is given to Cranelift as pure (`readonly`, `notrap`, `can_move`), so it is placed
+    /// right before its first use rather than where the kernel IR wrote it: a register block
+    /// then holds one weight vector at a time instead of all of them at once (which spilled
+    /// the int8 product's accumulators). That is sound because nothing writes the buffer
+    /// while the kernel runs (other threads write only their own slices of the outputs), and
+    /// a load whose address depends on the innermost loop's variable cannot be hoisted out of
+    /// that loop, so it still runs only in iterations that exist, where the kernel verifier
+    /// proved its index in bounds. Any other load keeps its place (a load hoisted out of a
+    /// loop that runs zero times could read past a buffer).
+    fn load_flags(&self, buf: u32, index: &Expr) -> MemFlagsData {
+        let movable = self.depth > 0
+            && self.read_only.get(buf as usize).copied().unwrap_or(false)
+            && self.level(index) == self.depth;
+        if movable {
+            MemFlagsData::new().with_notrap().with_readonly().with_can_move()
+        } else {
+            MemFlagsData::new().with_notrap()
+        }
+    }
+
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, BackendError> {
         Err(BackendError(format!("kernel {}: {}", self.name, msg.into())))
     }
@@ -182,6 +234,8 @@ impl Emitter<'_> {
     fn stmt(&mut self, s: &Stmt) -> Result<(), BackendError> {
         match s {
             Stmt::Let { var, value } => {
+                let level = self.level(value);
+                self.set_level(*var, level);
                 let (v, ty) = self.expr(value)?;
                 let cv = self.b.declare_var(clif(ty));
                 self.b.def_var(cv, v);
@@ -192,6 +246,8 @@ impl Emitter<'_> {
                 self.vars[slot] = Some((cv, ty));
             }
             Stmt::Set { var, value } => {
+                let level = self.level(value).max(self.depth).max(self.levels.get(*var as usize).copied().unwrap_or(0));
+                self.set_level(*var, level);
                 let (v, ty) = self.expr(value)?;
                 let Some((cv, vty)) = self.vars.get(*var as usize).copied().flatten() else {
                     return self.err(format!("v{var} is set before it is declared"));
@@ -240,6 +296,8 @@ impl Emitter<'_> {
                     self.vars.resize(slot + 1, None);
                 }
                 self.vars[slot] = Some((iv, Ty::I64));
+                self.depth += 1;
+                self.set_level(*var, self.depth);
                 let (header, body_block, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
                 self.b.ins().jump(header, &[]);
                 self.b.switch_to_block(header);
@@ -260,6 +318,7 @@ impl Emitter<'_> {
                 self.b.seal_block(header);
                 self.b.seal_block(exit);
                 self.b.switch_to_block(exit);
+                self.depth -= 1;
             }
         }
         Ok(())
@@ -430,7 +489,7 @@ impl Emitter<'_> {
             Expr::Load { buf, index, ty } => {
                 let addr = self.address(*buf, index)?;
                 let elem = self.elems[*buf as usize];
-                let flags = self.notrap();
+                let flags = self.load_flags(*buf, index);
                 match (elem, ty) {
                     (Elem::I32, Ty::I64) => (self.b.ins().sload32(flags, addr, 0), Ty::I64),
                     (Elem::I8, Ty::I64) => (self.b.ins().sload8(I64, flags, addr, 0), Ty::I64),
