@@ -130,6 +130,33 @@ impl Tile {
             let_(self.i_full, add(var(self.i_lo), mul(div(sub(var(self.i_hi), var(self.i_lo)), int(mr)), int(mr)))),
         ]
     }
+
+    /// GELU (then the residual) over the tile's outputs, once its products are stored:
+    /// `out[at] = gelu(out[at]) (+ residual[at])`, `at = row0 + i·n + j`. Run as a pass of
+    /// its own after the tile, not in the register block's epilogue: there the constants and
+    /// temporaries of `erf` compete with the accumulators for the vector registers, and
+    /// Cranelift's allocator then spilled accumulators inside the reduction loop (GELU
+    /// doubled the time of the product it followed). The tile is still in L1 here.
+    fn gelu_pass(&self, vars: &mut Vars, row0: Expr, n: usize, out: u32, residual: Option<u32>) -> Vec<Stmt> {
+        let (i, at) = (vars.next(), vars.next());
+        let rowv = vars.next();
+        let body = vec_loop(vars, var(self.j0), var(self.jend), &|j, vector, vars: &mut Vars| {
+            let t = vars.next();
+            let ld = if vector { load4 } else { load };
+            let mut v = gelu(var(t), vector);
+            if let Some(rb) = residual {
+                v = add(v, ld(rb, var(at)));
+            }
+            vec![let_(at, add(var(rowv), j)), let_(t, ld(out, var(at))), store(out, var(at), v)]
+        });
+        vec![for_(
+            i,
+            var(self.i_lo),
+            var(self.i_hi),
+            1,
+            [vec![let_(rowv, add(row0.clone(), mul(var(i), int(n as i64))))], body].concat(),
+        )]
+    }
 }
 
 /// The shape and epilogue of an int8 product `out[b, i, j] = float(Σ_k xq[b,i,k]·wq[b,j,k] −
@@ -235,12 +262,8 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
             if bias {
                 v = add(v, if vector { load4(bb, j.clone()) } else { load(bb, j.clone()) });
             }
-            if epilogue.gelu {
-                let t = vars.next();
-                s.push(let_(t, v));
-                v = gelu(var(t), vector);
-            }
-            if epilogue.residual {
+            // With GELU, it and the residual come in `Tile::gelu_pass`.
+            if epilogue.residual && !epilogue.gelu {
                 v = add(v, if vector { load4(rb, at.clone()) } else { load(rb, at.clone()) });
             }
             s.push(store(ob, at, v));
@@ -269,6 +292,12 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
                 for_(j, var(j0), var(j4end), 4, group),
                 for_(jt, var(j4end), var(jend), 1, single),
             ],
+            if epilogue.gelu {
+                let residual = epilogue.residual.then_some(rb);
+                tile.gelu_pass(&mut vars, mul(var(xb), int(n_)), n, ob, residual)
+            } else {
+                vec![]
+            },
         ]
         .concat(),
     )];
@@ -580,12 +609,8 @@ fn dot_kernel(
             if bias {
                 v = add(v, ld(bb, j.clone()));
             }
-            if epilogue.gelu {
-                let t = vars.next();
-                s.push(let_(t, v));
-                v = gelu(var(t), vector);
-            }
-            if epilogue.residual {
+            // With GELU, it and the residual come in `Tile::gelu_pass`.
+            if epilogue.residual && !epilogue.gelu {
                 v = add(v, ld(rb, at.clone()));
             }
             s.push(store(ob, at, v));
@@ -614,6 +639,11 @@ fn dot_kernel(
                 for_(j, var(j0), var(j4end), 4, group),
                 for_(jt, var(j4end), var(jend), 1, single),
             ],
+            if epilogue.gelu {
+                tile.gelu_pass(&mut vars, var(obase), n, ob, epilogue.residual.then_some(rb))
+            } else {
+                vec![]
+            },
         ]
         .concat(),
     )];
