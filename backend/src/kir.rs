@@ -121,6 +121,10 @@ pub enum UnOp {
     Sqrt,
     /// `e^x`, emitted inline as a polynomial (relative error ~2e-7); exactly 0 below -87.
     Exp,
+    /// `e^x` to about five significant digits (relative error < 5e-5), for values about to
+    /// be rounded to 8 bits: a degree-4 polynomial, one clamp. Below -87 it gives a value
+    /// under 1e-37 rather than exactly 0; NaN stays NaN.
+    ExpLow,
     /// `erf(x)`, emitted inline (Abramowitz–Stegun 7.1.26, absolute error < 2e-7).
     Erf,
 }
@@ -444,6 +448,7 @@ impl UnOp {
             UnOp::Abs => "abs",
             UnOp::Sqrt => "sqrt",
             UnOp::Exp => "exp",
+            UnOp::ExpLow => "exp_low",
             UnOp::Erf => "erf",
         }
     }

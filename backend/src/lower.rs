@@ -354,27 +354,20 @@ fn row_sum_kernel(rows: usize, k: usize) -> Kernel {
 /// `row_scale`: one f32 per row of `k`: `max(max |x|, 1e-30) / 127`.
 fn row_scale_kernel(rows: usize, k: usize) -> Kernel {
     let mut vars = Vars::new();
-    let (r, base, m4, m, j, jt) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
-    let k4 = (k / 4 * 4) as i64;
+    let (r, base, m) = (vars.next(), vars.next(), vars.next());
     let body = vec![for_(
         r,
         var(START),
         var(END),
         1,
-        vec![
-            let_(base, mul(var(r), int(k as i64))),
-            let_(m4, splat(f(0.0))),
-            for_(j, int(0), int(k4), 4, vec![set(m4, max(var(m4), un(UnOp::Abs, load4(0, add(var(base), var(j))))))]),
-            let_(m, hmax(var(m4))),
-            for_(
-                jt,
-                int(k4),
-                int(k as i64),
-                1,
-                vec![set(m, max(var(m), un(UnOp::Abs, load(0, add(var(base), var(jt))))))],
-            ),
-            store(1, var(r), div(max(var(m), f(wcc_ir::interp::ROW_SCALE_FLOOR)), f(127.0))),
-        ],
+        [
+            vec![let_(base, mul(var(r), int(k as i64)))],
+            row_max_of(&mut vars, k, m, &|j| un(UnOp::Abs, load4(0, add(var(base), j))), &|j| {
+                un(UnOp::Abs, load(0, add(var(base), j)))
+            }),
+            vec![store(1, var(r), div(max(var(m), f(wcc_ir::interp::ROW_SCALE_FLOOR)), f(127.0)))],
+        ]
+        .concat(),
     )];
     kernel(
         format!("row_scale_{rows}x{k}"),
@@ -733,53 +726,60 @@ fn axpy_matmul_kernel(name: String, batch: usize, m: usize, k: usize, n: usize) 
 fn softmax_kernel(rows: usize, d: usize, masked: bool) -> Kernel {
     let ob = 1 + masked as u32;
     let mut vars = Vars::new();
-    let (r, base, mx4, mx, s4, s, inv) =
-        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let (r, base, mx, s4, s, inv) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let d4 = (d / 4 * 4) as i64;
-    let (j, jt, j2, jt2, j3, jt3, e4, e1) =
-        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let (j2, jt2, j3, jt3, e4, e1) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     let idx = |j: Var| add(var(base), var(j));
-    let x4 = |j: Var| if masked { add(load4(0, idx(j)), load4(1, var(j))) } else { load4(0, idx(j)) };
-    let x1 = |j: Var| if masked { add(load(0, idx(j)), load(1, var(j))) } else { load(0, idx(j)) };
+    let x4e = |j: Expr| {
+        if masked {
+            add(load4(0, add(var(base), j.clone())), load4(1, j))
+        } else {
+            load4(0, add(var(base), j))
+        }
+    };
+    let x1e =
+        |j: Expr| if masked { add(load(0, add(var(base), j.clone())), load(1, j)) } else { load(0, add(var(base), j)) };
+    let x4 = |j: Var| x4e(var(j));
+    let x1 = |j: Var| x1e(var(j));
     let body = vec![for_(
         r,
         var(START),
         var(END),
         1,
-        vec![
-            let_(base, mul(var(r), int(d as i64))),
-            let_(mx4, splat(f(f32::NEG_INFINITY))),
-            for_(j, int(0), int(d4), 4, vec![set(mx4, max(var(mx4), x4(j)))]),
-            let_(mx, hmax(var(mx4))),
-            for_(jt, int(d4), int(d as i64), 1, vec![set(mx, max(var(mx), x1(jt)))]),
-            let_(s4, splat(f(0.0))),
-            for_(
-                j2,
-                int(0),
-                int(d4),
-                4,
-                vec![
-                    let_(e4, un(UnOp::Exp, sub(x4(j2), splat(var(mx))))),
-                    store(ob, idx(j2), var(e4)),
-                    set(s4, add(var(s4), var(e4))),
-                ],
-            ),
-            let_(s, hsum(var(s4))),
-            for_(
-                jt2,
-                int(d4),
-                int(d as i64),
-                1,
-                vec![
-                    let_(e1, un(UnOp::Exp, sub(x1(jt2), var(mx)))),
-                    store(ob, idx(jt2), var(e1)),
-                    set(s, add(var(s), var(e1))),
-                ],
-            ),
-            let_(inv, div(f(1.0), var(s))),
-            for_(j3, int(0), int(d4), 4, vec![store(ob, idx(j3), mul(load4(ob, idx(j3)), splat(var(inv))))]),
-            for_(jt3, int(d4), int(d as i64), 1, vec![store(ob, idx(jt3), mul(load(ob, idx(jt3)), var(inv)))]),
-        ],
+        [
+            vec![let_(base, mul(var(r), int(d as i64)))],
+            row_max_of(&mut vars, d, mx, &x4e, &x1e),
+            vec![
+                let_(s4, splat(f(0.0))),
+                for_(
+                    j2,
+                    int(0),
+                    int(d4),
+                    4,
+                    vec![
+                        let_(e4, un(UnOp::Exp, sub(x4(j2), splat(var(mx))))),
+                        store(ob, idx(j2), var(e4)),
+                        set(s4, add(var(s4), var(e4))),
+                    ],
+                ),
+                let_(s, hsum(var(s4))),
+                for_(
+                    jt2,
+                    int(d4),
+                    int(d as i64),
+                    1,
+                    vec![
+                        let_(e1, un(UnOp::Exp, sub(x1(jt2), var(mx)))),
+                        store(ob, idx(jt2), var(e1)),
+                        set(s, add(var(s), var(e1))),
+                    ],
+                ),
+                let_(inv, div(f(1.0), var(s))),
+                for_(j3, int(0), int(d4), 4, vec![store(ob, idx(j3), mul(load4(ob, idx(j3)), splat(var(inv))))]),
+                for_(jt3, int(d4), int(d as i64), 1, vec![store(ob, idx(jt3), mul(load(ob, idx(jt3)), var(inv)))]),
+            ],
+        ]
+        .concat(),
     )];
     kernel(
         format!("{}softmax_{rows}x{d}", if masked { "masked_" } else { "" }),
@@ -790,6 +790,114 @@ fn softmax_kernel(rows: usize, d: usize, masked: bool) -> Kernel {
         },
         rows,
         5 * rows * d,
+        body,
+        vars,
+    )
+}
+
+/// A row's maximum into `mx`, of `x4(j)` (four elements from column `j`) and `x1(j)`: sixteen
+/// elements per step into four accumulators (one would chain every step's compare-and-blend
+/// on the last), then fours, then the scalar tail. The maximum does not depend on the order.
+fn row_max_of(vars: &mut Vars, d: usize, mx: Var, x4: &dyn Fn(Expr) -> Expr, x1: &dyn Fn(Expr) -> Expr) -> Vec<Stmt> {
+    let accs: Vec<Var> = (0..4).map(|_| vars.next()).collect();
+    let (mx4, j, j4, jt) = (vars.next(), vars.next(), vars.next(), vars.next());
+    let (d16, d4) = ((d / 16 * 16) as i64, (d / 4 * 4) as i64);
+    let mut s: Vec<Stmt> = accs.iter().map(|&a| let_(a, splat(f(f32::NEG_INFINITY)))).collect();
+    s.push(for_(
+        j,
+        int(0),
+        int(d16),
+        16,
+        (0..4).map(|q| set(accs[q], max(var(accs[q]), x4(add(var(j), int(4 * q as i64)))))).collect(),
+    ));
+    s.extend([
+        let_(mx4, max(max(var(accs[0]), var(accs[1])), max(var(accs[2]), var(accs[3])))),
+        for_(j4, int(d16), int(d4), 4, vec![set(mx4, max(var(mx4), x4(var(j4))))]),
+        let_(mx, hmax(var(mx4))),
+        for_(jt, int(d4), int(d as i64), 1, vec![set(mx, max(var(mx), x1(var(jt))))]),
+    ]);
+    s
+}
+
+/// [`row_max_of`] the row of `d` at `base` in buffer 0.
+fn row_max(vars: &mut Vars, base: Var, d: usize, mx: Var) -> Vec<Stmt> {
+    row_max_of(vars, d, mx, &|j| load4(0, add(var(base), j)), &|j| load(0, add(var(base), j)))
+}
+
+/// `softmax_scale` (see the op): per row, the maximum, then `Σ exp(x − max)` in four lanes
+/// plus the tail, then `1 / (127 · sum)`. One row per task; nothing but the scale is written.
+/// The exponentials are `exp_low`'s: the scale needs no more precision than the 8-bit values
+/// it multiplies (its relative error stays under 5e-5, against their 1/254).
+fn softmax_scale_kernel(rows: usize, d: usize) -> Kernel {
+    let mut vars = Vars::new();
+    let (r, base, mx, s4, s, j, jt) =
+        (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let d4 = (d / 4 * 4) as i64;
+    let mut row = vec![let_(base, mul(var(r), int(d as i64)))];
+    row.extend(row_max(&mut vars, base, d, mx));
+    row.extend([
+        let_(s4, splat(f(0.0))),
+        for_(
+            j,
+            int(0),
+            int(d4),
+            4,
+            vec![set(s4, add(var(s4), un(UnOp::ExpLow, sub(load4(0, add(var(base), var(j))), splat(var(mx))))))],
+        ),
+        let_(s, hsum(var(s4))),
+        for_(
+            jt,
+            int(d4),
+            int(d as i64),
+            1,
+            vec![set(s, add(var(s), un(UnOp::ExpLow, sub(load(0, add(var(base), var(jt))), var(mx)))))],
+        ),
+        store(1, var(r), div(f(1.0), mul(var(s), f(127.0)))),
+    ]);
+    let body = vec![for_(r, var(START), var(END), 1, row)];
+    kernel(
+        format!("softmax_scale_{rows}x{d}"),
+        vec![buf("x", rows * d), buf("scale", rows)],
+        rows,
+        3 * rows * d,
+        body,
+        vars,
+    )
+}
+
+/// `softmax_quantize` (see the op): per row, the maximum, then `127 · exp(x − max)` rounded,
+/// clamped and offset by 128, sixteen at a time (four `f32x4` narrowed to one `u8x16`), then
+/// the tail. The probabilities are never stored as f32: the scores are read twice (here and
+/// by `softmax_scale`) and one byte per probability is written. `exp_low` suffices: its
+/// error (< 5e-5 relative, so < 0.007 of the 127 steps) moves a rounding only where the
+/// scaled value lies that close to a half.
+fn softmax_quantize_kernel(rows: usize, d: usize) -> Kernel {
+    let mut vars = Vars::new();
+    let (r, base, mx, j, jt) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let d16 = (d / 16 * 16) as i64;
+    let lanes = |j: Var| -> Vec<Expr> {
+        (0..4)
+            .map(|q| {
+                let x = load4(0, add(add(var(base), var(j)), int(4 * q)));
+                let e = mul(un(UnOp::ExpLow, sub(x, splat(var(mx)))), splat(f(127.0)));
+                add(max(min(cvt(Ty::I32x4, e), splat(int(127))), splat(int(-127))), splat(int(128)))
+            })
+            .collect()
+    };
+    let e1 = mul(un(UnOp::ExpLow, sub(load(0, add(var(base), var(jt))), var(mx))), f(127.0));
+    let scalar = add(max(min(cvt(Ty::I64, e1), int(127)), int(-127)), int(128));
+    let mut row = vec![let_(base, mul(var(r), int(d as i64)))];
+    row.extend(row_max(&mut vars, base, d, mx));
+    row.extend([
+        for_(j, int(0), int(d16), 16, vec![store(1, add(var(base), var(j)), narrow(Ty::U8x16, lanes(j)))]),
+        for_(jt, int(d16), int(d as i64), 1, vec![store(1, add(var(base), var(jt)), scalar)]),
+    ]);
+    let body = vec![for_(r, var(START), var(END), 1, row)];
+    kernel(
+        format!("softmax_quantize_{rows}x{d}"),
+        vec![buf("x", rows * d), tbuf("q", Elem::U8, rows * d)],
+        rows,
+        4 * rows * d,
         body,
         vars,
     )
@@ -1237,6 +1345,14 @@ pub fn lower_op(
         Op::RowScale => {
             let k = *inputs[0].shape.last().unwrap();
             one(row_scale_kernel(n_out, k), ins(1))
+        }
+        Op::SoftmaxScale => {
+            let k = *inputs[0].shape.last().unwrap();
+            one(softmax_scale_kernel(n_out, k), ins(1))
+        }
+        Op::SoftmaxQuantize => {
+            let k = *inputs[0].shape.last().unwrap();
+            one(softmax_quantize_kernel(n_out / k, k), ins(1))
         }
         Op::Quantize { dtype } => {
             let k = *inputs[0].shape.last().unwrap();

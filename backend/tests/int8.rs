@@ -227,3 +227,59 @@ fn the_int8_register_block_is_not_spilled() {
         assert!(spills.is_empty(), "gelu {gelu}: vector registers spilled:\n{}", spills.join("\n"));
     }
 }
+
+#[test]
+fn softmax_scale_and_softmax_quantize_kernels_match_the_interpreter() {
+    // Attention-like scores (a spread of about ±12 around each row's own level), rows with a
+    // tail off the 16-wide steps, one row of equal scores and one with -inf entries (masked).
+    let targets = levels();
+    for (rows, d) in [(3usize, 1500usize), (5, 37), (2, 16), (4, 3)] {
+        let z = noise(rows * d, (rows * d) as u64);
+        let mut x: Vec<f32> = z.iter().enumerate().map(|(i, v)| v * 12.0 + (i / d) as f32 * 3.0).collect();
+        x[..d].iter_mut().for_each(|v| *v = 0.25);
+        if rows > 2 {
+            x[d] = f32::NEG_INFINITY;
+            x[2 * d - 1] = f32::NEG_INFINITY;
+        }
+        let scores = Tensor::f32([rows, d], x);
+        let want_s = eval(&Op::SoftmaxScale, &[&scores]).unwrap();
+        let want_q = eval(&Op::SoftmaxQuantize, &[&scores]).unwrap();
+        // The pair is what the quantize pass replaces: quantize(softmax) with its row scale.
+        let p = eval(&Op::Softmax, &[&scores]).unwrap();
+        let ps = eval(&Op::RowScale, &[&p]).unwrap();
+        let pq = eval(&Op::Quantize { dtype: DType::U8 }, &[&p, &ps]).unwrap();
+        let (ws, pss) = (want_s.as_f32().unwrap(), ps.as_f32().unwrap());
+        for (a, b) in ws.iter().zip(pss) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{rows}x{d}: softmax_scale {a} vs row_scale of softmax {b}");
+        }
+        let (wq, pqq) = (want_q.as_u8().unwrap(), pq.as_u8().unwrap());
+        let moved = wq.iter().zip(pqq).filter(|(a, b)| a != b).count();
+        assert!(wq.iter().zip(pqq).all(|(a, b)| a.abs_diff(*b) <= 1), "{rows}x{d}: more than one step apart");
+        assert!(moved * 100 <= wq.len(), "{rows}x{d}: {moved} of {} roundings moved", wq.len());
+        for t in &targets {
+            let got_s =
+                wcc_backend::jit::run_op_for(&Op::SoftmaxScale, &[&scores], &TensorType::f32([rows]), false, Some(t))
+                    .unwrap();
+            for (a, b) in got_s.as_f32().unwrap().iter().zip(ws) {
+                assert!((a - b).abs() <= 1e-4 * b.abs(), "{rows}x{d}: scale kernel {a} vs interpreter {b}");
+            }
+            let got_q = wcc_backend::jit::run_op_for(
+                &Op::SoftmaxQuantize,
+                &[&scores],
+                &TensorType::new(DType::U8, [rows, d]),
+                false,
+                Some(t),
+            )
+            .unwrap();
+            let gq = got_q.as_u8().unwrap();
+            // exp_low's error moves a rounding only for values within 0.007 of a half step.
+            let moved = gq.iter().zip(wq).filter(|(a, b)| a != b).count();
+            assert!(gq.iter().zip(wq).all(|(a, b)| a.abs_diff(*b) <= 1), "{rows}x{d}: kernel more than one step off");
+            assert!(moved * 50 <= gq.len(), "{rows}x{d}: {moved} of {} differ", gq.len());
+            // The row's largest probability is exactly 127 steps (+128).
+            for r in 0..rows {
+                assert_eq!(gq[r * d..(r + 1) * d].iter().max(), Some(&255), "{rows}x{d}: row {r}");
+            }
+        }
+    }
+}

@@ -348,6 +348,21 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
             Tensor::f32([x.len() / k], x.chunks(k).map(row_scale).collect())
         }
         Op::Quantize { dtype } => quantize(args[0], f(1)?, *dtype)?,
+        Op::SoftmaxScale => {
+            let x = f(0)?;
+            let k = *args[0].shape.last().unwrap();
+            Tensor::f32([x.len() / k], x.chunks(k).map(|r| 1.0 / (127.0 * softmax_denominator(r).1)).collect())
+        }
+        Op::SoftmaxQuantize => {
+            let x = f(0)?;
+            let k = *args[0].shape.last().unwrap();
+            let mut q = Vec::with_capacity(x.len());
+            for r in x.chunks(k) {
+                let max = softmax_denominator(r).0;
+                q.extend(r.iter().map(|&v| (quantize_exp(v - max) + 128) as u8));
+            }
+            Tensor::new(args[0].shape.clone(), Data::U8(q))
+        }
         Op::RowSum => {
             let w = args[0].as_i8()?;
             let k = *args[0].shape.last().unwrap();
@@ -384,6 +399,23 @@ pub fn zero_point(dtype: DType) -> i32 {
         128
     } else {
         0
+    }
+}
+
+/// A row's maximum and `Σ exp(x − max)`.
+pub fn softmax_denominator(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, row.iter().map(|&v| (v - max).exp()).sum())
+}
+
+/// `round_ties_even(127 · exp(d))` clamped to ±127 (NaN becomes 0): one probability of
+/// `softmax_quantize`, `d` being the score minus the row's maximum.
+pub fn quantize_exp(d: f32) -> i32 {
+    let q = (127.0 * d.exp()).round_ties_even();
+    if q.is_nan() {
+        0
+    } else {
+        q.clamp(-127.0, 127.0) as i32
     }
 }
 

@@ -54,6 +54,16 @@ pub enum Op {
     /// clamped to `[-127, 127]`, plus the zero point of `dtype` (0 for `i8`, 128 for `u8`).
     /// `s` holds one scale per row, or one for the whole tensor (a calibrated static scale).
     Quantize { dtype: DType },
+    /// `x f32[..., K] -> f32[rows]`: `1 / (127 · Σ_k exp(x_k − max x))`, the int8 scale of
+    /// the row's softmax (whose largest value is `1 / Σ exp(x_k − max x)`), computed from the
+    /// scores without the probabilities (`quantize` pairs it with `softmax_quantize`).
+    SoftmaxScale,
+    /// `x f32[..., K] -> u8[..., K]`: the row's softmax quantized with `softmax_scale`'s
+    /// scale, `round_ties_even(127 · exp(x_k − max x))` clamped to `[-127, 127]` (NaN: 0),
+    /// plus the zero point 128. Equal, in exact arithmetic, to
+    /// `quantize{dtype=u8}(p, row_scale(p))` of `p = softmax(x)`: that scale is
+    /// `max p / 127 = 1 / (127 Σ exp)`, and `p_k / scale = 127 · exp(x_k − max x)`.
+    SoftmaxQuantize,
     /// `i8[..., K] -> i32[rows]`: the sum of each row (the zero-point correction of `qlinear`
     /// and `qmatmul`).
     RowSum,
@@ -102,6 +112,8 @@ impl Op {
             Op::MaskedSoftmax => "masked_softmax",
             Op::RowScale => "row_scale",
             Op::Quantize { .. } => "quantize",
+            Op::SoftmaxScale => "softmax_scale",
+            Op::SoftmaxQuantize => "softmax_quantize",
             Op::RowSum => "row_sum",
             Op::QLinear { .. } => "qlinear",
             Op::QMatMul => "qmatmul",
@@ -137,7 +149,7 @@ impl Op {
                 vec![("gelu", gelu.to_string()), ("residual", residual.to_string())]
             }
             Op::Quantize { dtype } => vec![("dtype", dtype.name().to_string())],
-            Op::RowScale | Op::RowSum | Op::QMatMul => vec![],
+            Op::RowScale | Op::RowSum | Op::QMatMul | Op::SoftmaxScale | Op::SoftmaxQuantize => vec![],
             Op::Linear
             | Op::Add
             | Op::Mul
@@ -204,6 +216,8 @@ impl Op {
             "fused_linear" => Op::FusedLinear { gelu: bool_("gelu")?, residual: bool_("residual")? },
             "masked_softmax" => Op::MaskedSoftmax,
             "row_scale" => Op::RowScale,
+            "softmax_scale" => Op::SoftmaxScale,
+            "softmax_quantize" => Op::SoftmaxQuantize,
             "row_sum" => Op::RowSum,
             "qmatmul" => Op::QMatMul,
             "quantize" => {
@@ -244,7 +258,7 @@ impl Op {
                     (6, 6)
                 }
             }
-            Op::RowScale | Op::RowSum => (1, 1),
+            Op::RowScale | Op::RowSum | Op::SoftmaxScale | Op::SoftmaxQuantize => (1, 1),
             Op::QMatMul => (5, 5),
             Op::CacheAttention { .. } => (4, 4),
             Op::Fill { .. } => (0, 0),
@@ -339,9 +353,14 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
             }
             Ok(TensorType::f32(q.shape.clone()))
         }
-        Op::RowScale => {
+        Op::RowScale | Op::SoftmaxScale => {
             let x = float(0)?;
             Ok(TensorType::f32([rows(x)?]))
+        }
+        Op::SoftmaxQuantize => {
+            let x = float(0)?;
+            rows(x)?;
+            Ok(TensorType::new(DType::U8, x.shape.clone()))
         }
         Op::Quantize { dtype } => {
             let (x, s) = (float(0)?, typed(1, DType::F32)?);

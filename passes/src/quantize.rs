@@ -36,6 +36,12 @@
 //! way, with the second operand quantized per row at run time (per key for K, per channel
 //! for V) and its row sums computed by a `row_sum` kernel.
 //!
+//! A product's first operand that is a softmax read by nothing else (attention's P) is
+//! quantized from the scores, `%p.scale = softmax_scale(%s)`, `%p.q = softmax_quantize(%s)`,
+//! and the softmax itself goes: the probabilities are never written as f32. Sound because
+//! the pair equals `row_scale` and `quantize{dtype=u8}` of `softmax(%s)` in exact arithmetic
+//! (see the ops); the scaled exponentials are rounded once instead of after a division.
+//!
 //! Why it is sound: `qlinear` computes `Σ_k (xq−128)·wq · xs·ws + b`, and `(xq−128)·xs` and
 //! `wq·ws` are the round-to-nearest int8 approximations of `x` and `w` (relative error at
 //! most half a step of 1/127 of the row's or channel's largest magnitude). So the result is
@@ -135,6 +141,7 @@ fn quantize_graph(
     from_encoder: &HashSet<String>,
 ) -> Result<Graph, String> {
     let konst = constants(g);
+    let uses = g.use_counts();
     // Values the same at every decoder step of a window (weights and encoder outputs only).
     let mut invariant: Vec<bool> = g
         .values
@@ -252,7 +259,18 @@ fn quantize_graph(
             } else if eligible {
                 // Attention's Q and P keep per-row scales even in static builds: one scale
                 // for every head and frame costs base its transcripts (measured: loops).
-                let (aq, asc) = quantize_activation(&mut out, &mut quantized, a, ins[0], false)?;
+                let (aq, asc) = match softmax_of(g, a) {
+                    // P = softmax(S) read by this product alone: quantized from the scores.
+                    Some(scores) if uses[a.index()] == 1 && quantized[a.index()].is_none() => {
+                        let s = map[scores.index()].expect("defined before its uses");
+                        let base = &g.value(a).name;
+                        let asc = out.add_node(format!("{base}.scale"), Op::SoftmaxScale, &[s])?;
+                        let aq = out.add_node(format!("{base}.q"), Op::SoftmaxQuantize, &[s])?;
+                        quantized[a.index()] = Some((aq, asc));
+                        (aq, asc)
+                    }
+                    _ => quantize_activation(&mut out, &mut quantized, a, ins[0], false)?,
+                };
                 // The int8 product reads its second operand as rows along the reduction.
                 let bt = if transpose_b {
                     ins[1]
@@ -298,5 +316,15 @@ fn quantize_graph(
     }
     out.outputs = g.outputs.iter().map(|o| map[o.index()].expect("outputs are computed")).collect();
     out.outputs.extend(observed.into_iter().flatten());
+    // The softmaxes whose probabilities are now quantized from their scores.
+    out.remove_dead_nodes();
     Ok(out)
+}
+
+/// The scores `s` when `v = softmax(s)`.
+fn softmax_of(g: &Graph, v: ValueId) -> Option<ValueId> {
+    match g.value(v).def {
+        ValueDef::Node(n) if g.nodes[n].op == Op::Softmax => Some(g.nodes[n].inputs[0]),
+        _ => None,
+    }
 }
