@@ -174,6 +174,18 @@ fn clif(ty: Ty) -> Type {
     }
 }
 
+/// The terms of a sum of integers (`a + b + ...`), constants folded into `constant`.
+fn flatten_sum<'e>(e: &'e Expr, terms: &mut Vec<&'e Expr>, constant: &mut i64) {
+    match e {
+        Expr::Bin(BinOp::Add, a, b) => {
+            flatten_sum(a, terms, constant);
+            flatten_sum(b, terms, constant);
+        }
+        Expr::Int(c) => *constant = constant.wrapping_add(*c),
+        _ => terms.push(e),
+    }
+}
+
 impl Emitter<'_> {
     fn notrap(&mut self) -> MemFlagsData {
         MemFlagsData::new().with_notrap()
@@ -328,15 +340,32 @@ impl Emitter<'_> {
         let Some(&base) = self.bases.get(buf as usize) else {
             return self.err(format!("buffer {buf} does not exist"));
         };
-        let (i, ty) = self.expr(index)?;
-        if ty != Ty::I64 {
-            return self.err("indices must be integers");
+        let size = self.elems[buf as usize].size() as i64;
+        // The index as a sum: the terms that do not change in the innermost loop are added
+        // to the base first, then the others, then the constant. Cranelift then sees a
+        // loop-invariant pointer (hoisted, one register) plus the loop's index plus a
+        // displacement, which is one x86 address operand; an index summed in the kernel's
+        // order would keep the buffer base and every invariant offset live in the loop.
+        let mut terms = vec![];
+        let mut constant = 0i64;
+        flatten_sum(index, &mut terms, &mut constant);
+        let (inner, outer): (Vec<&Expr>, Vec<&Expr>) =
+            terms.into_iter().partition(|t| self.depth > 0 && self.level(t) >= self.depth);
+        let mut addr = base;
+        for group in [outer, inner] {
+            for t in group {
+                let (i, ty) = self.expr(t)?;
+                if ty != Ty::I64 {
+                    return self.err("indices must be integers");
+                }
+                let off = if size == 1 { i } else { self.b.ins().imul_imm_s(i, size) };
+                addr = self.b.ins().iadd(addr, off);
+            }
         }
-        let off = match self.elems[buf as usize].size() {
-            1 => i,
-            size => self.b.ins().imul_imm_s(i, size as i64),
-        };
-        Ok(self.b.ins().iadd(base, off))
+        if constant != 0 {
+            addr = self.b.ins().iadd_imm_s(addr, constant * size);
+        }
+        Ok(addr)
     }
 
     fn fconst(&mut self, ty: Ty, v: f32) -> Value {

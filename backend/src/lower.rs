@@ -202,21 +202,26 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
         let tails: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
         let xv: Vec<Var> = (0..rows).map(|_| vars.next()).collect();
         let (kk, wv, kt) = (vars.next(), vars.next(), vars.next());
-        // Addressing: the first row's offset once per block, then per step of the
-        // reduction one index (`first row + k`) and the other rows at constant distances
-        // (`r·K`), which the emitter folds into the loads' address (base + index + disp).
-        // Offsets of their own per row would be recomputed inside the loop (Cranelift
-        // rematerialises `x + constant` where it is used).
-        let (xo, wo, xk, wk) = (vars.next(), vars.next(), vars.next(), vars.next());
-        let xat = |r: usize, xk: Var| add(var(xk), int(r as i64 * k_));
-        let wat = |c: usize, wk: Var| add(var(wk), int(c as i64 * k_));
+        // Addressing: the first row's offset once per block; each load's index is that
+        // offset + k + the row's constant distance (`r·K`), which the emitter turns into a
+        // loop-invariant pointer plus k plus a displacement (one x86 address operand).
+        // The two scalar loads of the offsets (`ax`, `aw`, unused) make Cranelift compute
+        // the offsets before the loop: left to be computed at their first use, inside it,
+        // they stayed there (with the constant factors rematerialised in the loop, the
+        // products were not seen as loop-invariant).
+        let (xo, wo) = (vars.next(), vars.next());
+        let xat = |r: usize, k: Var| add(add(var(xo), var(k)), int(r as i64 * k_));
+        let wat = |c: usize, k: Var| add(add(var(wo), var(k)), int(c as i64 * k_));
         let mut s: Vec<Stmt> = accs.iter().flatten().map(|&a| let_(a, splat(int(0)))).collect();
         s.push(let_(xo, mul(xrow(i.clone()), int(k_))));
         s.push(let_(wo, mul(wrow(j.clone()), int(k_))));
-        let mut inner: Vec<Stmt> = vec![let_(xk, add(var(xo), var(kk))), let_(wk, add(var(wo), var(kk)))];
-        inner.extend(xv.iter().enumerate().map(|(r, &x)| let_(x, load_as(Ty::U8x16, xq, xat(r, xk)))));
+        let (ax, aw) = (vars.next(), vars.next());
+        s.push(let_(ax, load_i(xq, var(xo))));
+        s.push(let_(aw, load_i(wq, var(wo))));
+        let mut inner: Vec<Stmt> = vec![];
+        inner.extend(xv.iter().enumerate().map(|(r, &x)| let_(x, load_as(Ty::U8x16, xq, xat(r, kk)))));
         for c in 0..cols {
-            inner.push(let_(wv, load_as(Ty::I8x16, wq, wat(c, wk))));
+            inner.push(let_(wv, load_as(Ty::I8x16, wq, wat(c, kk))));
             for r in 0..rows {
                 inner.push(set(accs[r][c], dot4(var(accs[r][c]), var(wv), var(xv[r]))));
             }
@@ -225,11 +230,10 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
         if k16 < k_ {
             // The reduction's last k % 16 elements, one at a time.
             s.extend(tails.iter().flatten().map(|&t| let_(t, int(0))));
-            let (xt, wt) = (vars.next(), vars.next());
-            let mut tail = vec![let_(xt, add(var(xo), var(kt))), let_(wt, add(var(wo), var(kt)))];
+            let mut tail = vec![];
             for r in 0..rows {
                 for c in 0..cols {
-                    let prod = mul(load_i(xq, xat(r, xt)), load_i(wq, wat(c, wt)));
+                    let prod = mul(load_i(xq, xat(r, kt)), load_i(wq, wat(c, kt)));
                     tail.push(set(tails[r][c], add(var(tails[r][c]), prod)));
                 }
             }
