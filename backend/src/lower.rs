@@ -566,15 +566,21 @@ fn dot_kernel(
             vars.next(),
             vars.next(),
         );
-        let xat = |r: usize, idx: Var| add(var(idx), int(r as i64 * k_));
-        let wat = |c: usize, idx: Var| add(var(idx), int(c as i64 * k_));
+        // Addressing as in `qdot_kernel`: offsets computed before the loop (the unused
+        // anchor loads `xk`, `wk` make Cranelift place them there), each load at offset + k
+        // + a constant distance.
+        let _ = (xt, wt);
+        let xat = |r: usize, k: Var| add(add(var(xo), var(k)), int(r as i64 * k_));
+        let wat = |c: usize, k: Var| add(add(var(wo), var(k)), int(c as i64 * k_));
         let mut s: Vec<Stmt> = accs.iter().flatten().map(|&a| let_(a, splat(f(0.0)))).collect();
         s.push(let_(xo, add(var(xbase), mul(i.clone(), int(k_)))));
         s.push(let_(wo, add(var(wbase), mul(j.clone(), int(k_)))));
-        let mut inner = vec![let_(xk, add(var(xo), var(kk))), let_(wk, add(var(wo), var(kk)))];
-        inner.extend(xv.iter().enumerate().map(|(r, &x)| let_(x, load4(xb, xat(r, xk)))));
+        s.push(let_(xk, load(xb, var(xo))));
+        s.push(let_(wk, load(wb, var(wo))));
+        let mut inner = vec![];
+        inner.extend(xv.iter().enumerate().map(|(r, &x)| let_(x, load4(xb, xat(r, kk)))));
         for c in 0..cols {
-            inner.push(let_(wv, load4(wb, wat(c, wk))));
+            inner.push(let_(wv, load4(wb, wat(c, kk))));
             for r in 0..rows {
                 inner.push(set(accs[r][c], mac(var(xv[r]), var(wv), var(accs[r][c]))));
             }
@@ -586,11 +592,11 @@ fn dot_kernel(
             }
         }
         if k4 < k_ {
-            let mut tail = vec![let_(xt, add(var(xo), var(kt))), let_(wt, add(var(wo), var(kt)))];
+            let mut tail = vec![];
             for r in 0..rows {
                 for c in 0..cols {
-                    let prod = load(wb, wat(c, wt));
-                    tail.push(set(sums[r][c], fma(load(xb, xat(r, xt)), prod, var(sums[r][c]))));
+                    let prod = load(wb, wat(c, kt));
+                    tail.push(set(sums[r][c], fma(load(xb, xat(r, kt)), prod, var(sums[r][c]))));
                 }
             }
             s.push(for_(kt, int(k4), int(k_), 1, tail));
