@@ -913,6 +913,56 @@ fn softmax_quantize_kernel(rows: usize, d: usize) -> Kernel {
     )
 }
 
+/// `im2col` (see the op): `col[t, ci·K + k] = x[ci, t·stride + k − padding]`, 0 outside;
+/// one output row per task.
+fn im2col_kernel(cin: usize, t: usize, kw: usize, stride: usize, padding: usize, tout: usize) -> Kernel {
+    let ck = cin * kw;
+    let mut vars = Vars::new();
+    let (to, ci, kk, src) = (vars.next(), vars.next(), vars.next(), vars.next());
+    let clamped = min(max(var(src), int(0)), int(t as i64 - 1));
+    let val = select(
+        CmpOp::Lt,
+        var(src),
+        int(0),
+        f(0.0),
+        select(CmpOp::Lt, var(src), int(t as i64), load(0, add(mul(var(ci), int(t as i64)), clamped)), f(0.0)),
+    );
+    let body = vec![for_(
+        to,
+        var(START),
+        var(END),
+        1,
+        vec![for_(
+            ci,
+            int(0),
+            int(cin as i64),
+            1,
+            vec![for_(
+                kk,
+                int(0),
+                int(kw as i64),
+                1,
+                vec![
+                    let_(src, sub(add(mul(var(to), int(stride as i64)), var(kk)), int(padding as i64))),
+                    store(
+                        1,
+                        add(mul(var(to), int(ck as i64)), add(mul(var(ci), int(kw as i64)), var(kk))),
+                        val.clone(),
+                    ),
+                ],
+            )],
+        )],
+    )];
+    kernel(
+        format!("im2col_{cin}x{t}_k{kw}_s{stride}_p{padding}"),
+        vec![buf("x", cin * t), buf("col", tout * ck)],
+        tout,
+        0,
+        body,
+        vars,
+    )
+}
+
 /// `cache_attention` (see the op): one task per head, the query rows inside. For each row,
 /// three passes over the visible cache rows `0..len`: the scores (`q·k`, four `f32x4`
 /// partial sums over the head's columns) into the scratch row of the head with their
@@ -1356,6 +1406,10 @@ pub fn lower_op(
             let k = *inputs[0].shape.last().unwrap();
             one(row_scale_kernel(n_out, k), ins(1))
         }
+        Op::Im2col { kernel: kw, stride, padding } => {
+            let (cin, t) = (inputs[0].shape[0], inputs[0].shape[1]);
+            one(im2col_kernel(cin, t, *kw, *stride, *padding, out.shape[0]), ins(1))
+        }
         Op::SoftmaxScale => {
             let k = *inputs[0].shape.last().unwrap();
             one(softmax_scale_kernel(n_out, k), ins(1))
@@ -1561,51 +1615,7 @@ pub fn lower_op(
             let (cout, kw) = (inputs[1].shape[0], inputs[1].shape[2]);
             let tout = out.shape[1];
             let ck = cin * kw;
-            // im2col: col[t, ci*K + k] = x[ci, t*stride + k - padding] (0 outside).
-            let mut vars = Vars::new();
-            let (to, ci, kk, src) = (vars.next(), vars.next(), vars.next(), vars.next());
-            let clamped = min(max(var(src), int(0)), int(t as i64 - 1));
-            let val = select(
-                CmpOp::Lt,
-                var(src),
-                int(0),
-                f(0.0),
-                select(CmpOp::Lt, var(src), int(t as i64), load(0, add(mul(var(ci), int(t as i64)), clamped)), f(0.0)),
-            );
-            let body = vec![for_(
-                to,
-                var(START),
-                var(END),
-                1,
-                vec![for_(
-                    ci,
-                    int(0),
-                    int(cin as i64),
-                    1,
-                    vec![for_(
-                        kk,
-                        int(0),
-                        int(kw as i64),
-                        1,
-                        vec![
-                            let_(src, sub(add(mul(var(to), int(*stride as i64)), var(kk)), int(*padding as i64))),
-                            store(
-                                1,
-                                add(mul(var(to), int(ck as i64)), add(mul(var(ci), int(kw as i64)), var(kk))),
-                                val.clone(),
-                            ),
-                        ],
-                    )],
-                )],
-            )];
-            let im2col = kernel(
-                format!("im2col_{cin}x{t}_k{kw}_s{stride}_p{padding}"),
-                vec![buf("x", cin * t), buf("col", tout * ck)],
-                tout,
-                0,
-                body,
-                vars,
-            );
+            let im2col = im2col_kernel(cin, t, kw, *stride, *padding, tout);
             let mm = dot_kernel(
                 format!("linear_{tout}x{cout}x{ck}_bias"),
                 1,

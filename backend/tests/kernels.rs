@@ -180,3 +180,34 @@ fn a_column_mask_is_not_lowered_as_a_row_mask() {
     let row = wcc_ir::TensorType::f32([1, 8]);
     assert!(wcc_backend::lower::lower_op(&Op::MaskedSoftmax, &[&x, &row], &x, false, &t).is_ok());
 }
+
+#[test]
+fn im2col_gives_the_convolution_columns_exactly() {
+    // The shapes of tiny.en's and base's convolutions (stride 1 and 2, padding 1) and odd
+    // ones: a copy with zero padding, so the kernel equals the interpreter bit for bit; and
+    // the columns times the flattened kernel are the convolution (the quantize pass's
+    // rewrite of conv1d), up to the order of the sums.
+    for (cin, t, k, stride, pad) in
+        [(80, 3000, 3, 1, 1), (384, 3000, 3, 2, 1), (3, 10, 3, 1, 1), (5, 9, 3, 2, 1), (2, 7, 4, 3, 2)]
+    {
+        let op = Op::Im2col { kernel: k, stride, padding: pad };
+        let x = Tensor::f32([cin, t], noise(cin * t, 7));
+        let want = eval(&op, &[&x]).unwrap();
+        let tout = (t + 2 * pad - k) / stride + 1;
+        assert_eq!(want.shape, [tout, cin * k]);
+        let got = wcc_backend::jit::run_op(&op, &[&x], &wcc_ir::TensorType::f32([tout, cin * k]), false).unwrap();
+        assert_eq!(got.data, want.data, "im2col {cin}x{t} k{k} s{stride} p{pad}");
+        if cin * t > 10_000 {
+            continue;
+        }
+        let cout = 4;
+        let w = Tensor::f32([cout, cin, k], noise(cout * cin * k, 8));
+        let b = Tensor::f32([cout], noise(cout, 9));
+        let conv = eval(&Op::Conv1d { stride, padding: pad }, &[&x, &w, &b]).unwrap();
+        let wf = eval(&Op::Reshape { shape: vec![cout, cin * k] }, &[&w]).unwrap();
+        let y = eval(&Op::Linear, &[&want, &wf, &b]).unwrap();
+        let yt = eval(&Op::Transpose { perm: vec![1, 0] }, &[&y]).unwrap();
+        let (Data::F32(a), Data::F32(c)) = (&yt.data, &conv.data) else { panic!() };
+        assert!(rel_err(a, c) < 1e-5, "im2col·w vs conv1d: {}", rel_err(a, c));
+    }
+}

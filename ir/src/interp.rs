@@ -293,6 +293,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
     let f = |i: usize| args[i].as_f32();
     Ok(match op {
         Op::Conv1d { stride, padding } => conv1d(args[0], args[1], f(2)?, *stride, *padding)?,
+        Op::Im2col { kernel, stride, padding } => im2col(args[0], *kernel, *stride, *padding)?,
         Op::Linear => linear(args[0], args[1], args.get(2).map(|b| b.as_f32()).transpose()?)?,
         Op::MatMul { transpose_b } => matmul(args[0], args[1], *transpose_b)?,
         Op::Add => broadcast(args[0], args[1], |a, b| a + b)?,
@@ -536,6 +537,24 @@ fn conv1d(x: &Tensor, w: &Tensor, b: &[f32], stride: usize, pad: usize) -> Resul
         }
     });
     Ok(Tensor::f32([cout, tout], out))
+}
+
+fn im2col(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor, InterpError> {
+    let xd = x.as_f32()?;
+    let (cin, t) = (x.shape[0], x.shape[1]);
+    let tout = (t + 2 * pad - k) / stride + 1;
+    let mut out = vec![0.0f32; tout * cin * k];
+    for (to, row) in out.chunks_mut(cin * k).enumerate() {
+        for ci in 0..cin {
+            for kk in 0..k {
+                let ti = (to * stride + kk) as isize - pad as isize;
+                if ti >= 0 && (ti as usize) < t {
+                    row[ci * k + kk] = xd[ci * t + ti as usize];
+                }
+            }
+        }
+    }
+    Ok(Tensor::f32([tout, cin * k], out))
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&[f32]>) -> Result<Tensor, InterpError> {

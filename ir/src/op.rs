@@ -7,6 +7,10 @@ use crate::types::{DType, TensorType};
 pub enum Op {
     /// `x[Cin,T], w[Cout,Cin,K], b[Cout] -> [Cout, (T + 2*padding - K)/stride + 1]`, zero padding.
     Conv1d { stride: usize, padding: usize },
+    /// `x f32[C, T] -> f32[T_out, C·kernel]`: the columns of a 1-D convolution,
+    /// `out[t, c·kernel + k] = x[c, t·stride + k − padding]` (0 outside `[0, T)`), so that
+    /// `conv1d(x, w, b) = transpose(linear(im2col(x), reshape(w, [C_out, C·kernel]), b))`.
+    Im2col { kernel: usize, stride: usize, padding: usize },
     /// `x[..., K], w[N, K] (, b[N]) -> [..., N]`: `x · wᵀ + b`, PyTorch's weight layout.
     Linear,
     /// Batched matrix product `a[B,M,K] · b[B,K,N] -> [B,M,N]`; with `transpose_b`, `b` is
@@ -93,6 +97,7 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Conv1d { .. } => "conv1d",
+            Op::Im2col { .. } => "im2col",
             Op::Linear => "linear",
             Op::MatMul { .. } => "matmul",
             Op::Add => "add",
@@ -131,6 +136,9 @@ impl Op {
         match self {
             Op::Conv1d { stride, padding } => {
                 vec![("stride", stride.to_string()), ("padding", padding.to_string())]
+            }
+            Op::Im2col { kernel, stride, padding } => {
+                vec![("kernel", kernel.to_string()), ("stride", stride.to_string()), ("padding", padding.to_string())]
             }
             Op::MatMul { transpose_b } => vec![("transpose_b", transpose_b.to_string())],
             // `{:?}` prints the shortest decimal that reads back to the same f32.
@@ -196,6 +204,9 @@ impl Op {
         };
         let op = match name {
             "conv1d" => Op::Conv1d { stride: usize_("stride")?, padding: usize_("padding")? },
+            "im2col" => {
+                Op::Im2col { kernel: usize_("kernel")?, stride: usize_("stride")?, padding: usize_("padding")? }
+            }
             "linear" => Op::Linear,
             "matmul" => Op::MatMul { transpose_b: bool_("transpose_b")? },
             "add" => Op::Add,
@@ -258,7 +269,7 @@ impl Op {
                     (6, 6)
                 }
             }
-            Op::RowScale | Op::RowSum | Op::SoftmaxScale | Op::SoftmaxQuantize => (1, 1),
+            Op::RowScale | Op::RowSum | Op::SoftmaxScale | Op::SoftmaxQuantize | Op::Im2col { .. } => (1, 1),
             Op::QMatMul => (5, 5),
             Op::CacheAttention { .. } => (4, 4),
             Op::Fill { .. } => (0, 0),
@@ -415,6 +426,13 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 return Err(shape_err());
             }
             Ok(TensorType::f32([w.shape[0], (x.shape[1] + 2 * padding - k) / stride + 1]))
+        }
+        Op::Im2col { kernel, stride, padding } => {
+            let x = float(0)?;
+            if x.rank() != 2 || *stride == 0 || *kernel == 0 || x.shape[1] + 2 * padding < *kernel {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([(x.shape[1] + 2 * padding - kernel) / stride + 1, x.shape[0] * kernel]))
         }
         Op::Linear => {
             let (x, w) = (float(0)?, float(1)?);

@@ -36,6 +36,14 @@
 //! way, with the second operand quantized per row at run time (per key for K, per channel
 //! for V) and its row sums computed by a `row_sum` kernel.
 //!
+//! A `conv1d` with constant weights is its product with `--int8`: `im2col` of the input
+//! (one row of `C_in·K` values per output frame), quantized per row, times the kernel
+//! flattened to `[C_out, C_in·K]` and quantized per output channel, as a `qlinear` with the
+//! bias, transposed back to `[C_out, T_out]`. Sound because a 1-D convolution is exactly
+//! that product (see `im2col`); the error is the same per-row / per-channel rounding as any
+//! linear layer's. Static builds give its columns the calibrated scale of its input (the
+//! columns hold the input's values and padding zeros, so they share its range).
+//!
 //! A product's first operand that is a softmax read by nothing else (attention's P) is
 //! quantized from the scores, `%p.scale = softmax_scale(%s)`, `%p.q = softmax_quantize(%s)`,
 //! and the softmax itself goes: the probabilities are never written as f32. Sound because
@@ -281,6 +289,45 @@ fn quantize_graph(
                 let bq = out.add_node(format!("{name}.b_q"), Op::Quantize { dtype: DType::I8 }, &[bt, bs])?;
                 let bsum = out.add_node(format!("{name}.b_sum"), Op::RowSum, &[bq])?;
                 let id = out.add_node(name, Op::QMatMul, &[aq, asc, bq, bs, bsum])?;
+                map[node.output.index()] = Some(id);
+                continue;
+            }
+        }
+        if let Op::Conv1d { stride, padding } = node.op {
+            let (x, w) = (node.inputs[0], node.inputs[1]);
+            // Named as the convolution, its weight, or its product (`NAME.frames`, the
+            // qlinear the sensitivity report lists).
+            let mut names = layer_names(g, node.output, w);
+            names.push(format!("{name}.frames"));
+            let keep = names.iter().any(|n| keep_float.iter().any(|p| glob_match(p, n)));
+            let eligible = !konst[x.index()] && konst[w.index()] && !keep;
+            if eligible && observing {
+                // The columns hold the input's values (and padding zeros): the input's range
+                // is theirs.
+                observe(&mut out, &mut observed, x, ins[0])?;
+            }
+            if eligible && !observing {
+                // The convolution as its product: columns (per output frame) quantized per
+                // row at run time, the kernel flattened to [C_out, C_in·K] and quantized
+                // per output channel, then back to [C_out, T_out].
+                let (cout, cin, kw) = (g.ty(w).shape[0], g.ty(w).shape[1], g.ty(w).shape[2]);
+                let im2col = Op::Im2col { kernel: kw, stride, padding };
+                let cols = out.add_node(format!("{name}.cols"), im2col, &[ins[0]])?;
+                let base = &g.value(x).name;
+                let xs = match scales {
+                    ActivationScales::Static(s) if s.contains_key(base) => {
+                        out.add_node(format!("{name}.cols.scale"), Op::Fill { value: s[base] }, &[])?
+                    }
+                    _ => out.add_node(format!("{name}.cols.scale"), Op::RowScale, &[cols])?,
+                };
+                let xq = out.add_node(format!("{name}.cols.q"), Op::Quantize { dtype: DType::U8 }, &[cols, xs])?;
+                let wr =
+                    out.add_node(format!("{name}.w_flat"), Op::Reshape { shape: vec![cout, cin * kw] }, &[ins[1]])?;
+                let (ws, wq) = quantize_weight(&mut out, w, wr)?;
+                let wsum = out.add_node(format!("{name}.w_sum"), Op::RowSum, &[wq])?;
+                let plain = Op::QLinear { gelu: false, residual: false };
+                let yt = out.add_node(format!("{name}.frames"), plain, &[xq, xs, wq, ws, wsum, ins[2]])?;
+                let id = out.add_node(name, Op::Transpose { perm: vec![1, 0] }, &[yt])?;
                 map[node.output.index()] = Some(id);
                 continue;
             }
