@@ -197,7 +197,10 @@ enum Command {
     /// Transcribe an audio file with a compiled model.
     Run {
         wbin: PathBuf,
-        audio: PathBuf,
+        /// Audio files (WAV, FLAC, MP3, Ogg Vorbis, AAC/M4A, ALAC, ...), transcribed one
+        /// after the other by the same loaded model.
+        #[arg(required = true, num_args = 1..)]
+        audio: Vec<PathBuf>,
         /// Threads for the kernels.
         #[arg(long, default_value_t = 2)]
         threads: usize,
@@ -280,9 +283,8 @@ fn transcribe_and_print<M: WhisperModel>(
     print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), stats)
 }
 
-fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
-    if json {
-        let v = serde_json::json!({
+fn transcript_json(out: &Transcript, load_s: f64, run_s: f64, st: wcc::Stats) -> serde_json::Value {
+    serde_json::json!({
             "text": out.text(),
             "language": out.language,
             "tokens": out.tokens(),
@@ -294,8 +296,12 @@ fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: w
                 "load_s": load_s, "transcribe_s": run_s,
                 "encode_s": st.encode_s, "decoder_steps": st.steps, "decoder_s": st.step_s,
             },
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    })
+}
+
+fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&transcript_json(out, load_s, run_s, st))?);
     } else {
         println!("{}", out.text());
     }
@@ -459,9 +465,43 @@ fn run(cli: Cli) -> Result<()> {
             let tokenizer = m.tokenizer()?;
             let cfg = m.header().generation.clone();
             let load_s = t0.elapsed().as_secs_f64();
-            let samples = wcc::load_audio(&audio)?;
             let opts = TranscribeOptions { language, translate };
-            transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, load_s)?;
+            if let [one] = &audio[..] {
+                let samples = wcc::load_audio(one)?;
+                transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, load_s)?;
+            } else {
+                // Several files: each one's transcript under its name (text), or a JSON array
+                // with the file named in each object. A file that cannot be read is reported
+                // and skipped; the exit code then says that one failed.
+                let mut results = vec![];
+                let mut failed = 0;
+                for path in &audio {
+                    let t1 = Instant::now();
+                    let out = wcc::load_audio(path).and_then(|samples| {
+                        let mut timed = wcc::Timed::new(&mut m);
+                        let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
+                        Ok((out, timed.stats))
+                    });
+                    match out {
+                        Ok((out, stats)) if json => {
+                            let mut v = transcript_json(&out, load_s, t1.elapsed().as_secs_f64(), stats);
+                            v["file"] = serde_json::json!(path.display().to_string());
+                            results.push(v);
+                        }
+                        Ok((out, _)) => println!("{}: {}", path.display(), out.text()),
+                        Err(e) => {
+                            eprintln!("error: {e:#}");
+                            failed += 1;
+                        }
+                    }
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&results)?);
+                }
+                if failed > 0 {
+                    bail!("{failed} of {} files could not be transcribed", audio.len());
+                }
+            }
             if profile {
                 eprintln!("{:>9} {:>7}  kernel", "ms", "calls");
                 for (name, t, n) in m.profile() {

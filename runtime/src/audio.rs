@@ -1,5 +1,6 @@
-//! Audio input: WAV of any sample rate, bit depth and channel count, down-mixed to mono and
-//! resampled to 16 kHz.
+//! Audio input: any sample rate and channel count, down-mixed to mono and resampled to
+//! 16 kHz. WAV is read by `hound` (integer PCM of any depth, float); every other container
+//! and codec by `symphonia` (FLAC, MP3, Ogg Vorbis, AAC and ALAC in MP4/M4A, MKV/WebM, ...).
 
 use std::path::Path;
 
@@ -27,6 +28,15 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>, AudioError> {
         Ok(m) if m.len() == 0 => return Err(AudioError::Empty { path: p }),
         Ok(_) => {}
     }
+    // A file named .wav that is not one gets the WAV reader's diagnosis.
+    let named_wav = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+    if !named_wav && !is_riff_wave(path) {
+        let (mono, rate) = decode_other(path).map_err(read_err)?;
+        if mono.is_empty() {
+            return Err(AudioError::Empty { path: p });
+        }
+        return resample(&mono, rate);
+    }
     let mut reader = hound::WavReader::open(path).map_err(|e| read_err(describe_hound(e)))?;
     let spec = reader.spec();
     let channels = spec.channels as usize;
@@ -48,6 +58,81 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>, AudioError> {
         return Err(AudioError::Empty { path: p });
     }
     resample(&mono, spec.sample_rate)
+}
+
+/// Whether the file starts like a WAV file (`RIFF....WAVE`).
+fn is_riff_wave(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 12];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok()
+        && &head[..4] == b"RIFF"
+        && &head[8..] == b"WAVE"
+}
+
+/// Decodes a non-WAV file with symphonia: the first audio track, every channel averaged.
+/// Returns the mono samples and their rate, or why the file cannot be read.
+fn decode_other(path: &Path) -> Result<(Vec<f32>, u32), String> {
+    use symphonia::core::audio::SampleBuffer;
+    use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
+    use symphonia::core::errors::Error;
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(ext);
+    }
+    let probed = symphonia::default::get_probe()
+        .format(&hint, mss, &FormatOptions::default(), &MetadataOptions::default())
+        .map_err(|e| format!("not an audio file wcc can read ({e})"))?;
+    let mut format = probed.format;
+    let track = format
+        .tracks()
+        .iter()
+        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL && t.codec_params.sample_rate.is_some())
+        .ok_or("the file has no audio track")?;
+    let (id, rate) = (track.id, track.codec_params.sample_rate.unwrap_or(0));
+    if rate == 0 {
+        return Err("the audio track declares a zero sample rate".into());
+    }
+    let mut decoder = symphonia::default::get_codecs()
+        .make(&track.codec_params, &DecoderOptions::default())
+        .map_err(|e| format!("unsupported audio codec ({e})"))?;
+    let mut mono = Vec::new();
+    let mut buf: Option<SampleBuffer<f32>> = None;
+    loop {
+        let packet = match format.next_packet() {
+            Ok(p) => p,
+            Err(Error::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(Error::ResetRequired) => break,
+            Err(e) => return Err(format!("cannot read the audio stream ({e})")),
+        };
+        if packet.track_id() != id {
+            continue;
+        }
+        let decoded = match decoder.decode(&packet) {
+            Ok(d) => d,
+            // A corrupt frame is skipped, as players do; the rest of the stream still counts.
+            Err(Error::DecodeError(_)) => continue,
+            Err(e) => return Err(format!("cannot decode the audio ({e})")),
+        };
+        let spec = *decoded.spec();
+        let channels = spec.channels.count();
+        if channels == 0 {
+            return Err("an audio frame has no channels".into());
+        }
+        let b = match &mut buf {
+            Some(b) if b.capacity() >= decoded.capacity() * channels => b,
+            _ => buf.insert(SampleBuffer::new(decoded.capacity() as u64, spec)),
+        };
+        b.copy_interleaved_ref(decoded);
+        mono.extend(b.samples().chunks_exact(channels).map(|f| f.iter().sum::<f32>() / channels as f32));
+    }
+    Ok((mono, rate))
 }
 
 fn describe_hound(e: hound::Error) -> String {
