@@ -160,7 +160,11 @@ pub fn bench(wbin: &Path, clip: Option<&Path>, threads: usize, runs: usize) -> R
     let window = &samples[..samples.len().min(frames * HOP_LENGTH)];
     let language = cfg.multilingual.then(|| cfg.languages.iter().find(|(c, _)| c == "en").map(|l| l.1)).flatten();
     let prompt = transcribe_prompt(&cfg, language, false);
-    let opts = TranscribeOptions { language: cfg.multilingual.then(|| "en".to_string()), translate: false };
+    let opts = TranscribeOptions {
+        language: cfg.multilingual.then(|| "en".to_string()),
+        translate: false,
+        ..Default::default()
+    };
 
     let (mut mel_t, mut enc_t, mut step_t, mut e2e_t) = (vec![], vec![], vec![], vec![]);
     let mut tokens = 0;

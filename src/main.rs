@@ -29,6 +29,14 @@ struct DecodingArgs {
     /// Print JSON (text, tokens, language, timings) instead of the text.
     #[arg(long)]
     json: bool,
+    /// Decode with timestamp tokens: segments with start and end times (`[0.00 --> 8.00]`
+    /// before each in the text output), each window resuming at the last complete timestamp.
+    #[arg(long)]
+    timestamps: bool,
+    /// With --timestamps: each window's prompt carries the previous windows' text
+    /// (openai-whisper's and faster-whisper's `condition_on_previous_text`).
+    #[arg(long, requires = "timestamps")]
+    condition_on_previous_text: bool,
 }
 
 /// Quantization, shared by `compile` and `transcribe`.
@@ -280,7 +288,7 @@ fn transcribe_and_print<M: WhisperModel>(
     let mut timed = wcc::Timed::new(m);
     let out = transcribe(&mut timed, tokenizer, cfg, samples, opts)?;
     let stats = timed.stats;
-    print_transcript(&out, json, load_s, t1.elapsed().as_secs_f64(), stats)
+    print_transcript(&out, json, opts.timestamps, load_s, t1.elapsed().as_secs_f64(), stats)
 }
 
 fn transcript_json(out: &Transcript, load_s: f64, run_s: f64, st: wcc::Stats) -> serde_json::Value {
@@ -299,13 +307,35 @@ fn transcript_json(out: &Transcript, load_s: f64, run_s: f64, st: wcc::Stats) ->
     })
 }
 
-fn print_transcript(out: &Transcript, json: bool, load_s: f64, run_s: f64, st: wcc::Stats) -> Result<()> {
+fn print_transcript(
+    out: &Transcript,
+    json: bool,
+    timestamps: bool,
+    load_s: f64,
+    run_s: f64,
+    st: wcc::Stats,
+) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&transcript_json(out, load_s, run_s, st))?);
     } else {
-        println!("{}", out.text());
+        println!("{}", transcript_text(out, timestamps));
     }
     Ok(())
+}
+
+/// The text output: the transcript, or with timestamps one `[start --> end] text` line per
+/// segment kept.
+fn transcript_text(out: &Transcript, timestamps: bool) -> String {
+    if !timestamps {
+        return out.text();
+    }
+    let lines: Vec<String> = out
+        .segments
+        .iter()
+        .filter(|s| !s.skipped)
+        .map(|s| format!("[{:.2} --> {:.2}] {}", s.start, s.end, s.text.trim()))
+        .collect();
+    lines.join("\n")
 }
 
 fn main() -> ExitCode {
@@ -384,12 +414,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Transcribe { interpret, model, timesteps, threads, decoding, quant, audio } => {
-            let DecodingArgs { language, translate, json } = decoding;
+            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text } = decoding;
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
             let mut options = timesteps.options(Some(samples.len()))?;
             quant.apply(&model, &mut options)?;
-            let opts = TranscribeOptions { language, translate };
+            let opts = TranscribeOptions { language, translate, timestamps, condition_on_previous_text };
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
                 let loaded = wcc::load_model(&model)?;
@@ -453,7 +483,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Run { wbin, audio, threads, decoding, profile } => {
-            let DecodingArgs { language, translate, json } = decoding;
+            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text } = decoding;
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
@@ -465,7 +495,7 @@ fn run(cli: Cli) -> Result<()> {
             let tokenizer = m.tokenizer()?;
             let cfg = m.header().generation.clone();
             let load_s = t0.elapsed().as_secs_f64();
-            let opts = TranscribeOptions { language, translate };
+            let opts = TranscribeOptions { language, translate, timestamps, condition_on_previous_text };
             if let [one] = &audio[..] {
                 let samples = wcc::load_audio(one)?;
                 transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, load_s)?;
@@ -488,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
                             v["file"] = serde_json::json!(path.display().to_string());
                             results.push(v);
                         }
+                        Ok((out, _)) if timestamps => println!("{}:\n{}", path.display(), transcript_text(&out, true)),
                         Ok((out, _)) => println!("{}: {}", path.display(), out.text()),
                         Err(e) => {
                             eprintln!("error: {e:#}");

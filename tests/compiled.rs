@@ -8,7 +8,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 use wcc_runtime::compiled::CompiledModel;
-use wcc_runtime::decode::transcribe_prompt;
+use wcc_runtime::decode::{greedy_scored, timestamp_prompt, transcribe_prompt};
 use wcc_runtime::transcribe::{transcribe, TranscribeOptions, WhisperModel};
 
 fn compile(model: &str, dir: &Path) -> PathBuf {
@@ -92,6 +92,83 @@ fn dev_set_matches_ctranslate2(model: &str) {
     );
 }
 
+/// With timestamps (the prompt without `<|notimestamps|>`): each dev clip's window decoded
+/// under Whisper's timestamp rules gives CTranslate2's ids, timestamp tokens included, from
+/// the same features and prompt (CTranslate2 applies its own implementation of the rules).
+/// Then the transcript's segments: times increase, each within the clip, text between.
+fn dev_set_timestamps_match_ctranslate2(model: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let wbin = compile(model, tmp.path());
+    let mut m = CompiledModel::load(&wbin, 2).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let cfg = m.header().generation.clone();
+    let filters = m.mel_filters();
+    let (_, frames) = m.input_shape();
+    let clips = manifest_clips();
+    let lang = cfg.multilingual.then(|| cfg.languages.iter().find(|(c, _)| c == "en").unwrap().1);
+    let prompt = timestamp_prompt(&cfg, lang, false);
+    let (mut mels, mut ours) = (vec![], vec![]);
+    for (i, clip) in clips.iter().enumerate() {
+        let samples = wcc_runtime::audio::load_audio(clip).unwrap();
+        let mel = wcc_runtime::mel::log_mel_spectrogram_with(&samples, &filters, frames);
+        m.encode(&mel).unwrap();
+        let d = greedy_scored(&mut m, &cfg, &prompt).unwrap();
+        assert!(d.tokens.first().is_some_and(|&t| t >= cfg.special.timestamp_begin), "{}", clip.display());
+        let path = tmp.path().join(format!("mel{i}.npy"));
+        wcc_runtime::npy::write_f32(&path, &[filters.len() / 201, frames], &mel).unwrap();
+        mels.push(path);
+        ours.push(d.tokens);
+        // The transcript with timestamps: segments in order, inside the clip.
+        let opts = TranscribeOptions { language: lang.map(|_| "en".into()), timestamps: true, ..Default::default() };
+        let out = transcribe(&mut m, &tok, &cfg, &samples, &opts).unwrap();
+        let dur = samples.len() as f64 / 16000.0;
+        let mut last = 0.0;
+        for s in out.segments.iter().filter(|s| !s.skipped) {
+            assert!(s.start >= last - 1e-9 && s.end >= s.start && s.end <= dur + 0.5, "{}: {s:?}", clip.display());
+            last = s.end;
+        }
+        assert!(!out.text().is_empty(), "{}", clip.display());
+    }
+    let prompt: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    let mut args = vec!["greedy".to_string(), p(&model_dir(model)).to_string()];
+    args.extend(mels.iter().map(|m| p(m).to_string()));
+    for _ in &mels {
+        args.push("--prompt".into());
+        args.push(prompt.join(","));
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let theirs: Vec<Vec<u32>> = serde_json::from_str(&reference(&arg_refs)).unwrap();
+    let show = |t: &[u32]| -> String {
+        t.iter()
+            .map(|&x| {
+                if x >= cfg.special.timestamp_begin {
+                    format!("<{:.2}>", (x - cfg.special.timestamp_begin) as f64 * 0.02)
+                } else {
+                    tok.decode(&[x], cfg.special.eot).unwrap()
+                }
+            })
+            .collect()
+    };
+    let differ: Vec<String> = clips
+        .iter()
+        .zip(&ours)
+        .zip(&theirs)
+        .filter(|((_, a), b)| a != b)
+        .map(|((c, a), b)| format!("{}:\n  wcc  {}\n  ct2  {}", c.display(), show(a), show(b)))
+        .collect();
+    assert!(differ.is_empty(), "{model}: {} of {} clips differ:\n{}", differ.len(), clips.len(), differ.join("\n"));
+}
+
+#[test]
+fn tiny_en_dev_set_timestamps_equal_ctranslate2() {
+    dev_set_timestamps_match_ctranslate2("tiny.en");
+}
+
+#[test]
+fn base_dev_set_timestamps_equal_ctranslate2() {
+    dev_set_timestamps_match_ctranslate2("base");
+}
+
 #[test]
 fn tiny_en_dev_set_tokens_equal_ctranslate2() {
     dev_set_matches_ctranslate2("tiny.en");
@@ -166,4 +243,55 @@ fn compiled_step_refuses_a_token_or_position_out_of_range() {
     assert!(interp.run("decoder_step", &bad_token).is_err());
     let bad_pos = decoder_step_inputs(&module, &out, cfg.special.sot as i32, cfg.max_text_ctx as i32, &zeros);
     assert!(interp.run("decoder_step", &bad_pos).is_err());
+}
+
+/// Long-form with timestamps: the 111 s recording in windows that each resume at the last
+/// complete timestamp. Segments follow one another, cover the recording to its end, and say
+/// what the no-timestamp path says (the same words to within a few, none repeated: a window
+/// edge neither cuts nor doubles a word); conditioning on the previous text too.
+#[test]
+fn long_form_with_timestamps_resumes_at_the_last_timestamp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wbin = tmp.path().join("tiny8.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let clip = shared_data().join("audio/longform/ljspeech_LJ001-0001_0016.wav");
+    let words = |v: &serde_json::Value| -> Vec<String> {
+        v["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .map(|w| w.chars().filter(|c| c.is_alphanumeric()).collect::<String>().to_lowercase())
+            .collect()
+    };
+    let plain: serde_json::Value = serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json"])).unwrap();
+    for extra in [&[][..], &["--condition-on-previous-text"][..]] {
+        let mut args = vec!["run", p(&wbin), p(&clip), "--json", "--timestamps"];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&wcc_ok(&args)).unwrap();
+        let segs = v["segments"].as_array().unwrap();
+        assert!(segs.len() >= 10, "{extra:?}: {} segments", segs.len());
+        let mut last_end = 0.0;
+        for s in segs {
+            let (start, end) = (s["start"].as_f64().unwrap(), s["end"].as_f64().unwrap());
+            assert!(start >= last_end - 0.02 && end >= start, "{extra:?}: {s}");
+            last_end = end;
+        }
+        assert!(last_end > 105.0 && last_end < 112.0, "{extra:?}: ends at {last_end}");
+        let (a, b) = (words(&plain), words(&v));
+        let d = edit_distance(&a, &b);
+        assert!(d * 100 <= 5 * a.len(), "{extra:?}: {d} of {} words differ from the plain path", a.len());
+        assert!(b.windows(6).all(|w| w[..3] != w[3..]), "{extra:?}: a phrase repeats: {b:?}");
+    }
+}
+
+fn edit_distance(a: &[String], b: &[String]) -> usize {
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, y) in b.iter().enumerate() {
+            cur.push((prev[j] + (x != y) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }

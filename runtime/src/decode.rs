@@ -47,14 +47,77 @@ pub fn argmax(v: &[f32]) -> u32 {
 /// The prompt that starts a transcription: `<|startoftranscript|>`, then for multilingual
 /// models the language and task tokens, then `<|notimestamps|>`.
 pub fn transcribe_prompt(cfg: &GenerationConfig, language: Option<u32>, translate: bool) -> Vec<u32> {
+    let mut p = timestamp_prompt(cfg, language, translate);
+    p.push(cfg.special.no_timestamps);
+    p
+}
+
+/// [`transcribe_prompt`] without `<|notimestamps|>`: decoding then follows Whisper's
+/// timestamp rules ([`apply_timestamp_rules`]).
+pub fn timestamp_prompt(cfg: &GenerationConfig, language: Option<u32>, translate: bool) -> Vec<u32> {
     let s = &cfg.special;
     let mut p = vec![s.sot];
     if cfg.multilingual {
         p.push(language.unwrap_or(s.sot + 1));
         p.push(if translate { s.translate } else { s.transcribe });
     }
-    p.push(s.no_timestamps);
     p
+}
+
+/// The latest a window's first timestamp may be, in timestamp steps of 0.02 s (1.0 s, as
+/// openai-whisper's and faster-whisper's `max_initial_timestamp`).
+pub const MAX_INITIAL_TIMESTAMP_STEPS: usize = 50;
+
+/// Masks `logits` by Whisper's timestamp rules, given the tokens generated so far in this
+/// window (`out`, without the prompt):
+/// - `<|notimestamps|>` is never generated;
+/// - timestamps come in pairs (end of one segment, start of the next), except right before
+///   end-of-text: after a lone timestamp only a timestamp or end-of-text may follow, after a
+///   pair only text;
+/// - timestamps never decrease, and a segment is never empty (a new start is later than the
+///   last end);
+/// - the first token is a timestamp, at most [`MAX_INITIAL_TIMESTAMP_STEPS`] in;
+/// - when the timestamps together are likelier than any single text token, a timestamp is
+///   taken.
+pub fn apply_timestamp_rules(logits: &mut [f32], out: &[u32], cfg: &GenerationConfig) {
+    let (tb, eot) = (cfg.special.timestamp_begin as usize, cfg.special.eot as usize);
+    let n = logits.len();
+    if tb >= n {
+        return;
+    }
+    let mask =
+        |l: &mut [f32], lo: usize, hi: usize| l[lo.min(n)..hi.min(n)].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    mask(logits, cfg.special.no_timestamps as usize, cfg.special.no_timestamps as usize + 1);
+    let is_ts = |t: u32| t as usize >= tb;
+    let len = out.len();
+    let last_ts = len >= 1 && is_ts(out[len - 1]);
+    let penultimate_ts = len < 2 || is_ts(out[len - 2]);
+    if last_ts {
+        if penultimate_ts {
+            mask(logits, tb, n);
+        } else {
+            mask(logits, 0, eot);
+        }
+    }
+    if let Some(&last) = out.iter().rev().find(|&&t| is_ts(t)) {
+        let floor = if last_ts && !penultimate_ts { last as usize } else { last as usize + 1 };
+        mask(logits, tb, floor);
+    }
+    if len == 0 {
+        mask(logits, 0, tb);
+        mask(logits, tb + MAX_INITIAL_TIMESTAMP_STEPS + 1, n);
+    }
+    // Sum of the timestamps' probabilities against the likeliest text token, in log space.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let sum_exp = |r: &[f32]| -> f64 { r.iter().map(|&l| ((l - max) as f64).exp()).sum() };
+    let ts_mass = sum_exp(&logits[tb..]);
+    let text_max = logits[..tb].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if ts_mass > 0.0 && ts_mass.ln() > (text_max - max) as f64 {
+        mask(logits, 0, tb);
+    }
 }
 
 /// Greedy decoding: feeds `prompt`, then repeatedly takes the most likely token that is not
@@ -100,6 +163,8 @@ pub fn greedy_scored(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u3
         }
     }
     let cap = max_new_tokens(cfg).min(cfg.max_text_ctx - prompt.len());
+    // Without `<|notimestamps|>` in the prompt, the timestamp rules apply (as CTranslate2).
+    let timestamps = !prompt.contains(&cfg.special.no_timestamps);
     let mut out = Vec::new();
     let mut sum_logprob = 0f64;
     while out.len() < cap {
@@ -114,6 +179,9 @@ pub fn greedy_scored(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u3
                     *l = f32::NEG_INFINITY;
                 }
             }
+        }
+        if timestamps {
+            apply_timestamp_rules(&mut logits, &out, cfg);
         }
         let next = argmax(&logits);
         sum_logprob += log_prob(&logits, next as usize) as f64;
@@ -177,6 +245,7 @@ mod tests {
                 no_timestamps: 4,
                 timestamp_begin: 5,
                 no_speech: Some(3),
+                sot_prev: None,
             },
             multilingual: false,
             languages: vec![],

@@ -1,7 +1,7 @@
 //! The transcription loop shared by every way of running a model: audio → fixed-length
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
-use crate::decode::{detect_language, greedy_scored, transcribe_prompt, DecodeError, Decoder};
+use crate::decode::{detect_language, greedy_scored, timestamp_prompt, transcribe_prompt, DecodeError, Decoder};
 use crate::mel::log_mel_spectrogram_with;
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
 use crate::{HOP_LENGTH, SAMPLE_RATE};
@@ -25,6 +25,14 @@ pub struct TranscribeOptions {
     /// Language code (`en`, `de`, ...); `None` detects it on multilingual models.
     pub language: Option<String>,
     pub translate: bool,
+    /// Decode with timestamp tokens (segments with their times; the next window starts at
+    /// the last complete timestamp), instead of `<|notimestamps|>` windows cut at quiet
+    /// points.
+    pub timestamps: bool,
+    /// With `timestamps`: each window's prompt carries the text decoded so far
+    /// (`<|startofprev|>` and up to half the context of previous tokens), as openai-whisper's
+    /// and faster-whisper's `condition_on_previous_text`.
+    pub condition_on_previous_text: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -127,6 +135,9 @@ pub fn transcribe(
         }
     }
     let mut segments = Vec::new();
+    if opts.timestamps {
+        return transcribe_timestamped(model, tokenizer, cfg, samples, opts, language);
+    }
     let mut start_sample = 0;
     while start_sample < samples.len() {
         let end_sample = window_end(samples, start_sample, window);
@@ -150,6 +161,124 @@ pub fn transcribe(
             no_speech_prob: d.no_speech_prob,
             avg_logprob: d.avg_logprob,
         });
+    }
+    Ok(Transcript { language: language.map(|l| l.0), segments })
+}
+
+/// Seconds per timestamp step (`<|0.02|>` after `<|0.00|>`): two mel frames.
+const TIMESTAMP_STEP_S: f64 = 0.02;
+const FRAMES_PER_TIMESTAMP: usize = 2;
+
+/// The timestamped loop (openai-whisper's): each window starts at `seek` (in mel frames),
+/// is decoded with timestamp tokens, and is cut into segments at each pair of consecutive
+/// timestamps. If the window ends on such a pair (the last segment is closed but the speech
+/// may go on), the next window starts at that last timestamp, so a word cut by the window's
+/// edge is decoded again whole in the next one; if it ends on a lone timestamp or none,
+/// the whole window is consumed.
+fn transcribe_timestamped(
+    model: &mut dyn WhisperModel,
+    tokenizer: &WhisperTokenizer,
+    cfg: &GenerationConfig,
+    samples: &[f32],
+    opts: &TranscribeOptions,
+    mut language: Option<(String, u32)>,
+) -> Result<Transcript, TranscribeError> {
+    let (_, frames) = model.input_shape();
+    let filters = model.mel_filters();
+    let total_frames = samples.len().div_ceil(HOP_LENGTH);
+    let tb = cfg.special.timestamp_begin;
+    let text = |tokens: &[u32]| -> Result<String, TranscribeError> {
+        tokenizer.decode(tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))
+    };
+    let mut segments: Vec<Segment> = Vec::new();
+    // Tokens of the segments kept so far (the conditioning prompt's source).
+    let mut previous: Vec<u32> = Vec::new();
+    let mut seek = 0usize;
+    while seek < total_frames {
+        let size = frames.min(total_frames - seek);
+        let offset = seek as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
+        let lo = seek * HOP_LENGTH;
+        let chunk = &samples[lo..(lo + size * HOP_LENGTH).min(samples.len())];
+        let mel = log_mel_spectrogram_with(chunk, &filters, frames);
+        model.encode(&mel).map_err(TranscribeError::Encode)?;
+        if cfg.multilingual && language.is_none() {
+            language = Some(detect_language(model, cfg)?);
+        }
+        let mut prompt = vec![];
+        if let (true, Some(sp), false) = (opts.condition_on_previous_text, cfg.special.sot_prev, previous.is_empty()) {
+            prompt.push(sp);
+            let keep = (cfg.max_text_ctx / 2).saturating_sub(1);
+            prompt.extend_from_slice(&previous[previous.len().saturating_sub(keep)..]);
+        }
+        prompt.extend(timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
+        let d = greedy_scored(model, cfg, &prompt)?;
+        let window_s = size as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
+        if d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD {
+            segments.push(Segment {
+                start: offset,
+                end: offset + window_s,
+                text: text(&d.tokens)?,
+                tokens: d.tokens,
+                no_speech_prob: d.no_speech_prob,
+                avg_logprob: d.avg_logprob,
+                skipped: true,
+            });
+            seek += size;
+            continue;
+        }
+        let tokens = &d.tokens;
+        let is_ts = |t: u32| t >= tb;
+        let time = |t: u32| offset + (t - tb) as f64 * TIMESTAMP_STEP_S;
+        let n = tokens.len();
+        let single_ending = n >= 2 && !is_ts(tokens[n - 2]) && is_ts(tokens[n - 1]);
+        let pairs: Vec<usize> = (1..n).filter(|&i| is_ts(tokens[i - 1]) && is_ts(tokens[i])).collect();
+        let segment = |toks: &[u32], start: f64, end: f64| -> Result<Segment, TranscribeError> {
+            Ok(Segment {
+                start,
+                end: end.max(start),
+                text: text(toks)?,
+                tokens: toks.to_vec(),
+                no_speech_prob: d.no_speech_prob,
+                avg_logprob: d.avg_logprob,
+                skipped: false,
+            })
+        };
+        let mut advance = size;
+        if pairs.is_empty() {
+            // No closed segment inside: one segment for the window, ending at its last
+            // timestamp if that says more than its start.
+            let end = match tokens.iter().rev().find(|&&t| is_ts(t)) {
+                Some(&t) if t != tb => time(t),
+                _ => offset + window_s,
+            };
+            if !tokens.is_empty() {
+                segments.push(segment(tokens, offset, end)?);
+                previous.extend_from_slice(tokens);
+            }
+        } else {
+            let mut cuts = pairs.clone();
+            if single_ending {
+                cuts.push(n);
+            }
+            let mut from = 0;
+            for &cut in &cuts {
+                let part = &tokens[from..cut];
+                if let (Some(&first), Some(&last)) = (part.first(), part.last()) {
+                    let start = if is_ts(first) { time(first) } else { offset };
+                    let end = if is_ts(last) { time(last) } else { offset + window_s };
+                    segments.push(segment(part, start, end)?);
+                    previous.extend_from_slice(part);
+                }
+                from = cut;
+            }
+            if !single_ending {
+                // Resume at the last closed segment's end.
+                let last = tokens[from - 1];
+                advance = (last - tb) as usize * FRAMES_PER_TIMESTAMP;
+            }
+        }
+        // A window always moves on (a first segment closed at 0.00 would not).
+        seek += advance.clamp(1, size);
     }
     Ok(Transcript { language: language.map(|l| l.0), segments })
 }

@@ -339,6 +339,9 @@ pub struct SpecialTokens {
     /// `<|nospeech|>` (`<|nocaptions|>` in older vocabularies), if the vocabulary has it.
     #[serde(default)]
     pub no_speech: Option<u32>,
+    /// `<|startofprev|>`, which opens the previous window's text in a conditioned prompt.
+    #[serde(default)]
+    pub sot_prev: Option<u32>,
 }
 
 /// What a decoding strategy needs to know about the model's vocabulary and settings.
@@ -376,6 +379,7 @@ impl SpecialTokens {
             no_timestamps,
             timestamp_begin: no_timestamps + 1,
             no_speech: v.token_id("<|nospeech|>").or_else(|| v.token_id("<|nocaptions|>")),
+            sot_prev: v.token_id("<|startofprev|>"),
         })
     }
 }
