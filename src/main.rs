@@ -37,6 +37,14 @@ struct DecodingArgs {
     /// (openai-whisper's and faster-whisper's `condition_on_previous_text`).
     #[arg(long, requires = "timestamps")]
     condition_on_previous_text: bool,
+    /// Temperature fallback: a window is decoded at these temperatures in turn until its text
+    /// does not repeat itself (zlib compression ratio at most 2.4) and its mean log-probability
+    /// is at least -1 (`0` alone: greedy only).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.2,0.4,0.6,0.8,1.0")]
+    temperatures: Vec<f32>,
+    /// Seed of the sampling at temperatures above 0 (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// Quantization, shared by `compile` and `transcribe`.
@@ -299,6 +307,7 @@ fn transcript_json(out: &Transcript, load_s: f64, run_s: f64, st: wcc::Stats) ->
             "segments": out.segments.iter().map(|s| serde_json::json!({
                 "start": s.start, "end": s.end, "tokens": s.tokens, "text": s.text.trim(),
                 "no_speech_prob": s.no_speech_prob, "avg_logprob": s.avg_logprob, "skipped": s.skipped,
+                "temperature": s.temperature,
             })).collect::<Vec<_>>(),
             "timings": {
                 "load_s": load_s, "transcribe_s": run_s,
@@ -414,12 +423,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Transcribe { interpret, model, timesteps, threads, decoding, quant, audio } => {
-            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text } = decoding;
+            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text, temperatures, seed } =
+                decoding;
+            if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
+                bail!("--temperatures: {t} is not a temperature (0 or more)");
+            }
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
             let mut options = timesteps.options(Some(samples.len()))?;
             quant.apply(&model, &mut options)?;
-            let opts = TranscribeOptions { language, translate, timestamps, condition_on_previous_text };
+            let opts =
+                TranscribeOptions { language, translate, timestamps, condition_on_previous_text, temperatures, seed };
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
                 let loaded = wcc::load_model(&model)?;
@@ -483,7 +497,11 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Run { wbin, audio, threads, decoding, profile } => {
-            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text } = decoding;
+            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text, temperatures, seed } =
+                decoding;
+            if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
+                bail!("--temperatures: {t} is not a temperature (0 or more)");
+            }
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
@@ -495,7 +513,8 @@ fn run(cli: Cli) -> Result<()> {
             let tokenizer = m.tokenizer()?;
             let cfg = m.header().generation.clone();
             let load_s = t0.elapsed().as_secs_f64();
-            let opts = TranscribeOptions { language, translate, timestamps, condition_on_previous_text };
+            let opts =
+                TranscribeOptions { language, translate, timestamps, condition_on_previous_text, temperatures, seed };
             if let [one] = &audio[..] {
                 let samples = wcc::load_audio(one)?;
                 transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, load_s)?;

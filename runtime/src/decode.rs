@@ -149,6 +149,55 @@ fn log_prob(logits: &[f32], i: usize) -> f32 {
 
 /// [`greedy`], also scoring the window the way openai-whisper does to detect silence.
 pub fn greedy_scored(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u32]) -> Result<Decoded, DecodeError> {
+    sample_scored(dec, cfg, prompt, 0.0, &mut Rng::new(0))
+}
+
+/// A small deterministic generator (SplitMix64) for sampling: the same seed gives the same
+/// transcript on every machine.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A token drawn from `softmax(logits / temperature)`.
+fn sample(logits: &[f32], temperature: f32, rng: &mut Rng) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = logits.iter().map(|&l| (((l - max) / temperature) as f64).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let mut u = rng.next_f64() * total;
+    for (i, &x) in w.iter().enumerate() {
+        if u < x {
+            return i as u32;
+        }
+        u -= x;
+    }
+    argmax(logits)
+}
+
+/// [`greedy_scored`] at a temperature: 0 takes the likeliest token, above 0 draws from the
+/// filtered distribution sharpened or flattened by it. The scores are of the filtered
+/// logits as they are (openai-whisper's `sum_logprobs`).
+pub fn sample_scored(
+    dec: &mut dyn Decoder,
+    cfg: &GenerationConfig,
+    prompt: &[u32],
+    temperature: f32,
+    rng: &mut Rng,
+) -> Result<Decoded, DecodeError> {
     if prompt.is_empty() || prompt.len() >= cfg.max_text_ctx {
         return Err(DecodeError::PromptTooLong(prompt.len()));
     }
@@ -183,7 +232,7 @@ pub fn greedy_scored(dec: &mut dyn Decoder, cfg: &GenerationConfig, prompt: &[u3
         if timestamps {
             apply_timestamp_rules(&mut logits, &out, cfg);
         }
-        let next = argmax(&logits);
+        let next = if temperature > 0.0 { sample(&logits, temperature, rng) } else { argmax(&logits) };
         sum_logprob += log_prob(&logits, next as usize) as f64;
         if next == cfg.special.eot {
             break;

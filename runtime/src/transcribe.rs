@@ -1,7 +1,9 @@
 //! The transcription loop shared by every way of running a model: audio → fixed-length
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
-use crate::decode::{detect_language, greedy_scored, timestamp_prompt, transcribe_prompt, DecodeError, Decoder};
+use crate::decode::{
+    detect_language, sample_scored, timestamp_prompt, transcribe_prompt, DecodeError, Decoded, Decoder, Rng,
+};
 use crate::mel::log_mel_spectrogram_with;
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
 use crate::{HOP_LENGTH, SAMPLE_RATE};
@@ -33,6 +35,53 @@ pub struct TranscribeOptions {
     /// (`<|startofprev|>` and up to half the context of previous tokens), as openai-whisper's
     /// and faster-whisper's `condition_on_previous_text`.
     pub condition_on_previous_text: bool,
+    /// Temperatures to decode a window at, in turn, until the result passes the checks
+    /// (compression ratio at most [`COMPRESSION_RATIO_THRESHOLD`], mean log-probability at
+    /// least [`LOGPROB_THRESHOLD`]) or the window is judged silent. Empty: greedy only.
+    pub temperatures: Vec<f32>,
+    /// Seed of the sampling at temperatures above 0.
+    pub seed: u64,
+}
+
+/// A window whose text compresses better than this (zlib) repeats itself: decoded again at
+/// the next temperature (openai-whisper's and faster-whisper's default).
+pub const COMPRESSION_RATIO_THRESHOLD: f64 = 2.4;
+
+/// `len(text) / len(zlib(text))` in bytes, as openai-whisper computes it.
+pub fn compression_ratio(text: &str) -> f64 {
+    use std::io::Write;
+    if text.is_empty() {
+        return 0.0;
+    }
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    let packed = z.write_all(text.as_bytes()).and_then(|_| z.finish()).map(|v| v.len()).unwrap_or(text.len());
+    text.len() as f64 / packed.max(1) as f64
+}
+
+/// One window decoded with temperature fallback (see [`TranscribeOptions::temperatures`]):
+/// the first result that passes, else the last one tried. Returns it with its text and the
+/// temperature that gave it.
+fn decode_window(
+    model: &mut dyn WhisperModel,
+    tokenizer: &WhisperTokenizer,
+    cfg: &GenerationConfig,
+    prompt: &[u32],
+    opts: &TranscribeOptions,
+    rng: &mut Rng,
+) -> Result<(Decoded, String, f32), TranscribeError> {
+    let temperatures: &[f32] = if opts.temperatures.is_empty() { &[0.0] } else { &opts.temperatures };
+    let mut last = None;
+    for &t in temperatures {
+        let d = sample_scored(model, cfg, prompt, t, rng)?;
+        let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
+        let silent = d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD;
+        let failed = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD || d.avg_logprob < LOGPROB_THRESHOLD;
+        last = Some((d, text, t));
+        if silent || !failed {
+            break;
+        }
+    }
+    Ok(last.expect("at least one temperature"))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +94,8 @@ pub struct Segment {
     pub avg_logprob: f32,
     /// Judged silent (see [`NO_SPEECH_THRESHOLD`]): left out of the transcript.
     pub skipped: bool,
+    /// The temperature its window was decoded at (above 0 after a fallback).
+    pub temperature: f32,
 }
 
 /// openai-whisper's silence rule: a window whose `<|nospeech|>` probability exceeds this
@@ -138,6 +189,7 @@ pub fn transcribe(
     if opts.timestamps {
         return transcribe_timestamped(model, tokenizer, cfg, samples, opts, language);
     }
+    let mut rng = Rng::new(opts.seed);
     let mut start_sample = 0;
     while start_sample < samples.len() {
         let end_sample = window_end(samples, start_sample, window);
@@ -150,12 +202,12 @@ pub fn transcribe(
             language = Some(detect_language(model, cfg)?);
         }
         let prompt = transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
-        let d = greedy_scored(model, cfg, &prompt)?;
-        let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
+        let (d, text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         segments.push(Segment {
             start,
             end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
             skipped: d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD,
+            temperature,
             tokens: d.tokens,
             text,
             no_speech_prob: d.no_speech_prob,
@@ -193,6 +245,7 @@ fn transcribe_timestamped(
     let mut segments: Vec<Segment> = Vec::new();
     // Tokens of the segments kept so far (the conditioning prompt's source).
     let mut previous: Vec<u32> = Vec::new();
+    let mut rng = Rng::new(opts.seed);
     let mut seek = 0usize;
     while seek < total_frames {
         let size = frames.min(total_frames - seek);
@@ -211,7 +264,7 @@ fn transcribe_timestamped(
             prompt.extend_from_slice(&previous[previous.len().saturating_sub(keep)..]);
         }
         prompt.extend(timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
-        let d = greedy_scored(model, cfg, &prompt)?;
+        let (d, _, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         let window_s = size as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
         if d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD {
             segments.push(Segment {
@@ -222,6 +275,7 @@ fn transcribe_timestamped(
                 no_speech_prob: d.no_speech_prob,
                 avg_logprob: d.avg_logprob,
                 skipped: true,
+                temperature,
             });
             seek += size;
             continue;
@@ -241,6 +295,7 @@ fn transcribe_timestamped(
                 no_speech_prob: d.no_speech_prob,
                 avg_logprob: d.avg_logprob,
                 skipped: false,
+                temperature,
             })
         };
         let mut advance = size;
@@ -279,6 +334,10 @@ fn transcribe_timestamped(
         }
         // A window always moves on (a first segment closed at 0.00 would not).
         seek += advance.clamp(1, size);
+        // Text found only at a high temperature does not condition the next window.
+        if temperature > 0.5 {
+            previous.clear();
+        }
     }
     Ok(Transcript { language: language.map(|l| l.0), segments })
 }

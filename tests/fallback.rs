@@ -1,0 +1,61 @@
+//! Temperature fallback: a window whose greedy text repeats itself (tiny.en, an English-only
+//! model, on Portuguese speech loops at temperature 0) is decoded again at rising
+//! temperatures until it passes the checks; the compression ratio is zlib's, as Python's
+//! `zlib` gives it; the same seed gives the same text.
+
+mod common;
+use common::*;
+
+fn longest_repeat(words: &[&str]) -> usize {
+    (1..=words.len() / 2)
+        .filter(|&n| (0..=words.len() - 2 * n).any(|i| words[i..i + n] == words[i + n..i + 2 * n]))
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_looping_window_falls_back_to_a_higher_temperature() {
+    let dir = tempfile::tempdir().unwrap();
+    let wbin = dir.path().join("tiny8.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let clip = shared_data().join("audio/multilingual/leopard_test_pt.wav");
+    let greedy = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0"]);
+    let words: Vec<&str> = greedy.split_whitespace().collect();
+    assert!(longest_repeat(&words) >= 5, "greedy was expected to loop here: {greedy}");
+    assert!(wcc_runtime::transcribe::compression_ratio(greedy.trim()) > 2.4);
+    let run = |seed: &str| -> serde_json::Value {
+        serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json", "--seed", seed])).unwrap()
+    };
+    let v = run("3");
+    let seg = &v["segments"][0];
+    assert!(seg["temperature"].as_f64().unwrap() > 0.0, "{seg}");
+    let text = v["text"].as_str().unwrap();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(longest_repeat(&words) < 5, "still looping: {text}");
+    // Kept either because it passed, or because it was the last temperature.
+    let passed =
+        wcc_runtime::transcribe::compression_ratio(text) <= 2.4 && seg["avg_logprob"].as_f64().unwrap() >= -1.0;
+    assert!(passed || seg["temperature"].as_f64().unwrap() == 1.0, "{seg}");
+    assert_eq!(run("3")["text"], v["text"], "the same seed, the same text");
+    // A temperature that is not one is refused.
+    let e = wcc_err(&["run", p(&wbin), p(&clip), "--temperatures", "0,-1"]);
+    assert!(e.contains("--temperatures"), "{e}");
+}
+
+#[test]
+fn compression_ratio_is_zlibs() {
+    let texts = [
+        "And so my fellow Americans, ask not what your country can do for you.",
+        "I am going to be able to see what happens when I am going to be able to see what happens when",
+        "Printing, in the only sense with which we are at present concerned, differs from most.",
+    ];
+    let script =
+        "import sys, zlib\nfor t in sys.argv[1:]:\n    b = t.encode()\n    print(len(b) / len(zlib.compress(b)))";
+    let out = std::process::Command::new(ref_python()).arg("-c").arg(script).args(texts).output().unwrap();
+    let theirs: Vec<f64> = String::from_utf8(out.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(theirs.len(), texts.len());
+    for (t, want) in texts.iter().zip(theirs) {
+        let got = wcc_runtime::transcribe::compression_ratio(t);
+        assert!((got - want).abs() < 1e-9, "{t}: {got} vs Python's {want}");
+    }
+}
