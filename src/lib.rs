@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod interpret;
+pub mod output;
 pub mod quantize_report;
 
 use std::path::Path;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
 use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
-use wcc_runtime::transcribe::{transcribe, TranscribeOptions, Transcript, WhisperModel};
+use wcc_runtime::transcribe::{transcribe, TranscribeOptions, WhisperModel};
 
 #[derive(Parser)]
 #[command(name = "wcc", version, about = "An ahead-of-time compiler for Whisper speech recognition")]
@@ -45,6 +45,43 @@ struct DecodingArgs {
     /// Seed of the sampling at temperatures above 0 (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Output format: on stdout, or with --output-dir the files `<audio name>.<format>`
+    /// (`all`: every format, files only).
+    #[arg(long, value_enum, conflicts_with = "json")]
+    output_format: Option<wcc::output::Format>,
+    /// Write the transcripts into this directory (created if needed) instead of stdout.
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Replace output files that exist.
+    #[arg(long)]
+    force: bool,
+}
+
+impl DecodingArgs {
+    /// The transcription options and where the transcripts go.
+    fn split(self) -> Result<(TranscribeOptions, wcc::output::Output)> {
+        use wcc::output::{Format, Output};
+        let DecodingArgs {
+            language,
+            translate,
+            json,
+            timestamps,
+            condition_on_previous_text,
+            temperatures,
+            seed,
+            output_format,
+            output_dir,
+            force,
+        } = self;
+        if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
+            bail!("--temperatures: {t} is not a temperature (0 or more)");
+        }
+        let stdout = if json { Format::Json } else { output_format.unwrap_or(Format::Txt) };
+        let formats = output_format.unwrap_or(if json { Format::Json } else { Format::Txt }).expand();
+        let opts =
+            TranscribeOptions { language, translate, timestamps, condition_on_previous_text, temperatures, seed };
+        Ok((opts, Output { dir: output_dir, formats, force, stdout, timestamps }))
+    }
 }
 
 /// Quantization, shared by `compile` and `transcribe`.
@@ -282,69 +319,26 @@ enum CheckpointCommand {
     },
 }
 
-/// Transcribes `samples` with `m`, timing the encoder and the decoder steps, and prints it.
-fn transcribe_and_print<M: WhisperModel>(
+/// Transcribes `samples` with `m`, timing the encoder and the decoder steps, and writes or
+/// prints it (`t0`: when loading began).
+#[allow(clippy::too_many_arguments)]
+fn transcribe_to<M: WhisperModel>(
     m: &mut M,
     tokenizer: &WhisperTokenizer,
     cfg: &GenerationConfig,
     samples: &[f32],
     opts: &TranscribeOptions,
-    json: bool,
-    load_s: f64,
+    output: &wcc::output::Output,
+    audio: &std::path::Path,
+    files: Option<&[PathBuf]>,
+    t0: Instant,
 ) -> Result<()> {
+    let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut timed = wcc::Timed::new(m);
     let out = transcribe(&mut timed, tokenizer, cfg, samples, opts)?;
-    let stats = timed.stats;
-    print_transcript(&out, json, opts.timestamps, load_s, t1.elapsed().as_secs_f64(), stats)
-}
-
-fn transcript_json(out: &Transcript, load_s: f64, run_s: f64, st: wcc::Stats) -> serde_json::Value {
-    serde_json::json!({
-            "text": out.text(),
-            "language": out.language,
-            "tokens": out.tokens(),
-            "segments": out.segments.iter().map(|s| serde_json::json!({
-                "start": s.start, "end": s.end, "tokens": s.tokens, "text": s.text.trim(),
-                "no_speech_prob": s.no_speech_prob, "avg_logprob": s.avg_logprob, "skipped": s.skipped,
-                "temperature": s.temperature,
-            })).collect::<Vec<_>>(),
-            "timings": {
-                "load_s": load_s, "transcribe_s": run_s,
-                "encode_s": st.encode_s, "decoder_steps": st.steps, "decoder_s": st.step_s,
-            },
-    })
-}
-
-fn print_transcript(
-    out: &Transcript,
-    json: bool,
-    timestamps: bool,
-    load_s: f64,
-    run_s: f64,
-    st: wcc::Stats,
-) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(&transcript_json(out, load_s, run_s, st))?);
-    } else {
-        println!("{}", transcript_text(out, timestamps));
-    }
-    Ok(())
-}
-
-/// The text output: the transcript, or with timestamps one `[start --> end] text` line per
-/// segment kept.
-fn transcript_text(out: &Transcript, timestamps: bool) -> String {
-    if !timestamps {
-        return out.text();
-    }
-    let lines: Vec<String> = out
-        .segments
-        .iter()
-        .filter(|s| !s.skipped)
-        .map(|s| format!("[{:.2} --> {:.2}] {}", s.start, s.end, s.text.trim()))
-        .collect();
-    lines.join("\n")
+    let t = wcc::output::Timings { load_s, transcribe_s: t1.elapsed().as_secs_f64(), stats: timed.stats };
+    output.emit(&out, audio, files, false, &t, &mut vec![])
 }
 
 fn main() -> ExitCode {
@@ -423,24 +417,20 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Transcribe { interpret, model, timesteps, threads, decoding, quant, audio } => {
-            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text, temperatures, seed } =
-                decoding;
-            if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
-                bail!("--temperatures: {t} is not a temperature (0 or more)");
-            }
+            let (opts, output) = decoding.split()?;
+            let plans = output.plan(std::slice::from_ref(&audio))?;
+            let files = plans.as_ref().map(|p| &p[0][..]);
             let t0 = Instant::now();
             let samples = wcc::load_audio(&audio)?;
             let mut options = timesteps.options(Some(samples.len()))?;
             quant.apply(&model, &mut options)?;
-            let opts =
-                TranscribeOptions { language, translate, timestamps, condition_on_previous_text, temperatures, seed };
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
                 let loaded = wcc::load_model(&model)?;
                 let (tokenizer, cfg) = wcc::tokenizer_and_generation(&loaded)?;
                 let module = wcc::run_passes(loaded.module, &pipeline, &options, &wcc::Dumps::default())?;
                 let mut m = InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
-                transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, t0.elapsed().as_secs_f64())?;
+                transcribe_to(&mut m, &tokenizer, &cfg, &samples, &opts, &output, &audio, files, t0)?;
             } else {
                 // Compile for this machine into a temporary file, then run it.
                 let tmp = tempfile::tempdir().context("creating a temporary directory")?;
@@ -449,7 +439,7 @@ fn run(cli: Cli) -> Result<()> {
                 let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads.max(1))?;
                 let tokenizer = m.tokenizer()?;
                 let cfg = m.header().generation.clone();
-                transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, t0.elapsed().as_secs_f64())?;
+                transcribe_to(&mut m, &tokenizer, &cfg, &samples, &opts, &output, &audio, files, t0)?;
             }
         }
         Command::Compile {
@@ -497,14 +487,12 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Run { wbin, audio, threads, decoding, profile } => {
-            let DecodingArgs { language, translate, json, timestamps, condition_on_previous_text, temperatures, seed } =
-                decoding;
-            if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
-                bail!("--temperatures: {t} is not a temperature (0 or more)");
-            }
+            let (opts, output) = decoding.split()?;
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
+            // Output files are checked before any work: nothing is overwritten unasked.
+            let plans = output.plan(&audio)?;
             let t0 = Instant::now();
             let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
             if profile {
@@ -513,44 +501,33 @@ fn run(cli: Cli) -> Result<()> {
             let tokenizer = m.tokenizer()?;
             let cfg = m.header().generation.clone();
             let load_s = t0.elapsed().as_secs_f64();
-            let opts =
-                TranscribeOptions { language, translate, timestamps, condition_on_previous_text, temperatures, seed };
-            if let [one] = &audio[..] {
-                let samples = wcc::load_audio(one)?;
-                transcribe_and_print(&mut m, &tokenizer, &cfg, &samples, &opts, json, load_s)?;
-            } else {
-                // Several files: each one's transcript under its name (text), or a JSON array
-                // with the file named in each object. A file that cannot be read is reported
-                // and skipped; the exit code then says that one failed.
-                let mut results = vec![];
-                let mut failed = 0;
-                for path in &audio {
-                    let t1 = Instant::now();
-                    let out = wcc::load_audio(path).and_then(|samples| {
-                        let mut timed = wcc::Timed::new(&mut m);
-                        let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
-                        Ok((out, timed.stats))
-                    });
-                    match out {
-                        Ok((out, stats)) if json => {
-                            let mut v = transcript_json(&out, load_s, t1.elapsed().as_secs_f64(), stats);
-                            v["file"] = serde_json::json!(path.display().to_string());
-                            results.push(v);
-                        }
-                        Ok((out, _)) if timestamps => println!("{}:\n{}", path.display(), transcript_text(&out, true)),
-                        Ok((out, _)) => println!("{}: {}", path.display(), out.text()),
-                        Err(e) => {
-                            eprintln!("error: {e:#}");
-                            failed += 1;
-                        }
+            // Several files share the model; one that cannot be read is reported and skipped,
+            // and the exit code then says that one failed.
+            let several = audio.len() > 1;
+            let (mut json_acc, mut failed) = (vec![], 0);
+            for (i, path) in audio.iter().enumerate() {
+                let t1 = Instant::now();
+                let done = wcc::load_audio(path).and_then(|samples| {
+                    let mut timed = wcc::Timed::new(&mut m);
+                    let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
+                    Ok((out, timed.stats))
+                });
+                match done {
+                    Ok((out, stats)) => {
+                        let t = wcc::output::Timings { load_s, transcribe_s: t1.elapsed().as_secs_f64(), stats };
+                        let files = plans.as_ref().map(|p| &p[i][..]);
+                        output.emit(&out, path, files, several, &t, &mut json_acc)?;
                     }
+                    Err(e) if several => {
+                        eprintln!("error: {e:#}");
+                        failed += 1;
+                    }
+                    Err(e) => return Err(e),
                 }
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&results)?);
-                }
-                if failed > 0 {
-                    bail!("{failed} of {} files could not be transcribed", audio.len());
-                }
+            }
+            output.finish(several, json_acc)?;
+            if failed > 0 {
+                bail!("{failed} of {} files could not be transcribed", audio.len());
             }
             if profile {
                 eprintln!("{:>9} {:>7}  kernel", "ms", "calls");
