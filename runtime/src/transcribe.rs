@@ -43,6 +43,33 @@ pub struct TranscribeOptions {
     pub seed: u64,
 }
 
+/// A window whose samples all stay under this magnitude (-60 dBFS) is silent: it is not
+/// decoded at all. The model's own no-speech rule lets through 10 s of digital silence as
+/// "you" (no-speech probability 0.92-0.99, but mean log-probability -0.55 to -0.62); speech
+/// reaches far above this level, so no real speech is gated (the quietest clip of
+/// `../shared/data/audio`, dev set, long-form and multilingual, peaks at -15 dBFS).
+pub const SILENCE_PEAK: f32 = 1e-3;
+
+/// Whether a window is silent by [`SILENCE_PEAK`] (NaN samples count as not silent: the
+/// model sees them).
+pub fn is_silent(chunk: &[f32]) -> bool {
+    chunk.iter().all(|x| x.abs() < SILENCE_PEAK)
+}
+
+/// The segment of a window gated as silent: skipped, nothing decoded.
+fn silent_segment(start: f64, end: f64) -> Segment {
+    Segment {
+        start,
+        end,
+        tokens: vec![],
+        text: String::new(),
+        no_speech_prob: 1.0,
+        avg_logprob: 0.0,
+        skipped: true,
+        temperature: 0.0,
+    }
+}
+
 /// A window whose text compresses better than this (zlib) repeats itself: decoded again at
 /// the next temperature (openai-whisper's and faster-whisper's default).
 pub const COMPRESSION_RATIO_THRESHOLD: f64 = 2.4;
@@ -196,6 +223,10 @@ pub fn transcribe(
         let chunk = &samples[start_sample..end_sample];
         let start = start_sample as f64 / SAMPLE_RATE as f64;
         start_sample = end_sample;
+        if is_silent(chunk) {
+            segments.push(silent_segment(start, start + chunk.len() as f64 / SAMPLE_RATE as f64));
+            continue;
+        }
         let mel = log_mel_spectrogram_with(chunk, &filters, frames);
         model.encode(&mel).map_err(TranscribeError::Encode)?;
         if cfg.multilingual && language.is_none() {
@@ -252,6 +283,11 @@ fn transcribe_timestamped(
         let offset = seek as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
         let lo = seek * HOP_LENGTH;
         let chunk = &samples[lo..(lo + size * HOP_LENGTH).min(samples.len())];
+        if is_silent(chunk) {
+            segments.push(silent_segment(offset, offset + chunk.len() as f64 / SAMPLE_RATE as f64));
+            seek += size;
+            continue;
+        }
         let mel = log_mel_spectrogram_with(chunk, &filters, frames);
         model.encode(&mel).map_err(TranscribeError::Encode)?;
         if cfg.multilingual && language.is_none() {
