@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
 use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
-use wcc_runtime::transcribe::{transcribe, TranscribeOptions, WhisperModel};
+use wcc_runtime::transcribe::{transcribe, transcribe_with_progress, TranscribeOptions, WhisperModel};
 
 #[derive(Parser)]
 #[command(name = "wcc", version, about = "An ahead-of-time compiler for Whisper speech recognition")]
@@ -507,9 +507,11 @@ fn run(cli: Cli) -> Result<()> {
             let (mut json_acc, mut failed) = (vec![], 0);
             for (i, path) in audio.iter().enumerate() {
                 let t1 = Instant::now();
+                let window_s = (m.input_shape().1 * wcc_runtime::HOP_LENGTH) as f64 / wcc_runtime::SAMPLE_RATE as f64;
+                let mut bar = wcc::output::progress_bar(path.display().to_string(), window_s);
                 let done = wcc::load_audio(path).and_then(|samples| {
                     let mut timed = wcc::Timed::new(&mut m);
-                    let out = transcribe(&mut timed, &tokenizer, &cfg, &samples, &opts)?;
+                    let out = transcribe_with_progress(&mut timed, &tokenizer, &cfg, &samples, &opts, &mut bar)?;
                     Ok((out, timed.stats))
                 });
                 match done {

@@ -221,3 +221,23 @@ impl Output {
         Ok(())
     }
 }
+
+/// A progress bar on stderr for `name`, shown only when stderr is a terminal and the audio
+/// is longer than one window (`window_s`); ends its line when the audio is done.
+pub fn progress_bar(name: String, window_s: f64) -> impl FnMut(f64, f64) {
+    use std::io::{IsTerminal, Write};
+    let shown = std::io::stderr().is_terminal();
+    move |done: f64, total: f64| {
+        if !shown || total <= window_s {
+            return;
+        }
+        const WIDTH: usize = 30;
+        let filled = ((done / total).clamp(0.0, 1.0) * WIDTH as f64).round() as usize;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{name} [{}{}] {done:.0}/{total:.0} s", "#".repeat(filled), ".".repeat(WIDTH - filled));
+        if done >= total {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
+    }
+}

@@ -83,3 +83,29 @@ fn every_format_says_the_same_segments() {
     let e = wcc_err(&["run", p(&wbin), p(&jfk()), "--output-dir", p(&out.join("jfk.txt"))]);
     assert!(e.contains("not a directory"), "{e}");
 }
+
+#[test]
+fn a_progress_bar_shows_on_a_terminal_only_for_long_audio() {
+    let dir = tempfile::tempdir().unwrap();
+    let wbin = dir.path().join("tiny8.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let long = shared_data().join("audio/longform/ljspeech_LJ001-0001_0016.wav");
+    // Piped stderr: nothing but errors there.
+    let run = wcc(&["run", p(&wbin), p(&long)]);
+    assert!(run.status.success() && run.stderr.is_empty(), "{}", String::from_utf8_lossy(&run.stderr));
+    // On a terminal (util-linux `script` gives the command one): the bar, ending at the
+    // recording's length; none for a clip that fits one window.
+    let bin = env!("CARGO_BIN_EXE_wcc");
+    let on_tty = |audio: &std::path::Path| -> Option<String> {
+        let cmd = format!("{bin} run {} {} > /dev/null", p(&wbin), p(audio));
+        let out = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    match (on_tty(&long), on_tty(&jfk())) {
+        (Some(long_tty), Some(short_tty)) => {
+            assert!(long_tty.contains("[##############################] 111/111 s"), "{long_tty:?}");
+            assert!(!short_tty.contains('#'), "{short_tty:?}");
+        }
+        _ => eprintln!("`script` is not available: the terminal half is not checked"),
+    }
+}

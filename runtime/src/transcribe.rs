@@ -194,6 +194,18 @@ pub fn transcribe(
     samples: &[f32],
     opts: &TranscribeOptions,
 ) -> Result<Transcript, TranscribeError> {
+    transcribe_with_progress(model, tokenizer, cfg, samples, opts, &mut |_, _| {})
+}
+
+/// [`transcribe`], calling `progress(done_s, total_s)` before each window and at the end.
+pub fn transcribe_with_progress(
+    model: &mut dyn WhisperModel,
+    tokenizer: &WhisperTokenizer,
+    cfg: &GenerationConfig,
+    samples: &[f32],
+    opts: &TranscribeOptions,
+    progress: &mut dyn FnMut(f64, f64),
+) -> Result<Transcript, TranscribeError> {
     if samples.is_empty() {
         return Err(TranscribeError::EmptyAudio);
     }
@@ -214,11 +226,13 @@ pub fn transcribe(
     }
     let mut segments = Vec::new();
     if opts.timestamps {
-        return transcribe_timestamped(model, tokenizer, cfg, samples, opts, language);
+        return transcribe_timestamped(model, tokenizer, cfg, samples, opts, language, progress);
     }
     let mut rng = Rng::new(opts.seed);
     let mut start_sample = 0;
+    let total_s = samples.len() as f64 / SAMPLE_RATE as f64;
     while start_sample < samples.len() {
+        progress(start_sample as f64 / SAMPLE_RATE as f64, total_s);
         let end_sample = window_end(samples, start_sample, window);
         let chunk = &samples[start_sample..end_sample];
         let start = start_sample as f64 / SAMPLE_RATE as f64;
@@ -245,6 +259,7 @@ pub fn transcribe(
             avg_logprob: d.avg_logprob,
         });
     }
+    progress(total_s, total_s);
     Ok(Transcript { language: language.map(|l| l.0), segments })
 }
 
@@ -265,7 +280,9 @@ fn transcribe_timestamped(
     samples: &[f32],
     opts: &TranscribeOptions,
     mut language: Option<(String, u32)>,
+    progress: &mut dyn FnMut(f64, f64),
 ) -> Result<Transcript, TranscribeError> {
+    let total_s = samples.len() as f64 / SAMPLE_RATE as f64;
     let (_, frames) = model.input_shape();
     let filters = model.mel_filters();
     let total_frames = samples.len().div_ceil(HOP_LENGTH);
@@ -279,6 +296,7 @@ fn transcribe_timestamped(
     let mut rng = Rng::new(opts.seed);
     let mut seek = 0usize;
     while seek < total_frames {
+        progress((seek * HOP_LENGTH).min(samples.len()) as f64 / SAMPLE_RATE as f64, total_s);
         let size = frames.min(total_frames - seek);
         let offset = seek as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
         let lo = seek * HOP_LENGTH;
@@ -375,5 +393,6 @@ fn transcribe_timestamped(
             previous.clear();
         }
     }
+    progress(total_s, total_s);
     Ok(Transcript { language: language.map(|l| l.0), segments })
 }
