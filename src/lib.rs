@@ -31,6 +31,14 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>> {
     Ok(wcc_runtime::audio::load_audio(path)?)
 }
 
+/// The tokens of an initial prompt, encoded as openai-whisper does (`" " + text.trim()`).
+pub fn prompt_tokens(tokenizer: &wcc_runtime::tokenizer::WhisperTokenizer, text: Option<&str>) -> Result<Vec<u32>> {
+    match text.map(str::trim) {
+        None | Some("") => Ok(vec![]),
+        Some(t) => Ok(tokenizer.encode(&format!(" {t}"))?),
+    }
+}
+
 /// Lowers `model`, runs `passes`, and returns the module.
 pub fn module_after(model: &str, passes: &[&str], options: &wcc_passes::PassOptions) -> Result<wcc_ir::Module> {
     let loaded = load_model(model)?;

@@ -55,11 +55,15 @@ struct DecodingArgs {
     /// Replace output files that exist.
     #[arg(long)]
     force: bool,
+    /// Text given to the first window as if it had come before (names, spellings, style),
+    /// as openai-whisper's and faster-whisper's `initial_prompt`.
+    #[arg(long)]
+    initial_prompt: Option<String>,
 }
 
 impl DecodingArgs {
     /// The transcription options and where the transcripts go.
-    fn split(self) -> Result<(TranscribeOptions, wcc::output::Output)> {
+    fn split(self) -> Result<(TranscribeOptions, wcc::output::Output, Option<String>)> {
         use wcc::output::{Format, Output};
         let DecodingArgs {
             language,
@@ -72,15 +76,23 @@ impl DecodingArgs {
             output_format,
             output_dir,
             force,
+            initial_prompt,
         } = self;
         if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
             bail!("--temperatures: {t} is not a temperature (0 or more)");
         }
         let stdout = if json { Format::Json } else { output_format.unwrap_or(Format::Txt) };
         let formats = output_format.unwrap_or(if json { Format::Json } else { Format::Txt }).expand();
-        let opts =
-            TranscribeOptions { language, translate, timestamps, condition_on_previous_text, temperatures, seed };
-        Ok((opts, Output { dir: output_dir, formats, force, stdout, timestamps }))
+        let opts = TranscribeOptions {
+            language,
+            translate,
+            timestamps,
+            condition_on_previous_text,
+            temperatures,
+            seed,
+            initial_prompt: vec![],
+        };
+        Ok((opts, Output { dir: output_dir, formats, force, stdout, timestamps }, initial_prompt))
     }
 }
 
@@ -417,7 +429,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Transcribe { interpret, model, timesteps, threads, decoding, quant, audio } => {
-            let (opts, output) = decoding.split()?;
+            let (mut opts, output, initial_prompt) = decoding.split()?;
             let plans = output.plan(std::slice::from_ref(&audio))?;
             let files = plans.as_ref().map(|p| &p[0][..]);
             let t0 = Instant::now();
@@ -428,6 +440,7 @@ fn run(cli: Cli) -> Result<()> {
             if interpret {
                 let loaded = wcc::load_model(&model)?;
                 let (tokenizer, cfg) = wcc::tokenizer_and_generation(&loaded)?;
+                opts.initial_prompt = wcc::prompt_tokens(&tokenizer, initial_prompt.as_deref())?;
                 let module = wcc::run_passes(loaded.module, &pipeline, &options, &wcc::Dumps::default())?;
                 let mut m = InterpretedModel::new(&module, &loaded.checkpoint).map_err(anyhow::Error::msg)?;
                 transcribe_to(&mut m, &tokenizer, &cfg, &samples, &opts, &output, &audio, files, t0)?;
@@ -439,6 +452,7 @@ fn run(cli: Cli) -> Result<()> {
                 let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads.max(1))?;
                 let tokenizer = m.tokenizer()?;
                 let cfg = m.header().generation.clone();
+                opts.initial_prompt = wcc::prompt_tokens(&tokenizer, initial_prompt.as_deref())?;
                 transcribe_to(&mut m, &tokenizer, &cfg, &samples, &opts, &output, &audio, files, t0)?;
             }
         }
@@ -487,7 +501,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Run { wbin, audio, threads, decoding, profile } => {
-            let (opts, output) = decoding.split()?;
+            let (mut opts, output, initial_prompt) = decoding.split()?;
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
@@ -500,6 +514,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let tokenizer = m.tokenizer()?;
             let cfg = m.header().generation.clone();
+            opts.initial_prompt = wcc::prompt_tokens(&tokenizer, initial_prompt.as_deref())?;
             let load_s = t0.elapsed().as_secs_f64();
             // Several files share the model; one that cannot be read is reported and skipped,
             // and the exit code then says that one failed.

@@ -295,3 +295,37 @@ fn edit_distance(a: &[String], b: &[String]) -> usize {
     }
     prev[b.len()]
 }
+
+/// `--initial-prompt`: the first window's prompt carries `<|startofprev|>` and the prompt's
+/// tokens before the task; the ids then equal CTranslate2's from the same features and the
+/// same prompt (tokens encoded by the `tokenizers` library, as faster-whisper encodes them).
+#[test]
+fn initial_prompt_tokens_equal_ctranslate2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "JFK's inaugural address, January 1961. Ask not!";
+    for (model, language) in [("tiny.en", None), ("base", Some("en"))] {
+        let wbin = compile(model, tmp.path());
+        let clip = jfk();
+        let mut args = vec!["run", p(&wbin), p(&clip), "--json", "--temperatures", "0", "--initial-prompt", text];
+        if let Some(l) = language {
+            args.extend(["--language", l]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&wcc_ok(&args)).unwrap();
+        let ours: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        let m = CompiledModel::load(&wbin, 1).unwrap();
+        let (tok, cfg) = (m.tokenizer().unwrap(), m.header().generation.clone());
+        let lang = language.map(|code| cfg.languages.iter().find(|(c, _)| c == code).unwrap().1);
+        let mut prompt = vec![cfg.special.sot_prev.expect("the vocabulary has <|startofprev|>")];
+        prompt.extend(tok.encode(&format!(" {text}")).unwrap());
+        prompt.extend(transcribe_prompt(&cfg, lang, false));
+        let mel = tmp.path().join("mel.npy");
+        wcc_ok(&["features", p(&jfk()), "-o", p(&mel)]);
+        let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+        let theirs: Vec<u32> =
+            serde_json::from_str(&reference(&["greedy", p(&model_dir(model)), p(&mel), "--prompt", &ids.join(",")]))
+                .unwrap();
+        assert_eq!(ours, theirs, "{model}");
+        let said = tok.decode(&ours, cfg.special.eot).unwrap().to_lowercase();
+        assert!(said.contains("what you can do for your country"), "{model}: {said}");
+    }
+}

@@ -97,6 +97,12 @@ impl WhisperTokenizer {
             .map_err(|e| TokenizerError::Load(e.clone()))
     }
 
+    /// The ids of `text` (no special tokens added), as Whisper encodes a prompt.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.full()?.encode(text, false).map_err(|e| TokenizerError::Load(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.ids.get(token).copied()
     }

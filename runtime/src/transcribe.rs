@@ -41,6 +41,22 @@ pub struct TranscribeOptions {
     pub temperatures: Vec<f32>,
     /// Seed of the sampling at temperatures above 0.
     pub seed: u64,
+    /// Tokens given as previous text to the first window (`--initial-prompt`, encoded as
+    /// `" " + text`), and to the later ones while they are conditioned on previous text.
+    pub initial_prompt: Vec<u32>,
+}
+
+/// The prompt of a window: `<|startofprev|>` and the last tokens of `previous` (at most half
+/// the context), when there are any and the vocabulary has the token, then `task`.
+fn with_previous(cfg: &GenerationConfig, previous: &[u32], task: Vec<u32>) -> Vec<u32> {
+    let mut prompt = vec![];
+    if let (Some(sp), false) = (cfg.special.sot_prev, previous.is_empty()) {
+        prompt.push(sp);
+        let keep = (cfg.max_text_ctx / 2).saturating_sub(1);
+        prompt.extend_from_slice(&previous[previous.len().saturating_sub(keep)..]);
+    }
+    prompt.extend(task);
+    prompt
 }
 
 /// A window whose samples all stay under this magnitude (-60 dBFS) is silent: it is not
@@ -246,7 +262,10 @@ pub fn transcribe_with_progress(
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);
         }
-        let prompt = transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
+        // The plain path is not conditioned: only its first window sees the initial prompt.
+        let previous: &[u32] = if segments.is_empty() { &opts.initial_prompt } else { &[] };
+        let prompt =
+            with_previous(cfg, previous, transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
         let (d, text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         segments.push(Segment {
             start,
@@ -291,8 +310,9 @@ fn transcribe_timestamped(
         tokenizer.decode(tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))
     };
     let mut segments: Vec<Segment> = Vec::new();
-    // Tokens of the segments kept so far (the conditioning prompt's source).
-    let mut previous: Vec<u32> = Vec::new();
+    // The previous text of the next window's prompt: the initial prompt, then the tokens of
+    // the segments kept so far (while conditioned).
+    let mut previous: Vec<u32> = opts.initial_prompt.clone();
     let mut rng = Rng::new(opts.seed);
     let mut seek = 0usize;
     while seek < total_frames {
@@ -311,13 +331,8 @@ fn transcribe_timestamped(
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);
         }
-        let mut prompt = vec![];
-        if let (true, Some(sp), false) = (opts.condition_on_previous_text, cfg.special.sot_prev, previous.is_empty()) {
-            prompt.push(sp);
-            let keep = (cfg.max_text_ctx / 2).saturating_sub(1);
-            prompt.extend_from_slice(&previous[previous.len().saturating_sub(keep)..]);
-        }
-        prompt.extend(timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
+        let task = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
+        let prompt = with_previous(cfg, &previous, task);
         let (d, _, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         let window_s = size as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
         if d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD {
@@ -388,8 +403,9 @@ fn transcribe_timestamped(
         }
         // A window always moves on (a first segment closed at 0.00 would not).
         seek += advance.clamp(1, size);
-        // Text found only at a high temperature does not condition the next window.
-        if temperature > 0.5 {
+        // Text found only at a high temperature does not condition the next window; without
+        // conditioning, only the first window had a previous text (the initial prompt).
+        if temperature > 0.5 || !opts.condition_on_previous_text {
             previous.clear();
         }
     }
