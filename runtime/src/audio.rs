@@ -14,6 +14,8 @@ pub enum AudioError {
     Read { path: String, msg: String },
     #[error("{path}: the file holds no audio samples")]
     Empty { path: String },
+    #[error("{path}: {count} samples are NaN or infinite (the first at {at:.3} s): not audio wcc can transcribe")]
+    NotFinite { path: String, count: usize, at: f64 },
     #[error("resampling from {from} Hz failed: {msg}")]
     Resample { from: u32, msg: String },
 }
@@ -35,6 +37,7 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>, AudioError> {
         if mono.is_empty() {
             return Err(AudioError::Empty { path: p });
         }
+        check_finite(&mono, rate, &p)?;
         return resample(&mono, rate);
     }
     let mut reader = hound::WavReader::open(path).map_err(|e| read_err(describe_hound(e)))?;
@@ -57,7 +60,20 @@ pub fn load_audio(path: &Path) -> Result<Vec<f32>, AudioError> {
     if mono.is_empty() {
         return Err(AudioError::Empty { path: p });
     }
+    check_finite(&mono, spec.sample_rate, &p)?;
     resample(&mono, spec.sample_rate)
+}
+
+/// Refuses samples that are NaN or infinite (a float file can hold them): they would turn
+/// every feature of their window into NaN and the transcript into noise.
+fn check_finite(mono: &[f32], rate: u32, path: &str) -> Result<(), AudioError> {
+    let bad = mono.iter().filter(|x| !x.is_finite()).count();
+    match mono.iter().position(|x| !x.is_finite()) {
+        Some(first) => {
+            Err(AudioError::NotFinite { path: path.to_string(), count: bad, at: first as f64 / rate as f64 })
+        }
+        None => Ok(()),
+    }
 }
 
 /// Whether the file starts like a WAV file (`RIFF....WAVE`).
