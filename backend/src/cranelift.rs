@@ -455,27 +455,7 @@ impl Emitter<'_> {
         let xc = self.select_f(ty, over, hi, x);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let xc = self.select_f(ty, under, lo, xc);
-        let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
-        let magic = self.fconst(ty, 12_582_912.0);
-        // t + 1.5·2^23 rounds t to the nearest integer n (|n| ≤ 128 here).
-        let tm = self.fma(xc, log2e, magic);
-        let n = self.b.ins().fsub(tm, magic);
-        let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
-        let r = self.fma(n, ln2_hi, xc);
-        let r = self.fma(n, ln2_lo, r);
-        let mut p = self.fconst(ty, 1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            let cv = self.fconst(ty, c);
-            p = self.fma(p, r, cv);
-        }
-        // The bits of tm are 0x4B400000 + n (two's complement in the low bits); adding
-        // 127 - 0x4B400000 leaves n + 127, the biased exponent of 2^n, shifted into place.
-        let bits = self.float_bits(ty, tm);
-        let bias = self.iconst32(ty, (127i32 - 0x4B40_0000) as u32 as i64);
-        let e = self.b.ins().iadd(bits, bias);
-        let e = self.b.ins().ishl_imm_u(e, 23);
-        let scale = self.bits_as_float(ty, e);
-        let res = self.b.ins().fmul(p, scale);
+        let res = self.exp_clamped(ty, xc, true);
         let zero = self.fconst(ty, 0.0);
         self.select_f(ty, under, zero, res)
     }
@@ -487,17 +467,34 @@ impl Emitter<'_> {
         let lo = self.fconst(ty, -87.3);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let xc = self.select_f(ty, under, lo, x);
+        self.exp_clamped(ty, xc, false)
+    }
+
+    /// `e^x` for `x` in `[-87.3, 88.7]` (or NaN): `x = n·ln2 + r` with `n` rounded by adding
+    /// `1.5·2^23`, then a Taylor polynomial in `r` times `2^n` built in the exponent bits.
+    /// `precise`: `ln 2` in two constants and degree 6 (relative error < 2e-7); else one
+    /// constant and degree 4 (< 5e-5).
+    fn exp_clamped(&mut self, ty: Ty, xc: Value, precise: bool) -> Value {
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
         let magic = self.fconst(ty, 12_582_912.0);
+        // t + 1.5·2^23 rounds t to the nearest integer n (|n| ≤ 128 here).
         let tm = self.fma(xc, log2e, magic);
         let n = self.b.ins().fsub(tm, magic);
-        let ln2 = self.fconst(ty, -std::f32::consts::LN_2);
-        let r = self.fma(n, ln2, xc);
-        let mut p = self.fconst(ty, 1.0 / 24.0);
-        for c in [1.0 / 6.0, 0.5, 1.0, 1.0] {
+        let (r, coeffs): (Value, &[f32]) = if precise {
+            let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
+            let r = self.fma(n, ln2_hi, xc);
+            (self.fma(n, ln2_lo, r), &[1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0])
+        } else {
+            let ln2 = self.fconst(ty, -std::f32::consts::LN_2);
+            (self.fma(n, ln2, xc), &[1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0])
+        };
+        let mut p = self.fconst(ty, coeffs[0]);
+        for &c in &coeffs[1..] {
             let cv = self.fconst(ty, c);
             p = self.fma(p, r, cv);
         }
+        // The bits of tm are 0x4B400000 + n (two's complement in the low bits); adding
+        // 127 - 0x4B400000 leaves n + 127, the biased exponent of 2^n, shifted into place.
         let bits = self.float_bits(ty, tm);
         let bias = self.iconst32(ty, (127i32 - 0x4B40_0000) as u32 as i64);
         let e = self.b.ins().iadd(bits, bias);
