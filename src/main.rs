@@ -81,8 +81,8 @@ impl DecodingArgs {
         if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
             bail!("--temperatures: {t} is not a temperature (0 or more)");
         }
-        let stdout = if json { Format::Json } else { output_format.unwrap_or(Format::Txt) };
-        let formats = output_format.unwrap_or(if json { Format::Json } else { Format::Txt }).expand();
+        // `--json` is `--output-format json` (clap refuses both at once).
+        let format = if json { Format::Json } else { output_format.unwrap_or(Format::Txt) };
         let opts = TranscribeOptions {
             language,
             translate,
@@ -92,7 +92,7 @@ impl DecodingArgs {
             seed,
             initial_prompt: vec![],
         };
-        Ok((opts, Output { dir: output_dir, formats, force, stdout, timestamps }, initial_prompt))
+        Ok((opts, Output { dir: output_dir, format, force, timestamps }, initial_prompt))
     }
 }
 
@@ -520,9 +520,9 @@ fn run(cli: Cli) -> Result<()> {
             // and the exit code then says that one failed.
             let several = audio.len() > 1;
             let (mut json_acc, mut failed) = (vec![], 0);
+            let window_s = (m.input_shape().1 * wcc_runtime::HOP_LENGTH) as f64 / wcc_runtime::SAMPLE_RATE as f64;
             for (i, path) in audio.iter().enumerate() {
                 let t1 = Instant::now();
-                let window_s = (m.input_shape().1 * wcc_runtime::HOP_LENGTH) as f64 / wcc_runtime::SAMPLE_RATE as f64;
                 let mut bar = wcc::output::progress_bar(path.display().to_string(), window_s);
                 let done = wcc::load_audio(path).and_then(|samples| {
                     let mut timed = wcc::Timed::new(&mut m);

@@ -157,13 +157,13 @@ pub fn timestamp_lines(out: &Transcript) -> String {
     lines.join("\n")
 }
 
-/// Where transcripts go: files in `dir` (in `formats`), or stdout in `stdout`'s format.
+/// Where transcripts go: files in `dir` (in the formats `format` stands for), or stdout in
+/// `format`.
 #[derive(Clone, Debug)]
 pub struct Output {
     pub dir: Option<PathBuf>,
-    pub formats: Vec<Format>,
+    pub format: Format,
     pub force: bool,
-    pub stdout: Format,
     /// The plain text on stdout carries segment times.
     pub timestamps: bool,
 }
@@ -172,8 +172,8 @@ impl Output {
     /// The files of each audio file, checked before any work ([`plan`]); `None` for stdout.
     pub fn plan(&self, audio: &[PathBuf]) -> Result<Option<Vec<Vec<PathBuf>>>> {
         match &self.dir {
-            Some(dir) => Ok(Some(plan(audio, dir, &self.formats, self.force)?)),
-            None if self.stdout == Format::All => bail!("--output-format all writes files: give --output-dir"),
+            Some(dir) => Ok(Some(plan(audio, dir, &self.format.expand(), self.force)?)),
+            None if self.format == Format::All => bail!("--output-format all writes files: give --output-dir"),
             None => Ok(None),
         }
     }
@@ -191,10 +191,10 @@ impl Output {
         json_acc: &mut Vec<serde_json::Value>,
     ) -> Result<()> {
         if let Some(files) = files {
-            return write(out, &self.formats, files, t);
+            return write(out, &self.format.expand(), files, t);
         }
         let text = || if self.timestamps { timestamp_lines(out) } else { out.text() };
-        match self.stdout {
+        match self.format {
             Format::Json if several => {
                 let mut v = json(out, t);
                 v["file"] = serde_json::json!(audio.display().to_string());
@@ -215,7 +215,7 @@ impl Output {
     }
 
     pub fn finish(&self, several: bool, json_acc: Vec<serde_json::Value>) -> Result<()> {
-        if several && self.dir.is_none() && self.stdout == Format::Json {
+        if several && self.dir.is_none() && self.format == Format::Json {
             println!("{}", serde_json::to_string_pretty(&json_acc)?);
         }
         Ok(())

@@ -40,8 +40,7 @@ fn flac_at_44_1_khz_stereo_24_bit_decodes_to_the_wav_samples() {
 #[test]
 fn one_run_transcribes_wav_flac_and_mp3_to_the_same_words() {
     let dir = tempfile::tempdir().unwrap();
-    let wbin = dir.path().join("tiny.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(dir.path());
     let (flac, mp3) = (formats().join("jfk.flac"), formats().join("jfk.mp3"));
     let out = wcc_ok(&["run", p(&wbin), p(&jfk()), p(&flac), p(&mp3)]);
     let lines: Vec<&str> = out.lines().collect();

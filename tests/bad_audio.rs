@@ -50,8 +50,7 @@ fn write_wav(path: &Path, rate: u32, channels: u16, bits: u16, float: bool, mono
 #[test]
 fn every_wav_layout_gives_the_same_words_and_bad_samples_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let wbin = dir.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(dir.path());
     let x = jfk_samples();
     let words = |t: &str| -> String {
         t.to_lowercase().chars().filter(|c| c.is_alphanumeric() || c.is_whitespace()).collect::<String>()

@@ -6,8 +6,7 @@ use common::*;
 #[test]
 fn bench_prints_every_figure() {
     let tmp = tempfile::tempdir().unwrap();
-    let wbin = tmp.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(tmp.path());
     let out = wcc_ok(&["bench", p(&wbin), p(&jfk()), "--runs", "1", "--threads", "2"]);
     for row in ["load", "log-mel", "encoder", "decoder step", "end to end", "peak", "int8 products", "% peak"] {
         assert!(out.contains(row), "no `{row}` in:\n{out}");

@@ -38,6 +38,25 @@ fn jfk_compiled_equals_interpreter_and_exact_base_sentence() {
     }
 }
 
+/// CTranslate2's float32 greedy ids of `model` for each features file and its prompt, in one
+/// load of the reference model.
+fn ct2_greedy(model: &str, mels: &[PathBuf], prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let mut args = vec!["greedy".to_string(), p(&model_dir(model)).to_string()];
+    args.extend(mels.iter().map(|m| p(m).to_string()));
+    for prompt in prompts {
+        let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+        args.extend(["--prompt".to_string(), ids.join(",")]);
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = reference(&arg_refs);
+    // One features file: the reference prints one list, not a list of lists.
+    if mels.len() == 1 {
+        vec![serde_json::from_str(&out).unwrap()]
+    } else {
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
 /// Greedy ids of the compiled model on every dev clip equal CTranslate2's from the same
 /// features and prompt.
 fn dev_set_matches_ctranslate2(model: &str) {
@@ -59,19 +78,11 @@ fn dev_set_matches_ctranslate2(model: &str) {
         let path = tmp.path().join(format!("mel{i}.npy"));
         wcc_runtime::npy::write_f32(&path, &[filters.len() / 201, frames], &mel).unwrap();
         let lang = out.language.as_ref().map(|code| cfg.languages.iter().find(|(c, _)| c == code).unwrap().1);
-        let prompt: Vec<String> = transcribe_prompt(&cfg, lang, false).iter().map(|t| t.to_string()).collect();
         mels.push(path);
-        prompts.push(prompt.join(","));
+        prompts.push(transcribe_prompt(&cfg, lang, false));
         ours.push(out.tokens());
     }
-    let mut args = vec!["greedy".to_string(), p(&model_dir(model)).to_string()];
-    args.extend(mels.iter().map(|m| p(m).to_string()));
-    for pr in &prompts {
-        args.push("--prompt".into());
-        args.push(pr.clone());
-    }
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let theirs: Vec<Vec<u32>> = serde_json::from_str(&reference(&arg_refs)).unwrap();
+    let theirs = ct2_greedy(model, &mels, &prompts);
     let mut differ = vec![];
     for ((clip, a), b) in clips.iter().zip(&ours).zip(&theirs) {
         if a != b {
@@ -129,15 +140,7 @@ fn dev_set_timestamps_match_ctranslate2(model: &str) {
         }
         assert!(!out.text().is_empty(), "{}", clip.display());
     }
-    let prompt: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-    let mut args = vec!["greedy".to_string(), p(&model_dir(model)).to_string()];
-    args.extend(mels.iter().map(|m| p(m).to_string()));
-    for _ in &mels {
-        args.push("--prompt".into());
-        args.push(prompt.join(","));
-    }
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let theirs: Vec<Vec<u32>> = serde_json::from_str(&reference(&arg_refs)).unwrap();
+    let theirs = ct2_greedy(model, &mels, &vec![prompt; mels.len()]);
     let show = |t: &[u32]| -> String {
         t.iter()
             .map(|&x| {
@@ -184,8 +187,7 @@ fn base_dev_set_tokens_equal_ctranslate2() {
 #[test]
 fn tokens_do_not_depend_on_the_thread_count_or_the_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let wbin = tmp.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(tmp.path());
     let clips = manifest_clips();
     let run = |threads: usize| -> (Vec<Vec<u32>>, Vec<(String, Vec<f32>)>) {
         let mut m = CompiledModel::load(&wbin, threads).unwrap();
@@ -252,8 +254,7 @@ fn compiled_step_refuses_a_token_or_position_out_of_range() {
 #[test]
 fn long_form_with_timestamps_resumes_at_the_last_timestamp() {
     let tmp = tempfile::tempdir().unwrap();
-    let wbin = tmp.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(tmp.path());
     let clip = shared_data().join("audio/longform/ljspeech_LJ001-0001_0016.wav");
     let words = |v: &serde_json::Value| -> Vec<String> {
         v["text"]
@@ -320,11 +321,8 @@ fn initial_prompt_tokens_equal_ctranslate2() {
         prompt.extend(transcribe_prompt(&cfg, lang, false));
         let mel = tmp.path().join("mel.npy");
         wcc_ok(&["features", p(&jfk()), "-o", p(&mel)]);
-        let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
-        let theirs: Vec<u32> =
-            serde_json::from_str(&reference(&["greedy", p(&model_dir(model)), p(&mel), "--prompt", &ids.join(",")]))
-                .unwrap();
-        assert_eq!(ours, theirs, "{model}");
+        let theirs = ct2_greedy(model, &[mel], &[prompt]);
+        assert_eq!(ours, theirs[0], "{model}");
         let said = tok.decode(&ours, cfg.special.eot).unwrap().to_lowercase();
         assert!(said.contains("what you can do for your country"), "{model}: {said}");
     }

@@ -17,8 +17,7 @@ fn longest_repeat(words: &[&str]) -> usize {
 #[test]
 fn a_looping_window_falls_back_to_a_higher_temperature() {
     let dir = tempfile::tempdir().unwrap();
-    let wbin = dir.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(dir.path());
     let clip = shared_data().join("audio/multilingual/leopard_test_pt.wav");
     let greedy = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0"]);
     let words: Vec<&str> = greedy.split_whitespace().collect();
@@ -66,8 +65,7 @@ fn digital_silence_and_a_faint_hum_give_no_text() {
     // 10 s of zeros came out as "you" (the no-speech rule lets it through); a hum at
     // -70 dBFS is as silent. Neither is decoded; speech after silence still is.
     let dir = tempfile::tempdir().unwrap();
-    let wbin = dir.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(dir.path());
     let write = |name: &str, samples: &[f32]| -> std::path::PathBuf {
         let path = dir.path().join(name);
         let spec = hound::WavSpec {

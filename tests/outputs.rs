@@ -15,8 +15,7 @@ fn seconds(clock: &str) -> f64 {
 #[test]
 fn every_format_says_the_same_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let wbin = dir.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(dir.path());
     let out = dir.path().join("out");
     wcc_ok(&["run", p(&wbin), p(&jfk()), "--timestamps", "--output-dir", p(&out), "--output-format", "all"]);
     let read = |ext: &str| std::fs::read_to_string(out.join(format!("jfk.{ext}"))).unwrap();
@@ -87,8 +86,7 @@ fn every_format_says_the_same_segments() {
 #[test]
 fn a_progress_bar_shows_on_a_terminal_only_for_long_audio() {
     let dir = tempfile::tempdir().unwrap();
-    let wbin = dir.path().join("tiny8.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    let wbin = compile_tiny_int8(dir.path());
     let long = shared_data().join("audio/longform/ljspeech_LJ001-0001_0016.wav");
     // Piped stderr: nothing but errors there.
     let run = wcc(&["run", p(&wbin), p(&long)]);

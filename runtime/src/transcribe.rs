@@ -117,7 +117,7 @@ fn decode_window(
     for &t in temperatures {
         let d = sample_scored(model, cfg, prompt, t, rng)?;
         let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
-        let silent = d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD;
+        let silent = judged_silent(&d);
         let failed = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD || d.avg_logprob < LOGPROB_THRESHOLD;
         last = Some((d, text, t));
         if silent || !failed {
@@ -146,6 +146,11 @@ pub struct Segment {
 /// (whatever was decoded there is a hallucination).
 pub const NO_SPEECH_THRESHOLD: f32 = 0.6;
 pub const LOGPROB_THRESHOLD: f32 = -1.0;
+
+/// openai-whisper's silence rule on a decoded window.
+fn judged_silent(d: &Decoded) -> bool {
+    d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transcript {
@@ -240,10 +245,10 @@ pub fn transcribe_with_progress(
             language = Some((code.clone(), id));
         }
     }
-    let mut segments = Vec::new();
     if opts.timestamps {
-        return transcribe_timestamped(model, tokenizer, cfg, samples, opts, language, progress);
+        return transcribe_timestamped(model, tokenizer, cfg, samples, opts, language, (&filters, frames), progress);
     }
+    let mut segments = Vec::new();
     let mut rng = Rng::new(opts.seed);
     let mut start_sample = 0;
     let total_s = samples.len() as f64 / SAMPLE_RATE as f64;
@@ -270,7 +275,7 @@ pub fn transcribe_with_progress(
         segments.push(Segment {
             start,
             end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
-            skipped: d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD,
+            skipped: judged_silent(&d),
             temperature,
             tokens: d.tokens,
             text,
@@ -299,11 +304,10 @@ fn transcribe_timestamped(
     samples: &[f32],
     opts: &TranscribeOptions,
     mut language: Option<(String, u32)>,
+    (filters, frames): (&[f64], usize),
     progress: &mut dyn FnMut(f64, f64),
 ) -> Result<Transcript, TranscribeError> {
     let total_s = samples.len() as f64 / SAMPLE_RATE as f64;
-    let (_, frames) = model.input_shape();
-    let filters = model.mel_filters();
     let total_frames = samples.len().div_ceil(HOP_LENGTH);
     let tb = cfg.special.timestamp_begin;
     let text = |tokens: &[u32]| -> Result<String, TranscribeError> {
@@ -326,7 +330,7 @@ fn transcribe_timestamped(
             seek += size;
             continue;
         }
-        let mel = log_mel_spectrogram_with(chunk, &filters, frames);
+        let mel = log_mel_spectrogram_with(chunk, filters, frames);
         model.encode(&mel).map_err(TranscribeError::Encode)?;
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);
@@ -335,7 +339,7 @@ fn transcribe_timestamped(
         let prompt = with_previous(cfg, &previous, task);
         let (d, _, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         let window_s = size as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
-        if d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD {
+        if judged_silent(&d) {
             segments.push(Segment {
                 start: offset,
                 end: offset + window_s,
@@ -380,7 +384,7 @@ fn transcribe_timestamped(
                 previous.extend_from_slice(tokens);
             }
         } else {
-            let mut cuts = pairs.clone();
+            let mut cuts = pairs;
             if single_ending {
                 cuts.push(n);
             }

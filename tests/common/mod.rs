@@ -102,6 +102,14 @@ pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `wcc compile --model tiny.en --int8` into `dir/tiny8.wbin`: the quick model of the
+/// end-to-end tests.
+pub fn compile_tiny_int8(dir: &Path) -> std::path::PathBuf {
+    let wbin = dir.join("tiny8.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&wbin)]);
+    wbin
+}
+
 /// The inputs of one `decoder_step` of `m`: `token` at `position`, each self-attention cache
 /// (`self_*`) made by `cache`, every other input fed from the encoder output of the same name
 /// (`enc_out`, in the encoder's output order), as the runtime binds graphs.
