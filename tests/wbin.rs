@@ -103,6 +103,22 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
     });
     let e = wcc_err(&["run", p(&bad), p(&jfk())]);
     assert!(e.contains("out of bounds"), "{e}");
+    // A launch of a kernel the file does not have.
+    with_header(&good, &bad, |h| h.graphs[0].launches[0].kernel = 99_999);
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("launches kernel 99999, but the file has"), "{e}");
+    // A kernel whose code lies past the end of the code section.
+    with_header(&good, &bad, |h| h.kernels[0].offset = u64::MAX - 1);
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("lies outside the code section"), "{e}");
+    // A logits output placed across the end of the arena.
+    with_header(&good, &bad, |h| {
+        let n = h.arena_bytes;
+        let g = h.graphs.iter_mut().find(|g| g.name == "decoder_step").unwrap();
+        g.outputs.iter_mut().find(|o| o.name == "logits").unwrap().offset = n - 4;
+    });
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("`logits` lies outside the arena"), "{e}");
     // A program whose kernel would write into the (read-only) weights.
     with_header(&good, &bad, |h| {
         let l = &mut h.graphs[0].launches[0];

@@ -238,7 +238,16 @@ impl Mono16k {
             )
         };
         let skip = resampler.as_ref().map_or(0, |r| r.output_delay());
-        Ok(Mono16k { label: label.to_string(), rate, pending: Vec::new(), resampler, out: Vec::new(), seen: 0, bad: None, skip })
+        Ok(Mono16k {
+            label: label.to_string(),
+            rate,
+            pending: Vec::new(),
+            resampler,
+            out: Vec::new(),
+            seen: 0,
+            bad: None,
+            skip,
+        })
     }
 
     fn push(&mut self, v: f32) -> Result<(), AudioError> {
@@ -274,11 +283,7 @@ impl Mono16k {
 
     fn finish(mut self) -> Result<Vec<f32>, AudioError> {
         if let Some((first, count)) = self.bad {
-            return Err(AudioError::NotFinite {
-                path: self.label,
-                count,
-                at: first as f64 / self.rate as f64,
-            });
+            return Err(AudioError::NotFinite { path: self.label, count, at: first as f64 / self.rate as f64 });
         }
         let Some(mut r) = self.resampler.take() else {
             return Ok(self.out);
@@ -314,4 +319,3 @@ fn describe_hound(e: hound::Error) -> String {
         other => other.to_string(),
     }
 }
-

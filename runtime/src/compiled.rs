@@ -48,6 +48,8 @@ impl CompiledModel {
         let file = WbinFile::open(path)?;
         let h = &file.header;
         check_host(h).map_err(|m| invalid(path, m))?;
+        // Every check of the program against the file, before any code is made executable.
+        let plan = plan(&file, threads).map_err(|m| invalid(path, m))?;
         let s = file.sections();
         // Code: copied into fresh anonymous memory, then made read+execute (W^X: it is
         // never writable and executable at once).
@@ -55,101 +57,52 @@ impl CompiledModel {
             MmapMut::map_anon(s.code.len().max(1)).map_err(|e| invalid(path, format!("code memory: {e}")))?;
         code[..s.code.len()].copy_from_slice(s.code);
         let code = code.make_exec().map_err(|e| invalid(path, format!("making code executable: {e}")))?;
-        let mut fns = Vec::new();
-        for k in &h.kernels {
-            if k.offset.checked_add(k.len).is_none_or(|e| e > s.code.len() as u64) || k.len == 0 {
-                return Err(invalid(path, format!("kernel {} lies outside the code section", k.name)));
-            }
-            // SAFETY: the bytes at this offset are the entry of a function compiled by wcc
-            // with the KernelFn signature for this target, whose features the host has
-            // (checked above). That the bytes are what wcc wrote is a matter of trust, as for
-            // a shared library: the CRC catches accidents, not a forged file (FORMAT.md).
-            fns.push(unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) });
-        }
+        let fns: Vec<KernelFn> = h
+            .kernels
+            .iter()
+            .map(|k| {
+                // SAFETY: the offset is inside the code section (checked by `plan`) and is the
+                // entry of a function compiled by wcc with the KernelFn signature for this
+                // target, whose features the host has (checked above). That the bytes are what
+                // wcc wrote is a matter of trust, as for a shared library: the CRC catches
+                // accidents, not a forged file (FORMAT.md).
+                unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) }
+            })
+            .collect();
         let arena_bytes = h.arena_bytes as usize;
         let mut arena =
             MmapMut::map_anon(arena_bytes.max(1)).map_err(|e| invalid(path, format!("arena memory: {e}")))?;
-        let arena_ptr = arena.as_mut_ptr() as *mut u8;
+        let arena_ptr = arena.as_mut_ptr();
+        // Never written through: `plan` refused any launch that writes the weights.
         let weights_ptr = s.weights.as_ptr() as *mut u8;
-        let prepare = |name: &str| -> Result<PreparedGraph, WbinError> {
-            let g = h.graph(name).ok_or_else(|| invalid(path, format!("no `{name}` program")))?;
-            let mut launches = Vec::new();
-            for l in &g.launches {
-                let entry =
-                    h.kernels.get(l.kernel as usize).ok_or_else(|| invalid(path, "launch of a missing kernel"))?;
-                if l.buffers.len() != entry.buffers.len() {
-                    return Err(invalid(
-                        path,
-                        format!(
-                            "kernel {} takes {} buffers, launched with {}",
-                            entry.name,
-                            entry.buffers.len(),
-                            l.buffers.len()
-                        ),
-                    ));
-                }
-                if entry.kind != "cpu" {
-                    return Err(invalid(
-                        path,
-                        format!("kernel {} is a `{}` kernel, not CPU code", entry.name, entry.kind),
-                    ));
-                }
-                let mut ptrs = Vec::with_capacity(l.buffers.len());
-                for (b, desc) in l.buffers.iter().zip(&entry.buffers) {
-                    let elem = desc.elem_bytes().ok_or_else(|| {
-                        invalid(
-                            path,
-                            format!("kernel {} buffer {}: unknown element type {}", entry.name, desc.name, desc.elem),
-                        )
-                    })?;
-                    let need = desc.len.checked_mul(elem).unwrap_or(u64::MAX);
-                    let (base, limit, offset, len) = match *b {
-                        BufRef::Arena { offset, len } => (arena_ptr, arena_bytes as u64, offset, len),
-                        BufRef::Weight { offset, len } => {
-                            // The weights are mapped read-only: no kernel may write them.
-                            if desc.access.writes() {
-                                return Err(invalid(
-                                    path,
-                                    format!("kernel {} would write the weights (buffer {})", entry.name, desc.name),
-                                ));
-                            }
-                            (weights_ptr, s.weights.len() as u64, offset, len)
-                        }
-                    };
-                    if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % elem != 0 {
-                        return Err(invalid(
-                            path,
-                            format!("buffer {} of kernel {} is out of bounds", desc.name, entry.name),
-                        ));
-                    }
-                    // SAFETY: offset + len is inside the arena / weights section (checked).
-                    ptrs.push(unsafe { base.add(offset as usize) });
-                }
-                let split = threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
-                launches.push(Launch {
-                    kernel: l.kernel as usize,
-                    f: fns[l.kernel as usize],
-                    ptrs,
-                    extent: entry.parallel_extent,
-                    split,
-                    ranges: if split { split_ranges(entry.parallel_extent, threads) } else { vec![] },
-                });
-            }
-            for slot in g.inputs.iter().chain(&g.outputs) {
-                if slot.offset.checked_add(slot.bytes()).is_none_or(|e| e > arena_bytes as u64) {
-                    return Err(invalid(path, format!("`{}` lies outside the arena", slot.name)));
-                }
-            }
-            Ok(PreparedGraph { launches, inputs: g.inputs.clone(), outputs: g.outputs.clone() })
+        let prepare = |g: GraphPlan| PreparedGraph {
+            launches: g
+                .launches
+                .into_iter()
+                .map(|l| Launch {
+                    kernel: l.kernel,
+                    f: fns[l.kernel],
+                    ptrs: l
+                        .args
+                        .iter()
+                        .map(|&(region, offset)| {
+                            let base = match region {
+                                Region::Arena => arena_ptr,
+                                Region::Weights => weights_ptr,
+                            };
+                            // SAFETY: `plan` checked that the buffer lies inside its region.
+                            unsafe { base.add(offset) }
+                        })
+                        .collect(),
+                    extent: l.extent,
+                    split: l.split,
+                    ranges: l.ranges,
+                })
+                .collect(),
+            inputs: g.inputs,
+            outputs: g.outputs,
         };
-        let encoder = prepare("encoder")?;
-        let decoder = prepare("decoder_step")?;
-        let logits = decoder
-            .outputs
-            .iter()
-            .find(|o| o.name == "logits")
-            .cloned()
-            .ok_or_else(|| invalid(path, "the decoder has no logits output"))?;
+        let (encoder, decoder, logits) = (prepare(plan.encoder), prepare(plan.decoder), plan.logits);
         let team = if threads > 1 {
             Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
@@ -237,6 +190,162 @@ impl CompiledModel {
             None => run_alone(&g.launches, profile),
         }
     }
+}
+
+/// Which memory a kernel argument points into.
+#[derive(Clone, Copy)]
+enum Region {
+    Arena,
+    Weights,
+}
+
+struct LaunchPlan {
+    kernel: usize,
+    /// Each buffer argument: its region and byte offset there (checked in bounds).
+    args: Vec<(Region, usize)>,
+    extent: u64,
+    split: bool,
+    ranges: Vec<(u64, u64)>,
+}
+
+struct GraphPlan {
+    launches: Vec<LaunchPlan>,
+    inputs: Vec<IoSlot>,
+    outputs: Vec<IoSlot>,
+}
+
+struct Plan {
+    encoder: GraphPlan,
+    decoder: GraphPlan,
+    logits: IoSlot,
+}
+
+/// Checks a `.wbin`'s program against its own sections, as [`CompiledModel::load`] does
+/// before it makes any code executable; `Err` says what is wrong. Nothing here runs code:
+/// this is the whole of what a forged or damaged header can reach (it is what the `wbin`
+/// fuzz target drives).
+pub fn check_program(file: &WbinFile) -> Result<(), String> {
+    plan(file, 2).map(|_| ())
+}
+
+/// The byte length of a slot of `dtype` and `shape`, or `None` if the type is unknown or
+/// the size overflows.
+fn slot_bytes(slot: &IoSlot) -> Option<u64> {
+    let elem: u64 = match slot.dtype.as_str() {
+        "i8" | "u8" => 1,
+        "f32" | "i32" => 4,
+        _ => return None,
+    };
+    slot.shape.iter().try_fold(elem, |n, &d| n.checked_mul(d as u64))
+}
+
+/// Every check of the program: each kernel inside the code section and CPU code; each launch
+/// naming an existing kernel with as many buffers as it takes, each buffer of a known
+/// element type, aligned to it, large enough and inside the arena or the weights, and no
+/// kernel writing the weights; each graph input and output of a known type, aligned and
+/// inside the arena; the inputs the runtime writes and the outputs it reads of the types and
+/// sizes it uses them as; the mel filter bank of the size the features need.
+fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
+    let h = &file.header;
+    let s = file.sections();
+    for k in &h.kernels {
+        if k.offset.checked_add(k.len).is_none_or(|e| e > s.code.len() as u64) || k.len == 0 {
+            return Err(format!("kernel {} lies outside the code section", k.name));
+        }
+        if k.kind != "cpu" {
+            return Err(format!("kernel {} is a `{}` kernel, not CPU code", k.name, k.kind));
+        }
+    }
+    let arena_bytes = h.arena_bytes;
+    let graph = |name: &str| -> Result<GraphPlan, String> {
+        let g = h.graph(name).ok_or_else(|| format!("no `{name}` program"))?;
+        let mut launches = Vec::new();
+        for l in &g.launches {
+            let entry = h.kernels.get(l.kernel as usize).ok_or_else(|| {
+                format!("`{name}` launches kernel {}, but the file has {}", l.kernel, h.kernels.len())
+            })?;
+            if l.buffers.len() != entry.buffers.len() {
+                return Err(format!(
+                    "kernel {} takes {} buffers, launched with {}",
+                    entry.name,
+                    entry.buffers.len(),
+                    l.buffers.len()
+                ));
+            }
+            let mut args = Vec::with_capacity(l.buffers.len());
+            for (b, desc) in l.buffers.iter().zip(&entry.buffers) {
+                let elem = desc.elem_bytes().ok_or_else(|| {
+                    format!("kernel {} buffer {}: unknown element type {}", entry.name, desc.name, desc.elem)
+                })?;
+                let need = desc.len.checked_mul(elem).unwrap_or(u64::MAX);
+                let (region, limit, offset, len) = match *b {
+                    BufRef::Arena { offset, len } => (Region::Arena, arena_bytes, offset, len),
+                    BufRef::Weight { offset, len } => {
+                        // The weights are mapped read-only: no kernel may write them.
+                        if desc.access.writes() {
+                            return Err(format!(
+                                "kernel {} would write the weights (buffer {})",
+                                entry.name, desc.name
+                            ));
+                        }
+                        (Region::Weights, s.weights.len() as u64, offset, len)
+                    }
+                };
+                if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % elem != 0 {
+                    return Err(format!("buffer {} of kernel {} is out of bounds", desc.name, entry.name));
+                }
+                args.push((region, offset as usize));
+            }
+            let split = threads > 1 && entry.parallel_extent > 1 && entry.flops >= PARALLEL_MIN_FLOPS;
+            launches.push(LaunchPlan {
+                kernel: l.kernel as usize,
+                args,
+                extent: entry.parallel_extent,
+                split,
+                ranges: if split { split_ranges(entry.parallel_extent, threads) } else { vec![] },
+            });
+        }
+        for slot in g.inputs.iter().chain(&g.outputs) {
+            let bytes = slot_bytes(slot).ok_or_else(|| {
+                format!("`{}` of `{name}` has an unknown type {} or an oversized shape", slot.name, slot.dtype)
+            })?;
+            let align = if matches!(slot.dtype.as_str(), "i8" | "u8") { 1 } else { 4 };
+            if slot.offset.checked_add(bytes).is_none_or(|e| e > arena_bytes) || slot.offset % align != 0 {
+                return Err(format!("`{}` lies outside the arena", slot.name));
+            }
+        }
+        Ok(GraphPlan { launches, inputs: g.inputs.clone(), outputs: g.outputs.clone() })
+    };
+    let encoder = graph("encoder")?;
+    let decoder = graph("decoder_step")?;
+    let features = h.n_mels.checked_mul(h.timesteps).and_then(|n| n.checked_mul(4));
+    match encoder.inputs.first() {
+        Some(i) if i.dtype == "f32" && features == slot_bytes(i).map(|b| b as usize) => {}
+        _ => return Err(format!("the encoder's input is not the {} x {} f32 features", h.n_mels, h.timesteps)),
+    }
+    if Some(s.mel_filters.len()) != h.n_mels.checked_mul(8 * (crate::N_FFT / 2 + 1)) {
+        return Err(format!("the mel filter bank is not {} x {} f64", h.n_mels, crate::N_FFT / 2 + 1));
+    }
+    for i in &decoder.inputs {
+        if matches!(i.name.as_str(), "tokens" | "position") && (i.dtype != "i32" || slot_bytes(i) != Some(4)) {
+            return Err(format!("the decoder's `{}` input is not one i32", i.name));
+        }
+    }
+    for o in &decoder.outputs {
+        if let Some(state) = o.name.strip_suffix(".next") {
+            if let Some(i) = decoder.inputs.iter().find(|i| i.name == state) {
+                if slot_bytes(i) != slot_bytes(o) {
+                    return Err(format!("`{}` and `{state}` differ in size", o.name));
+                }
+            }
+        }
+    }
+    let logits =
+        decoder.outputs.iter().find(|o| o.name == "logits").cloned().ok_or("the decoder has no logits output")?;
+    if logits.dtype != "f32" {
+        return Err("the decoder's logits are not f32".into());
+    }
+    Ok(Plan { encoder, decoder, logits })
 }
 
 /// Refuses a file built for another architecture or for CPU features this host lacks.

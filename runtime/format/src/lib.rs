@@ -251,9 +251,26 @@ pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinErro
     Ok(buf.len() as u64)
 }
 
-/// A validated, memory-mapped `.wbin`.
+/// The bytes of a `.wbin`: mapped from its file, or held in memory (a file read whole, a
+/// fuzzer's input).
+enum Backing {
+    Map(Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Bytes(b) => b,
+        }
+    }
+}
+
+/// A validated `.wbin`, memory-mapped or in memory.
 pub struct WbinFile {
-    map: Mmap,
+    map: Backing,
     pub header: Header,
     table: [Section; 5],
 }
@@ -267,10 +284,16 @@ impl WbinFile {
         // SAFETY: a read-only private map; wcc never writes to a .wbin it is running, and
         // every offset read from it is bounds-checked below before use.
         let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io { path: p.clone(), source })?;
-        Self::from_map(map).map_err(bad)
+        Self::from_backing(Backing::Map(map)).map_err(bad)
     }
 
-    fn from_map(map: Mmap) -> Result<WbinFile, String> {
+    /// Validates a `.wbin` held in memory, as [`WbinFile::open`] validates a file; `label`
+    /// names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, label: &str) -> Result<WbinFile, WbinError> {
+        Self::from_backing(Backing::Bytes(bytes)).map_err(|msg| WbinError::Invalid { path: label.to_string(), msg })
+    }
+
+    fn from_backing(map: Backing) -> Result<WbinFile, String> {
         let b = &map[..];
         if b.len() < 8 || b[..8] != MAGIC {
             return Err("not a .wbin file (bad magic number)".into());
