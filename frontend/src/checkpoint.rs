@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use memmap2::Mmap;
 use wcc_ir::interp::WeightLoader;
 use wcc_ir::{DType, WeightDecl, WeightSource};
 
@@ -65,7 +64,8 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     /// The file the tensor offsets refer to.
     pub file: PathBuf,
-    mmap: Mmap,
+    /// The bytes the tensor offsets index: the mapped file, or bytes held in memory.
+    data: Box<dyn AsRef<[u8]> + Send + Sync>,
     pub tensors: HashMap<String, TensorInfo>,
     pub dims: WhisperDims,
     pub generation: GenerationSettings,
@@ -88,16 +88,38 @@ impl Checkpoint {
         }
     }
 
+    /// A CTranslate2 checkpoint held in memory: the bytes of `model.bin` and of
+    /// `config.json` if there is one. `label` names it in errors. What [`Checkpoint::open`]
+    /// does after reading the files; the checkpoint fuzz targets drive it.
+    pub fn from_ct2_bytes(
+        label: &Path,
+        model_bin: Vec<u8>,
+        config: Option<&[u8]>,
+    ) -> Result<Checkpoint, FrontendError> {
+        crate::ct2::from_bytes(label, label.join("model.bin"), Box::new(model_bin), config)
+    }
+
+    /// A Hugging Face checkpoint held in memory: `model.safetensors`, `config.json` and
+    /// `generation_config.json` if there is one (see [`Checkpoint::from_ct2_bytes`]).
+    pub fn from_safetensors_bytes(
+        label: &Path,
+        safetensors: Vec<u8>,
+        config: &[u8],
+        generation: Option<&[u8]>,
+    ) -> Result<Checkpoint, FrontendError> {
+        crate::hf::from_bytes(label, label.join("model.safetensors"), Box::new(safetensors), config, generation)
+    }
+
     pub(crate) fn new(
         format: Format,
         dir: &Path,
         file: PathBuf,
-        mmap: Mmap,
+        data: Box<dyn AsRef<[u8]> + Send + Sync>,
         tensors: HashMap<String, TensorInfo>,
         dims: WhisperDims,
         generation: GenerationSettings,
     ) -> Checkpoint {
-        Checkpoint { format, dir: dir.to_path_buf(), file, mmap, tensors, dims, generation }
+        Checkpoint { format, dir: dir.to_path_buf(), file, data, tensors, dims, generation }
     }
 
     pub fn error(&self, msg: impl Into<String>) -> FrontendError {
@@ -122,7 +144,7 @@ impl Checkpoint {
                 (t.offset + a * row, (b - a) * row)
             }
         };
-        Ok(&self.mmap[start..start + len])
+        Ok(&self.data.as_ref().as_ref()[start..start + len])
     }
 
     /// The tensor (or rows of it) widened to f32.
@@ -170,6 +192,15 @@ pub(crate) fn read_int_scalar(ck: &Checkpoint, name: &str) -> Result<i64, Fronte
         (_, 2) => i16::from_le_bytes([b[0], b[1]]) as i64,
         _ => return Err(ck.error(format!("`{name}` is not an integer scalar"))),
     })
+}
+
+/// Refuses a tensor with a zero-sized dimension (it holds nothing, and every size derived
+/// from it divides by zero).
+pub(crate) fn check_not_empty(name: &str, shape: &[usize]) -> Result<(), String> {
+    if shape.contains(&0) {
+        return Err(format!("tensor `{name}` has a zero-sized dimension: {shape:?}"));
+    }
+    Ok(())
 }
 
 /// Counts `prefix{i}suffix` tensors for i = 0, 1, ... (the number of layers).

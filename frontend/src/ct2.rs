@@ -14,7 +14,8 @@ use memmap2::Mmap;
 use wcc_ir::{DType, WeightSource};
 
 use crate::checkpoint::{
-    count_layers, read_int_scalar, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo, WhisperDims,
+    check_not_empty, count_layers, read_int_scalar, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo,
+    WhisperDims,
 };
 
 const SUPPORTED_VERSION: u32 = 6;
@@ -90,7 +91,9 @@ fn parse_model_bin(b: &[u8]) -> Result<HashMap<String, TensorInfo>, String> {
         let id = r.u8(&name)?;
         let dt = dtype(id).ok_or_else(|| format!("variable `{name}` has unknown dtype id {id}"))?;
         let nbytes = r.u32(&name)? as usize;
-        if nbytes != shape.iter().product::<usize>() * dt.size_bytes() {
+        check_not_empty(&name, &shape)?;
+        let size = shape.iter().try_fold(dt.size_bytes(), |n, &d| n.checked_mul(d));
+        if size != Some(nbytes) {
             return Err(format!("variable `{name}`: {nbytes} bytes do not match {dt}{shape:?}"));
         }
         let offset = r.pos;
@@ -114,12 +117,22 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
     // SAFETY: the map is read-only and the checkpoint is not modified while wcc runs; a
     // concurrent writer could change the bytes we read, never memory safety of our own.
     let mmap = unsafe { Mmap::map(&f) }.map_err(|e| err(format!("cannot map model.bin: {e}")))?;
-    let tensors = parse_model_bin(&mmap).map_err(err)?;
+    let config = std::fs::read(dir.join("config.json")).ok();
+    from_bytes(dir, file, Box::new(mmap), config.as_deref())
+}
 
-    let config_path = dir.join("config.json");
-    let config: serde_json::Value = match std::fs::read(&config_path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| err(format!("config.json: {e}")))?,
-        Err(_) => serde_json::Value::Null,
+/// Reads a checkpoint from the bytes of its `model.bin` and `config.json`.
+pub(crate) fn from_bytes(
+    dir: &Path,
+    file: std::path::PathBuf,
+    data: Box<dyn AsRef<[u8]> + Send + Sync>,
+    config: Option<&[u8]>,
+) -> Result<Checkpoint, FrontendError> {
+    let err = |msg: String| FrontendError::Checkpoint { path: dir.display().to_string(), msg };
+    let tensors = parse_model_bin(data.as_ref().as_ref()).map_err(err)?;
+    let config: serde_json::Value = match config {
+        Some(b) => serde_json::from_slice(b).map_err(|e| err(format!("config.json: {e}")))?,
+        None => serde_json::Value::Null,
     };
     let ids = |key: &str| -> Vec<u32> {
         config[key]
@@ -151,7 +164,7 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
         n_text_layer: 0,
         n_text_ffn: 0,
     };
-    let mut ck = Checkpoint::new(Format::Ct2, dir, file, mmap, tensors, placeholder, generation);
+    let mut ck = Checkpoint::new(Format::Ct2, dir, file, data, tensors, placeholder, generation);
     ck.dims = dims(&ck)?;
     if let Ok(act) = read_int_scalar(&ck, "decoder/activation") {
         // CTranslate2's ActivationType: 3 is GELU with erf, the one Whisper uses.

@@ -9,24 +9,37 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use wcc_ir::{DType, WeightSource};
 
-use crate::checkpoint::{count_layers, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo, WhisperDims};
+use crate::checkpoint::{
+    check_not_empty, count_layers, Checkpoint, Format, FrontendError, GenerationSettings, TensorInfo, WhisperDims,
+};
 
 pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
     let err = |msg: String| FrontendError::Checkpoint { path: dir.display().to_string(), msg };
-    let read_json = |name: &str, required: bool| -> Result<serde_json::Value, FrontendError> {
-        match std::fs::read(dir.join(name)) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| err(format!("{name}: {e}"))),
-            Err(e) if required => Err(err(format!("cannot read {name}: {e}"))),
-            Err(_) => Ok(serde_json::Value::Null),
-        }
-    };
-    let config = read_json("config.json", true)?;
-    let gen = read_json("generation_config.json", false)?;
-
+    let config = std::fs::read(dir.join("config.json")).map_err(|e| err(format!("cannot read config.json: {e}")))?;
+    let gen = std::fs::read(dir.join("generation_config.json")).ok();
     let file = dir.join("model.safetensors");
     let f = File::open(&file).map_err(|e| err(format!("cannot open model.safetensors: {e}")))?;
     // SAFETY: read-only map of a file wcc does not modify (see ct2::open).
     let mmap = unsafe { Mmap::map(&f) }.map_err(|e| err(format!("cannot map model.safetensors: {e}")))?;
+    from_bytes(dir, file, Box::new(mmap), &config, gen.as_deref())
+}
+
+/// Reads a checkpoint from the bytes of its `model.safetensors`, `config.json` and
+/// `generation_config.json`.
+pub(crate) fn from_bytes(
+    dir: &Path,
+    file: std::path::PathBuf,
+    data: Box<dyn AsRef<[u8]> + Send + Sync>,
+    config: &[u8],
+    gen: Option<&[u8]>,
+) -> Result<Checkpoint, FrontendError> {
+    let err = |msg: String| FrontendError::Checkpoint { path: dir.display().to_string(), msg };
+    let json = |name: &str, b: Option<&[u8]>| -> Result<serde_json::Value, FrontendError> {
+        b.map_or(Ok(serde_json::Value::Null), |b| serde_json::from_slice(b).map_err(|e| err(format!("{name}: {e}"))))
+    };
+    let config = json("config.json", Some(config))?;
+    let gen = json("generation_config.json", gen)?;
+    let mmap: &[u8] = data.as_ref().as_ref();
     let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| err(format!("model.safetensors: {e}")))?;
     let base = 8 + header_len;
     let mut tensors = HashMap::new();
@@ -41,7 +54,8 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
             other => return Err(err(format!("tensor `{name}` has unsupported dtype {other:?}"))),
         };
         let (a, b) = info.data_offsets;
-        if base + b > mmap.len() {
+        check_not_empty(&name, &info.shape).map_err(err)?;
+        if a > b || base.checked_add(b).is_none_or(|end| end > mmap.len()) {
             return Err(err(format!("model.safetensors is truncated (tensor `{name}` ends past the file)")));
         }
         // Drop the `model.` prefix so names are the logical ones the lowering uses.
@@ -71,7 +85,11 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
         n_text_layer: int("decoder_layers")?,
         n_text_ffn: int("decoder_ffn_dim")?,
     };
-    if conv1.len() != 3 || conv1[1] != dims.n_mels || conv1[0] != dims.n_audio_state || emb[0] != dims.n_vocab {
+    if conv1.len() != 3
+        || conv1[1] != dims.n_mels
+        || conv1[0] != dims.n_audio_state
+        || emb.first() != Some(&dims.n_vocab)
+    {
         return Err(err(format!(
             "config.json (num_mel_bins {}, d_model {}, vocab_size {}) disagrees with the weights (conv1 {:?}, embed_tokens {:?})",
             dims.n_mels, dims.n_audio_state, dims.n_vocab, conv1, emb
@@ -101,7 +119,7 @@ pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {
             .map(|a| a.iter().filter_map(|p| Some((p[0].as_u64()? as usize, p[1].as_u64()? as usize))).collect())
             .unwrap_or_default(),
     };
-    Ok(Checkpoint::new(Format::HuggingFace, dir, file, mmap, tensors, dims, generation))
+    Ok(Checkpoint::new(Format::HuggingFace, dir, file, data, tensors, dims, generation))
 }
 
 /// HF tensors are stored under their logical names (the `model.` prefix is dropped on load).
