@@ -221,6 +221,13 @@ fn encode(values: impl Iterator<Item = f32>, dtype: DType) -> Vec<u8> {
 pub fn write_random(dir: &Path, size: &str, seed: u64, dtype: DType) -> Result<WhisperDims, FrontendError> {
     let dims = size_dims(size)
         .ok_or_else(|| FrontendError::NotFound(format!("unknown model size `{size}`; sizes: {}", SIZES.join(", "))))?;
+    write_random_dims(dir, &dims, seed, dtype)?;
+    Ok(dims)
+}
+
+/// [`write_random`] for any hyper-parameters (a miniature model, say: the fuzzers' seeds).
+pub fn write_random_dims(dir: &Path, dims: &WhisperDims, seed: u64, dtype: DType) -> Result<(), FrontendError> {
+    let dims = dims.clone();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(io_err(dir, format!("random checkpoints are f32, f16 or bf16, not {dtype}")));
     }
@@ -248,7 +255,7 @@ pub fn write_random(dir: &Path, size: &str, seed: u64, dtype: DType) -> Result<W
     });
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors")).map_err(|e| io_err(dir, e))?;
-    Ok(dims)
+    Ok(())
 }
 
 /// Writes `ck` as a Hugging Face checkpoint in `dir`, tensors copied bit for bit.

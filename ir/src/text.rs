@@ -25,12 +25,12 @@ use crate::types::{DType, TensorType};
 /// Prints the whole module.
 pub fn print_module(m: &Module) -> String {
     let mut s = String::new();
-    writeln!(s, "module {:?} {{", m.name).unwrap();
+    writeln!(s, "module {} {{", quote(&m.name)).unwrap();
     for (k, v) in &m.params {
         writeln!(s, "  param {k} = {v}").unwrap();
     }
     for w in &m.weights {
-        write!(s, "  weight @{}: {} = {:?}", w.name, w.ty, w.source.tensor).unwrap();
+        write!(s, "  weight @{}: {} = {}", w.name, w.ty, quote(&w.source.tensor)).unwrap();
         if let Some((a, b)) = w.source.rows {
             write!(s, "[{a}:{b}]").unwrap();
         }
@@ -41,6 +41,23 @@ pub fn print_module(m: &Module) -> String {
     }
     s.push_str("}\n");
     s
+}
+
+/// A string literal as the lexer reads it back: `"` `\\` and newline escaped, every other
+/// character as itself (Rust's `{:?}` escapes more than the lexer knows).
+fn quote(text: &str) -> String {
+    let mut q = String::with_capacity(text.len() + 2);
+    q.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => q.push_str("\\\""),
+            '\\' => q.push_str("\\\\"),
+            '\n' => q.push_str("\\n"),
+            c => q.push(c),
+        }
+    }
+    q.push('"');
+    q
 }
 
 fn indent(text: &str) -> String {

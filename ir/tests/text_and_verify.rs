@@ -134,3 +134,21 @@ fn dot_output_has_every_node_and_edge() {
         + g.outputs.len();
     assert_eq!(dot.matches(" -> ").count(), edges);
 }
+
+/// Found by the `ir_text` fuzz target (fuzz/regressions/ir_text/string-escapes): names with
+/// control characters were printed with Rust's escapes (`\0`, `\u{11}`), which the lexer
+/// refuses, so a printed module did not parse back.
+#[test]
+fn strings_with_any_characters_print_and_parse_back() {
+    let mut m = Module::new("a \"quoted\"\\name\nover two lines");
+    m.weights.push(wcc_ir::WeightDecl {
+        name: "w".into(),
+        ty: TensorType::new(DType::F32, vec![2]),
+        source: WeightSource { tensor: "\0\u{11}\u{1}w2 \u{7f}é".into(), rows: None },
+    });
+    let text = print_module(&m);
+    let back = parse_module(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(back.name, m.name);
+    assert_eq!(back.weights[0].source.tensor, m.weights[0].source.tensor);
+    assert_eq!(print_module(&back), text);
+}

@@ -208,10 +208,8 @@ fn align(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
-/// Writes a `.wbin` to `path` (through a temporary file in the same directory, renamed at
-/// the end, so a failed write leaves nothing half-written behind).
-pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinError> {
-    let io = |source| WbinError::Io { path: path.display().to_string(), source };
+/// The bytes of a `.wbin` holding `header` and `s`.
+pub fn to_bytes(header: &Header, s: &Sections) -> Vec<u8> {
     let header_json = serde_json::to_vec(header).expect("header serialises");
     let mut table = [Section::default(); 5];
     let mut pos = PRELUDE_LEN;
@@ -235,12 +233,31 @@ pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinErro
         buf[at..at + 8].copy_from_slice(&sec.offset.to_le_bytes());
         buf[at + 8..at + 16].copy_from_slice(&sec.len.to_le_bytes());
     }
-    buf[96..104].copy_from_slice(&(pos as u64).to_le_bytes());
     for (sec, (data, _)) in table.iter().zip(parts) {
         buf[sec.offset as usize..sec.offset as usize + data.len()].copy_from_slice(data);
     }
+    reseal(&mut buf);
+    buf
+}
+
+/// Sets the declared file length and the CRC-32 of a `.wbin`'s bytes to match its content
+/// (nothing if it is shorter than the prelude). The writer's last step; a test or a fuzzer
+/// that edits a file's body uses it to get past the checksum to what it means to test.
+pub fn reseal(buf: &mut [u8]) {
+    if buf.len() < PRELUDE_LEN {
+        return;
+    }
+    let n = buf.len() as u64;
+    buf[96..104].copy_from_slice(&n.to_le_bytes());
     let crc = crc32fast::hash(&buf[16..]);
     buf[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Writes a `.wbin` to `path` (through a temporary file in the same directory, renamed at
+/// the end, so a failed write leaves nothing half-written behind).
+pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinError> {
+    let io = |source| WbinError::Io { path: path.display().to_string(), source };
+    let buf = to_bytes(header, s);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out.wbin")));
     let mut f = File::create(&tmp).map_err(io)?;
