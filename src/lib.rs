@@ -202,6 +202,8 @@ pub struct CompileReport {
     pub launches: usize,
     pub bytes: u64,
     pub arena_bytes: u64,
+    /// What the user should know but that does not stop the build (NaN weights).
+    pub warnings: Vec<String>,
 }
 
 /// Compiles `model` for `target` into a `.wbin` at `out`. `progress(done, total)` is called
@@ -223,6 +225,14 @@ pub fn compile(
     let tokenizer = loaded.checkpoint.tokenizer_json()?;
     let module = run_passes(loaded.module, passes, options, dumps)?;
     let program = wcc_backend::program::build(&module, &loaded.checkpoint, &target)?;
+    let warnings = loaded
+        .checkpoint
+        .non_finite_weights()
+        .into_iter()
+        .map(|(tensor, n)| {
+            format!("{model}: tensor `{tensor}` holds {n} NaN or infinite values; the transcripts will likely be empty or garbage")
+        })
+        .collect();
     if let Some(dir) = &dumps.kernels {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (i, k) in program.kernels.iter().enumerate() {
@@ -284,7 +294,7 @@ pub fn compile(
         wbin::Sections { code: &code, weights: &program.weights, tokenizer: &tokenizer, mel_filters: &filters };
     let bytes = wbin::write(out, &header, &sections)?;
     let launches = header.graphs.iter().map(|g| g.launches.len()).sum();
-    Ok(CompileReport { kernels: header.kernels.len(), launches, bytes, arena_bytes: header.arena_bytes })
+    Ok(CompileReport { kernels: header.kernels.len(), launches, bytes, arena_bytes: header.arena_bytes, warnings })
 }
 
 /// Where the time of a transcription went.

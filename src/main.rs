@@ -1,6 +1,6 @@
 //! The `wcc` command line. Thin: parses flags and calls the crates.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -448,7 +448,11 @@ fn run(cli: Cli) -> Result<()> {
                 // Compile for this machine into a temporary file, then run it.
                 let tmp = tempfile::tempdir().context("creating a temporary directory")?;
                 let wbin = tmp.path().join("model.wbin");
-                wcc::compile(&model, "host", &pipeline, &options, &wcc::Dumps::default(), &wbin, &|_, _| {})?;
+                let report =
+                    wcc::compile(&model, "host", &pipeline, &options, &wcc::Dumps::default(), &wbin, &|_, _| {})?;
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
                 let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads.max(1))?;
                 let tokenizer = m.tokenizer()?;
                 let cfg = m.header().generation.clone();
@@ -479,6 +483,11 @@ fn run(cli: Cli) -> Result<()> {
             if output.exists() && !force {
                 bail!("{} exists; pass --force to replace it", output.display());
             }
+            // Found out before minutes of compiling, not after.
+            let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                bail!("cannot write {}: {} is not a directory", output.display(), dir.display());
+            }
             let t0 = Instant::now();
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
@@ -490,6 +499,9 @@ fn run(cli: Cli) -> Result<()> {
                 bar.set_position(done as u64);
             })?;
             bar.finish_and_clear();
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
             eprintln!(
                 "wrote {} ({:.1} MB, {} kernels, {} launches, arena {:.1} MB) in {:.1} s",
                 output.display(),

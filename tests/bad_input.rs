@@ -10,23 +10,33 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 
-/// Rewrites `dir/model.safetensors`, letting `edit` drop (None) or replace tensors.
-fn rewrite_safetensors(dir: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
+/// One tensor of a safetensors file: dtype, shape, bytes.
+type Tensor = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites `dir/model.safetensors`, letting `edit` drop (None) or replace each tensor.
+fn rewrite_tensors(dir: &Path, edit: impl Fn(&str, Tensor) -> Option<Tensor>) {
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut owned: Vec<(String, Tensor)> = Vec::new();
     for (name, view) in st.tensors() {
-        if let Some(shape) = edit(&name, view.shape().to_vec()) {
-            let n: usize = shape.iter().product();
-            let mut data = view.data().to_vec();
-            data.resize(n * (view.dtype().bitsize() / 8), 0);
-            owned.push((name, view.dtype(), shape, data));
+        if let Some(t) = edit(&name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())) {
+            owned.push((name, t));
         }
     }
     let views: HashMap<String, TensorView> =
-        owned.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        owned.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(&views, None, &path).unwrap();
+}
+
+/// Rewrites `dir/model.safetensors`, letting `edit` drop (None) or reshape tensors (data cut
+/// or zero-padded to the new size).
+fn rewrite_safetensors(dir: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
+    rewrite_tensors(dir, |name, (dtype, shape, mut data)| {
+        let shape = edit(name, shape)?;
+        data.resize(shape.iter().product::<usize>() * (dtype.bitsize() / 8), 0);
+        Some((dtype, shape, data))
+    });
 }
 
 fn random_tiny(dir: &Path) {
@@ -56,6 +66,63 @@ fn checkpoint_with_a_misshapen_tensor() {
     });
     let e = wcc_err(&["ir", "--model", p(&dir)]);
     assert!(e.contains("decoder.layers.0.fc2.weight") && e.contains("[384, 1535]") && e.contains("[384, 1536]"), "{e}");
+}
+
+#[test]
+fn checkpoint_with_a_wrong_dtype_or_a_zero_sized_dimension() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    random_tiny(&dir);
+    rewrite_tensors(&dir, |name, (dtype, shape, data)| {
+        Some(if name == "model.encoder.layers.0.fc1.weight" {
+            (safetensors::Dtype::I16, shape, data)
+        } else {
+            (dtype, shape, data)
+        })
+    });
+    let e = wcc_err(&["ir", "--model", p(&dir)]);
+    assert!(e.contains("encoder.layers.0.fc1.weight") && e.contains("holds i16, expected floats"), "{e}");
+
+    let dir = tmp.path().join("ck0");
+    random_tiny(&dir);
+    rewrite_safetensors(&dir, |name, shape| {
+        Some(if name == "model.decoder.layers.0.fc2.weight" { vec![shape[0], 0] } else { shape })
+    });
+    let e = wcc_err(&["ir", "--model", p(&dir)]);
+    assert!(e.contains("model.decoder.layers.0.fc2.weight") && e.contains("zero-sized dimension: [384, 0]"), "{e}");
+}
+
+/// NaN weights do not stop a build (a user may want to inspect it), but the compiler says
+/// which tensor holds them and how many.
+#[test]
+fn nan_weights_are_warned_about() {
+    let src = model_dir("tiny.en");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nan");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "model.bin"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let name = "decoder/layer_1/ffn/linear_1/weight";
+    let t = wcc_frontend::checkpoint::Checkpoint::open(&src).unwrap().tensors[name].clone();
+    let mut bin = std::fs::read(dir.join("model.bin")).unwrap();
+    // Three NaNs in the tensor's own float type.
+    let nan: &[u8] = match t.dtype.size_bytes() {
+        2 => &[0x00, 0x7e],
+        _ => &[0x00, 0x00, 0xc0, 0x7f],
+    };
+    for i in [0, 7, 100] {
+        let at = t.offset + i * nan.len();
+        bin[at..at + nan.len()].copy_from_slice(nan);
+    }
+    std::fs::write(dir.join("model.bin"), &bin).unwrap();
+    let out = wcc(&["compile", "--model", p(&dir), "--int8", "-o", p(&tmp.path().join("nan.wbin"))]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning =
+        stderr.lines().find(|l| l.starts_with("warning: ")).unwrap_or_else(|| panic!("no warning:\n{stderr}"));
+    assert!(warning.contains(name) && warning.contains("holds 3 NaN or infinite values"), "{warning}");
+    assert!(tmp.path().join("nan.wbin").is_file());
 }
 
 #[test]
@@ -151,4 +218,16 @@ fn a_closed_output_pipe_ends_wcc_without_a_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.status.success() || out.status.signal() == Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
+
+/// A `.wbin` path whose directory is a file: refused (before the compile work), naming the
+/// path (an existing `.wbin` without `--force` is tested in tests/wbin.rs).
+#[test]
+fn compiling_to_a_path_that_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let e = wcc_err(&["compile", "--model", "tiny.en", "--int8", "-o", p(&file.join("model.wbin"))]);
+    assert!(e.contains("notes.txt/model.wbin") && e.contains("is not a directory"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }

@@ -69,6 +69,9 @@ pub struct Checkpoint {
     pub tensors: HashMap<String, TensorInfo>,
     pub dims: WhisperDims,
     pub generation: GenerationSettings,
+    /// NaN or infinite values met by [`Checkpoint::read_f32`], per tensor: a checkpoint
+    /// damaged this way still loads, and the compiler warns.
+    non_finite: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 impl Checkpoint {
@@ -119,7 +122,16 @@ impl Checkpoint {
         dims: WhisperDims,
         generation: GenerationSettings,
     ) -> Checkpoint {
-        Checkpoint { format, dir: dir.to_path_buf(), file, data, tensors, dims, generation }
+        Checkpoint {
+            format,
+            dir: dir.to_path_buf(),
+            file,
+            data,
+            tensors,
+            dims,
+            generation,
+            non_finite: Default::default(),
+        }
     }
 
     pub fn error(&self, msg: impl Into<String>) -> FrontendError {
@@ -151,12 +163,22 @@ impl Checkpoint {
     pub fn read_f32(&self, name: &str, rows: Option<(usize, usize)>) -> Result<Vec<f32>, FrontendError> {
         let dtype = self.tensor(name)?.dtype;
         let b = self.bytes(name, rows)?;
-        Ok(match dtype {
+        let v: Vec<f32> = match dtype {
             DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => return Err(self.error(format!("`{name}` holds {other}, expected a float tensor"))),
-        })
+        };
+        let bad = v.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            *self.non_finite.lock().unwrap_or_else(|e| e.into_inner()).entry(name.to_string()).or_default() += bad;
+        }
+        Ok(v)
+    }
+
+    /// Each tensor read so far that held NaN or infinite values, with how many.
+    pub fn non_finite_weights(&self) -> Vec<(String, usize)> {
+        self.non_finite.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, &v)| (k.clone(), v)).collect()
     }
 
     /// Where the weight with logical (Hugging Face style, without `model.`) name `logical`

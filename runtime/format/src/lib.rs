@@ -28,8 +28,10 @@ pub const SECTION_ALIGN: usize = 64;
 pub enum WbinError {
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// The message carries the I/O error (it is not a `source`: the CLI prints an error's
+    /// chain, and the cause would be printed twice).
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -256,7 +258,7 @@ pub fn reseal(buf: &mut [u8]) {
 /// Writes a `.wbin` to `path` (through a temporary file in the same directory, renamed at
 /// the end, so a failed write leaves nothing half-written behind).
 pub fn write(path: &Path, header: &Header, s: &Sections) -> Result<u64, WbinError> {
-    let io = |source| WbinError::Io { path: path.display().to_string(), source };
+    let io = |err| WbinError::Io { path: path.display().to_string(), err };
     let buf = to_bytes(header, s);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out.wbin")));
@@ -297,10 +299,10 @@ impl WbinFile {
     pub fn open(path: &Path) -> Result<WbinFile, WbinError> {
         let p = path.display().to_string();
         let bad = |msg: String| WbinError::Invalid { path: p.clone(), msg };
-        let f = File::open(path).map_err(|source| WbinError::Io { path: p.clone(), source })?;
+        let f = File::open(path).map_err(|err| WbinError::Io { path: p.clone(), err })?;
         // SAFETY: a read-only private map; wcc never writes to a .wbin it is running, and
         // every offset read from it is bounds-checked below before use.
-        let map = unsafe { Mmap::map(&f) }.map_err(|source| WbinError::Io { path: p.clone(), source })?;
+        let map = unsafe { Mmap::map(&f) }.map_err(|err| WbinError::Io { path: p.clone(), err })?;
         Self::from_backing(Backing::Map(map)).map_err(bad)
     }
 
