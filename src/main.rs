@@ -45,6 +45,11 @@ struct DecodingArgs {
     /// Seed of the sampling at temperatures above 0 (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Emit a window that still repeats a phrase after every temperature as decoded, as
+    /// openai-whisper and faster-whisper do (by default the repeats after the first copy are
+    /// cut).
+    #[arg(long)]
+    keep_repeats: bool,
     /// Output format: on stdout, or with --output-dir the files `<audio name>.<format>`
     /// (`all`: every format, files only).
     #[arg(long, value_enum, conflicts_with = "json")]
@@ -73,6 +78,7 @@ impl DecodingArgs {
             condition_on_previous_text,
             temperatures,
             seed,
+            keep_repeats,
             output_format,
             output_dir,
             force,
@@ -90,6 +96,7 @@ impl DecodingArgs {
             condition_on_previous_text,
             temperatures,
             seed,
+            keep_repeats,
             initial_prompt: vec![],
         };
         Ok((opts, Output { dir: output_dir, format, force, timestamps }, initial_prompt))

@@ -2,7 +2,8 @@
 //! model, on Portuguese speech loops at temperature 0) is decoded again at rising
 //! temperatures until it passes the checks; the compression ratio is zlib's, as Python's
 //! `zlib` gives it; the same seed gives the same text. And silence: a window that never
-//! rises above -60 dBFS is not decoded (digital silence used to come out as "you").
+//! rises above -60 dBFS is not decoded (digital silence used to come out as "you"). A window
+//! that still loops after the last temperature keeps its first copy of the phrase only.
 
 mod common;
 use common::*;
@@ -14,15 +15,37 @@ fn longest_repeat(words: &[&str]) -> usize {
         .unwrap_or(0)
 }
 
+/// The most copies of one phrase back to back.
+fn max_copies(words: &[&str]) -> usize {
+    let mut best = 1;
+    for n in 1..=words.len() / 2 {
+        for i in 0..words.len() {
+            let mut k = 1;
+            while i + (k + 1) * n <= words.len() && words[i + k * n..i + (k + 1) * n] == words[i..i + n] {
+                k += 1;
+            }
+            best = best.max(k);
+        }
+    }
+    best
+}
+
 #[test]
 fn a_looping_window_falls_back_to_a_higher_temperature() {
     let dir = tempfile::tempdir().unwrap();
     let wbin = compile_tiny_int8(dir.path());
     let clip = shared_data().join("audio/multilingual/leopard_test_pt.wav");
-    let greedy = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0"]);
+    let greedy = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0", "--keep-repeats"]);
     let words: Vec<&str> = greedy.split_whitespace().collect();
     assert!(longest_repeat(&words) >= 5, "greedy was expected to loop here: {greedy}");
     assert!(wcc_runtime::transcribe::compression_ratio(greedy.trim()) > 2.4);
+    // Without fallback the runaway guard cuts the loop after its first copy: what is left is
+    // a prefix of the looping text, and no phrase comes three times in a row.
+    let cut = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0"]);
+    let cut_words: Vec<&str> = cut.split_whitespace().collect();
+    assert!(cut_words.len() < words.len() / 2, "not cut: {cut}");
+    assert_eq!(cut_words[..cut_words.len() - 1], words[..cut_words.len() - 1], "{cut}");
+    assert!(max_copies(&cut_words) < 3, "{cut}");
     let run = |seed: &str| -> serde_json::Value {
         serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json", "--seed", seed])).unwrap()
     };

@@ -41,6 +41,9 @@ pub struct TranscribeOptions {
     pub temperatures: Vec<f32>,
     /// Seed of the sampling at temperatures above 0.
     pub seed: u64,
+    /// Emit a window that still repeats itself after the last temperature as decoded,
+    /// instead of cutting the repeats ([`runaway_cut`]).
+    pub keep_repeats: bool,
     /// Tokens given as previous text to the first window (`--initial-prompt`, encoded as
     /// `" " + text`), and to the later ones while they are conditioned on previous text.
     pub initial_prompt: Vec<u32>,
@@ -124,7 +127,47 @@ fn decode_window(
             break;
         }
     }
-    Ok(last.expect("at least one temperature"))
+    let (mut d, mut text, t) = last.expect("at least one temperature");
+    // Every temperature failed and the text still repeats itself: cut the runaway.
+    if !opts.keep_repeats && compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD {
+        let keep = runaway_cut(&d.tokens, cfg.special.timestamp_begin);
+        if keep < d.tokens.len() {
+            d.tokens.truncate(keep);
+            text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
+        }
+    }
+    Ok((d, text, t))
+}
+
+/// A phrase of up to this many tokens repeated back to back ...
+const RUNAWAY_MAX_PHRASE: usize = 32;
+/// ... at least this many times in a row (a phrase of one token: twice as many) is a runaway.
+const RUNAWAY_MIN_REPEATS: usize = 3;
+
+/// The last guard against a runaway, for a window that still repeats itself after every
+/// temperature of the fallback: where the first phrase repeated back to back at least
+/// [`RUNAWAY_MIN_REPEATS`] times starts, keep one copy of it and cut the rest. Returns how
+/// many of `tokens` to keep (all of them if nothing repeats). Timestamp tokens (from
+/// `timestamp_begin` on) are passed over in the comparison: a runaway with timestamps repeats
+/// its text between ever-later times. Neither openai-whisper nor faster-whisper has this
+/// guard; both emit the repeats.
+pub fn runaway_cut(tokens: &[u32], timestamp_begin: u32) -> usize {
+    let at: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i] < timestamp_begin).collect();
+    let text: Vec<u32> = at.iter().map(|&i| tokens[i]).collect();
+    for start in 0..text.len() {
+        for n in 1..=RUNAWAY_MAX_PHRASE {
+            let repeats = if n == 1 { 2 * RUNAWAY_MIN_REPEATS } else { RUNAWAY_MIN_REPEATS };
+            if start + n * repeats > text.len() {
+                break;
+            }
+            let phrase = &text[start..start + n];
+            if (1..repeats).all(|k| &text[start + k * n..start + (k + 1) * n] == phrase) {
+                // Keep the first copy, and the timestamps that closed it.
+                return at[start + n];
+            }
+        }
+    }
+    tokens.len()
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -415,4 +458,33 @@ fn transcribe_timestamped(
     }
     progress(total_s, total_s);
     Ok(Transcript { language: language.map(|l| l.0), segments })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runaway_cut;
+
+    const TS: u32 = 1000;
+
+    #[test]
+    fn a_phrase_repeated_back_to_back_keeps_one_copy() {
+        // "a b | c d e | c d e | c d e | c d e" -> "a b c d e"
+        let t = [1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 3, 4, 5];
+        assert_eq!(runaway_cut(&t, TS), 5);
+        // Twice is speech ("no, no"), three times a runaway.
+        assert_eq!(runaway_cut(&[1, 3, 4, 3, 4, 9], TS), 6);
+        assert_eq!(runaway_cut(&[1, 3, 4, 3, 4, 3, 4], TS), 3);
+        // One token: six in a row ("!!!!!!"), not five.
+        assert_eq!(runaway_cut(&[7, 7, 7, 7, 7, 2], TS), 6);
+        assert_eq!(runaway_cut(&[2, 7, 7, 7, 7, 7, 7], TS), 2);
+        assert_eq!(runaway_cut(&[], TS), 0);
+    }
+
+    #[test]
+    fn timestamps_between_the_copies_are_passed_over() {
+        // <0> x y <5><5> x y <9><9> x y <12>: the text repeats between ever-later times; the
+        // first copy is kept with the timestamps that close it.
+        let t = [TS, 1, 2, TS + 5, TS + 5, 1, 2, TS + 9, TS + 9, 1, 2, TS + 12];
+        assert_eq!(runaway_cut(&t, TS), 5);
+    }
 }
