@@ -116,6 +116,29 @@ fn digital_silence_and_a_faint_hum_give_no_text() {
     speech.extend(wcc_runtime::audio::load_audio(&jfk()).unwrap());
     let speech = write("late.wav", &speech);
     assert!(wcc_ok(&["run", p(&wbin), p(&speech)]).contains("ask not what your country"));
+
+    // A first window gated as silent does not use up the initial prompt: the speech after it
+    // is decoded with the prompt, as it is without the silence (a prompt in lower case
+    // without punctuation gives text in that style).
+    let mut late = vec![0.0f32; 16_000 * 35];
+    late.extend(wcc_runtime::audio::load_audio(&jfk()).unwrap());
+    let late = write("very-late.wav", &late);
+    let prompt = "hello everyone welcome to the speech of the president of the united states of america";
+    for extra in [&[][..], &["--timestamps"][..]] {
+        let run = |clip: &std::path::Path, with_prompt: bool| {
+            let mut args = vec!["run", p(&wbin), p(clip), "--temperatures", "0", "--json"];
+            args.extend_from_slice(extra);
+            if with_prompt {
+                args.extend(["--initial-prompt", prompt]);
+            }
+            let v: serde_json::Value = serde_json::from_str(&wcc_ok(&args)).unwrap();
+            v["text"].as_str().unwrap().trim().to_string()
+        };
+        let (styled, plain) = (run(&jfk(), true), run(&jfk(), false));
+        assert_ne!(styled, plain, "the prompt was expected to change the text {extra:?}");
+        let after_silence = run(&late, true);
+        assert!(after_silence.ends_with(&styled) && !after_silence.contains(&plain), "{extra:?}: {after_silence}");
+    }
     // What the gate assumes: every clip of the shared audio peaks far above it.
     for sub in ["en", "longform", "multilingual"] {
         for e in std::fs::read_dir(shared_data().join("audio").join(sub)).unwrap() {

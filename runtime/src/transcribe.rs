@@ -310,8 +310,11 @@ pub fn transcribe_with_progress(
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);
         }
-        // The plain path is not conditioned: only its first window sees the initial prompt.
-        let previous: &[u32] = if segments.is_empty() { &opts.initial_prompt } else { &[] };
+        // The plain path is not conditioned: only its first window that is decoded and kept
+        // sees the initial prompt (a window gated or judged silent before it does not use it
+        // up, as in openai-whisper's loop and the timestamped one).
+        let fresh = segments.iter().all(|s: &Segment| s.skipped);
+        let previous: &[u32] = if fresh { &opts.initial_prompt } else { &[] };
         let prompt =
             with_previous(cfg, previous, transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
         let (d, text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
