@@ -9,13 +9,18 @@ pub mod quantize_report;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use wcc_frontend::lower::LowerOptions;
 use wcc_frontend::LoadedModel;
 
 /// Resolves `--model` (a directory or a name) and lowers the checkpoint.
 pub fn load_model(model: &str) -> Result<LoadedModel> {
+    load_model_with(model, &LowerOptions::default())
+}
+
+/// [`load_model`] with lowering options (word timestamps' alignment output).
+pub fn load_model_with(model: &str, opts: &LowerOptions) -> Result<LoadedModel> {
     let dir = wcc_frontend::resolve_model(model)?;
-    let loaded = wcc_frontend::load(&dir)?;
-    Ok(loaded)
+    Ok(wcc_frontend::load_with(&dir, opts)?)
 }
 
 /// The checkpoint's tokenizer and generation settings.
@@ -154,7 +159,16 @@ pub fn calibrate(
     let wbin = tmp.path().join("calibrate.wbin");
     let observe =
         wcc_passes::PassOptions { int8: true, scales: wcc_passes::ActivationScales::Observe, ..options.clone() };
-    compile(model, "host", &wcc_passes::default_pipeline(), &observe, &Dumps::default(), &wbin, &|_, _| {})?;
+    compile(
+        model,
+        &LowerOptions::default(),
+        "host",
+        &wcc_passes::default_pipeline(),
+        &observe,
+        &Dumps::default(),
+        &wbin,
+        &|_, _| {},
+    )?;
     let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
     let (n_mels, frames) = m.input_shape();
     let audio = quantize_report::calibration_clips(dirs, n_mels, frames, clips)?;
@@ -210,6 +224,7 @@ pub struct CompileReport {
 /// as kernels are compiled.
 pub fn compile(
     model: &str,
+    lowering: &LowerOptions,
     target: &str,
     passes: &[&str],
     options: &wcc_passes::PassOptions,
@@ -220,7 +235,7 @@ pub fn compile(
     use wcc_format as wbin;
 
     let target = wcc_targets::Target::named(target)?;
-    let loaded = load_model(model)?;
+    let loaded = load_model_with(model, lowering)?;
     let generation = loaded.generation()?;
     let tokenizer = loaded.checkpoint.tokenizer_json()?;
     let module = run_passes(loaded.module, passes, options, dumps)?;
@@ -341,5 +356,8 @@ impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperM
     }
     fn mel_filters(&self) -> Vec<f64> {
         self.model.mel_filters()
+    }
+    fn alignment(&self, out: &mut Vec<f32>) -> Option<(usize, usize)> {
+        self.model.alignment(out)
     }
 }

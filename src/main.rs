@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use wcc::interpret::InterpretedModel;
+use wcc_frontend::lower::LowerOptions;
 use wcc_runtime::tokenizer::{GenerationConfig, WhisperTokenizer};
 use wcc_runtime::transcribe::{transcribe, transcribe_with_progress, TranscribeOptions, WhisperModel};
 
@@ -45,6 +46,11 @@ struct DecodingArgs {
     /// Seed of the sampling at temperatures above 0 (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Time each word (`words` in the JSON output): cross-attention of the alignment heads
+    /// aligned to the tokens by dynamic time warping, as openai-whisper does. Needs a model
+    /// compiled with `--word-timestamps`.
+    #[arg(long)]
+    word_timestamps: bool,
     /// Emit a window that still repeats a phrase after every temperature as decoded, as
     /// openai-whisper and faster-whisper do (by default the repeats after the first copy are
     /// cut).
@@ -78,6 +84,7 @@ impl DecodingArgs {
             condition_on_previous_text,
             temperatures,
             seed,
+            word_timestamps,
             keep_repeats,
             output_format,
             output_dir,
@@ -96,6 +103,7 @@ impl DecodingArgs {
             condition_on_previous_text,
             temperatures,
             seed,
+            word_timestamps,
             keep_repeats,
             initial_prompt: vec![],
         };
@@ -263,6 +271,10 @@ enum Command {
         /// Write every kernel's kernel IR as text (`NNN-name.kir`) into this directory.
         #[arg(long)]
         dump_kernels: Option<PathBuf>,
+        /// Also output the alignment heads' cross-attention from the decoder, so that `wcc
+        /// run --word-timestamps` can time each word (a build without it pays nothing).
+        #[arg(long)]
+        word_timestamps: bool,
         #[command(flatten)]
         quant: QuantArgs,
     },
@@ -445,6 +457,9 @@ fn run(cli: Cli) -> Result<()> {
             quant.apply(&model, &mut options)?;
             let pipeline = wcc_passes::default_pipeline();
             if interpret {
+                if opts.word_timestamps {
+                    bail!("--word-timestamps needs a compiled model: leave out --interpret");
+                }
                 let loaded = wcc::load_model(&model)?;
                 let (tokenizer, cfg) = wcc::tokenizer_and_generation(&loaded)?;
                 opts.initial_prompt = wcc::prompt_tokens(&tokenizer, initial_prompt.as_deref())?;
@@ -455,8 +470,9 @@ fn run(cli: Cli) -> Result<()> {
                 // Compile for this machine into a temporary file, then run it.
                 let tmp = tempfile::tempdir().context("creating a temporary directory")?;
                 let wbin = tmp.path().join("model.wbin");
-                let report =
-                    wcc::compile(&model, "host", &pipeline, &options, &wcc::Dumps::default(), &wbin, &|_, _| {})?;
+                let lowering = LowerOptions { alignment: opts.word_timestamps };
+                let dumps = wcc::Dumps::default();
+                let report = wcc::compile(&model, &lowering, "host", &pipeline, &options, &dumps, &wbin, &|_, _| {})?;
                 for w in &report.warnings {
                     eprintln!("warning: {w}");
                 }
@@ -477,6 +493,7 @@ fn run(cli: Cli) -> Result<()> {
             dump_ir,
             dump_dir,
             dump_kernels,
+            word_timestamps,
             quant,
         } => {
             let passes: Vec<&str> = match passes.as_slice() {
@@ -501,10 +518,12 @@ fn run(cli: Cli) -> Result<()> {
                 indicatif::ProgressStyle::with_template("compiling kernels {bar:30} {pos}/{len} {elapsed}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let report = wcc::compile(&model, &target, &passes, &options, &dumps, &output, &|done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })?;
+            let lowering = LowerOptions { alignment: word_timestamps };
+            let report =
+                wcc::compile(&model, &lowering, &target, &passes, &options, &dumps, &output, &|done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                })?;
             bar.finish_and_clear();
             for w in &report.warnings {
                 eprintln!("warning: {w}");

@@ -48,17 +48,26 @@ pub struct Timings {
 }
 
 /// The JSON form: text, language, tokens, segments (id, start, end, text, tokens,
-/// avg_logprob, compression_ratio, no_speech_prob, temperature, skipped), timings.
+/// avg_logprob, compression_ratio, no_speech_prob, temperature, skipped, and with word
+/// timestamps words: word, start, end, probability, tokens), timings.
 pub fn json(out: &Transcript, t: &Timings) -> serde_json::Value {
     serde_json::json!({
         "text": out.text(),
         "language": out.language,
         "tokens": out.tokens(),
-        "segments": out.segments.iter().enumerate().map(|(id, s)| serde_json::json!({
-            "id": id, "start": s.start, "end": s.end, "text": s.text.trim(), "tokens": s.tokens,
-            "avg_logprob": s.avg_logprob, "compression_ratio": compression_ratio(s.text.trim()),
-            "no_speech_prob": s.no_speech_prob, "temperature": s.temperature, "skipped": s.skipped,
-        })).collect::<Vec<_>>(),
+        "segments": out.segments.iter().enumerate().map(|(id, s)| {
+            let mut seg = serde_json::json!({
+                "id": id, "start": s.start, "end": s.end, "text": s.text.trim(), "tokens": s.tokens,
+                "avg_logprob": s.avg_logprob, "compression_ratio": compression_ratio(s.text.trim()),
+                "no_speech_prob": s.no_speech_prob, "temperature": s.temperature, "skipped": s.skipped,
+            });
+            if !s.words.is_empty() {
+                seg["words"] = s.words.iter().map(|w| serde_json::json!({
+                    "word": w.word, "start": w.start, "end": w.end, "probability": w.probability, "tokens": w.tokens,
+                })).collect();
+            }
+            seg
+        }).collect::<Vec<_>>(),
         "timings": {
             "load_s": t.load_s, "transcribe_s": t.transcribe_s,
             "encode_s": t.stats.encode_s, "decoder_steps": t.stats.steps, "decoder_s": t.stats.step_s,

@@ -182,7 +182,16 @@ pub fn quantize_report(
     let wbin = tmp.path().join("m.wbin");
     let pipeline = wcc_passes::default_pipeline();
     let build = |options: &wcc_passes::PassOptions| -> Result<CompiledModel> {
-        crate::compile(model, "host", &pipeline, options, &crate::Dumps::default(), &wbin, &|_, _| {})?;
+        crate::compile(
+            model,
+            &Default::default(),
+            "host",
+            &pipeline,
+            options,
+            &crate::Dumps::default(),
+            &wbin,
+            &|_, _| {},
+        )?;
         Ok(CompiledModel::load(&wbin, threads)?)
     };
     progress("f32 reference");

@@ -70,7 +70,12 @@ impl Vocabulary for Vocab {
 
 /// Opens the checkpoint at `dir` (either format) and lowers it.
 pub fn load(dir: &Path) -> Result<LoadedModel, FrontendError> {
+    load_with(dir, &lower::LowerOptions::default())
+}
+
+/// [`load`] with lowering options.
+pub fn load_with(dir: &Path, opts: &lower::LowerOptions) -> Result<LoadedModel, FrontendError> {
     let checkpoint = Checkpoint::open(dir)?;
-    let module = lower(&checkpoint)?;
+    let module = lower::lower_with(&checkpoint, opts)?;
     Ok(LoadedModel { checkpoint, module })
 }

@@ -64,8 +64,21 @@ fn node(g: &mut Graph, name: String, op: Op, inputs: &[ValueId]) -> Result<Value
     g.add_node(name, op, inputs).map_err(|e| FrontendError::Checkpoint { path: String::new(), msg: e })
 }
 
+/// What a build asks of the graphs beyond transcription.
+#[derive(Clone, Debug, Default)]
+pub struct LowerOptions {
+    /// The decoder step also outputs the alignment heads' cross-attention scores
+    /// ([`ALIGNMENT_OUTPUT`]), for word timestamps.
+    pub alignment: bool,
+}
+
 /// Builds the module of a checkpoint.
 pub fn lower(ck: &Checkpoint) -> Result<Module, FrontendError> {
+    lower_with(ck, &LowerOptions::default())
+}
+
+/// [`lower`] with options.
+pub fn lower_with(ck: &Checkpoint, opts: &LowerOptions) -> Result<Module, FrontendError> {
     let dims = &ck.dims;
     let name = ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "whisper".into());
     let mut lw = Lowering { ck, m: Module::new(name) };
@@ -94,7 +107,7 @@ pub fn lower(ck: &Checkpoint) -> Result<Module, FrontendError> {
         }
     }
     let enc = encoder(&mut lw)?;
-    let dec = decoder_step(&mut lw)?;
+    let dec = decoder_step(&mut lw, opts)?;
     lw.m.graphs = vec![enc, dec];
     for g in &mut lw.m.graphs {
         g.canonicalize();
@@ -135,14 +148,15 @@ fn linear(
 }
 
 /// Multi-head attention of projected `q [tq, d]`, `k`, `v` `[tk, d]` (q and k already
-/// scaled); `mask` `[1, tk]` is added to the scores. Returns the merged heads `[tq, d]`.
+/// scaled); `mask` `[1, tk]` is added to the scores. Returns the merged heads `[tq, d]` and
+/// the scores `[heads, tq, tk]` before the mask and softmax.
 fn attention(
     g: &mut Graph,
     p: &str,
     (q, k, v): (ValueId, ValueId, ValueId),
     heads: usize,
     mask: Option<ValueId>,
-) -> Result<ValueId, FrontendError> {
+) -> Result<(ValueId, ValueId), FrontendError> {
     let (tq, d) = (g.ty(q).shape[0], g.ty(q).shape[1]);
     let tk = g.ty(k).shape[0];
     let dh = d / heads;
@@ -153,14 +167,15 @@ fn attention(
     let qh = split(g, q, tq, "q")?;
     let kh = split(g, k, tk, "k")?;
     let vh = split(g, v, tk, "v")?;
-    let mut s = node(g, format!("{p}.scores"), Op::MatMul { transpose_b: true }, &[qh, kh])?;
+    let scores = node(g, format!("{p}.scores"), Op::MatMul { transpose_b: true }, &[qh, kh])?;
+    let mut s = scores;
     if let Some(m) = mask {
         s = node(g, format!("{p}.masked"), Op::Add, &[s, m])?;
     }
     let probs = node(g, format!("{p}.probs"), Op::Softmax, &[s])?;
     let ctx = node(g, format!("{p}.ctx_heads"), Op::MatMul { transpose_b: false }, &[probs, vh])?;
     let t = node(g, format!("{p}.ctx_t"), Op::Transpose { perm: vec![1, 0, 2] }, &[ctx])?;
-    node(g, format!("{p}.ctx"), Op::Reshape { shape: vec![tq, d] }, &[t])
+    Ok((node(g, format!("{p}.ctx"), Op::Reshape { shape: vec![tq, d] }, &[t])?, scores))
 }
 
 /// The feed-forward block with its residual: `x + fc2(gelu(fc1(ln(x))))`.
@@ -221,7 +236,7 @@ fn encoder(lw: &mut Lowering) -> Result<Graph, FrontendError> {
         let (w, p) = (format!("encoder.layers.{i}"), format!("enc.l{i}"));
         let h = layer_norm(lw, &mut g, x, &format!("{w}.self_attn_layer_norm"), format!("{p}.attn_ln"), d)?;
         let proj = qkv(lw, &mut g, (h, h), &format!("{w}.self_attn"), &format!("{p}.attn"), d, heads)?;
-        let a = attention(&mut g, &format!("{p}.attn"), proj, heads, None)?;
+        let (a, _) = attention(&mut g, &format!("{p}.attn"), proj, heads, None)?;
         let a = linear(lw, &mut g, a, &format!("{w}.self_attn.out_proj"), format!("{p}.attn_proj"), (d, d), true)?;
         x = node(&mut g, format!("{p}.attn_out"), Op::Add, &[x, a])?;
         x = ffn(lw, &mut g, x, &w, &p, (d, dims.n_audio_ffn))?;
@@ -231,7 +246,7 @@ fn encoder(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     Ok(g)
 }
 
-fn decoder_step(lw: &mut Lowering) -> Result<Graph, FrontendError> {
+fn decoder_step(lw: &mut Lowering, opts: &LowerOptions) -> Result<Graph, FrontendError> {
     let dims = lw.ck.dims.clone();
     let (d, n_ctx, heads) = (dims.n_text_state, dims.n_text_ctx, dims.n_text_head);
     let mut g = Graph::new("decoder_step");
@@ -254,6 +269,7 @@ fn decoder_step(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
     let mask = node(&mut g, "dec.causal_mask".into(), Op::CausalMask { len: n_ctx }, &[position])?;
     let mut new_caches = Vec::new();
+    let mut cross_scores = Vec::new();
     for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
         let (w, p) = (format!("decoder.layers.{i}"), format!("dec.l{i}"));
         // Self-attention: this token's K and V go into the cache at `position`; the mask
@@ -263,13 +279,14 @@ fn decoder_step(lw: &mut Lowering) -> Result<Graph, FrontendError> {
         let k_all = node(&mut g, format!("self_k.{i}.next"), Op::ScatterRow, &[k_cache, position, k])?;
         let v_all = node(&mut g, format!("self_v.{i}.next"), Op::ScatterRow, &[v_cache, position, v])?;
         new_caches.extend([k_all, v_all]);
-        let a = attention(&mut g, &format!("{p}.attn"), (q, k_all, v_all), heads, Some(mask))?;
+        let (a, _) = attention(&mut g, &format!("{p}.attn"), (q, k_all, v_all), heads, Some(mask))?;
         let a = linear(lw, &mut g, a, &format!("{w}.self_attn.out_proj"), format!("{p}.attn_proj"), (d, d), true)?;
         x = node(&mut g, format!("{p}.attn_out"), Op::Add, &[x, a])?;
         // Cross-attention over the audio features.
         let h = layer_norm(lw, &mut g, x, &format!("{w}.encoder_attn_layer_norm"), format!("{p}.xattn_ln"), d)?;
         let proj = qkv(lw, &mut g, (h, audio), &format!("{w}.encoder_attn"), &format!("{p}.xattn"), d, heads)?;
-        let a = attention(&mut g, &format!("{p}.xattn"), proj, heads, None)?;
+        let (a, scores) = attention(&mut g, &format!("{p}.xattn"), proj, heads, None)?;
+        cross_scores.push(scores);
         let a = linear(lw, &mut g, a, &format!("{w}.encoder_attn.out_proj"), format!("{p}.xattn_proj"), (d, d), true)?;
         x = node(&mut g, format!("{p}.xattn_out"), Op::Add, &[x, a])?;
         x = ffn(lw, &mut g, x, &w, &p, (d, dims.n_text_ffn))?;
@@ -279,5 +296,37 @@ fn decoder_step(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     let logits = node(&mut g, "logits".into(), Op::Linear, &[h, emb])?;
     g.outputs.push(logits);
     g.outputs.extend(new_caches);
+    if opts.alignment {
+        // The cross-attention scores `[heads, 1, audio frames]` of each layer with an
+        // alignment head: what word timestamps align tokens to audio with. Whole layers are
+        // output (the runtime picks the heads), so no activation is sliced or copied.
+        let mut layers: Vec<usize> = alignment_heads(lw.ck)?.iter().map(|&(l, _)| l).collect();
+        layers.dedup();
+        for l in layers {
+            let out = node(&mut g, format!("{ALIGNMENT_OUTPUT}.{l}"), Op::Scale { factor: 1.0 }, &[cross_scores[l]])?;
+            g.outputs.push(out);
+        }
+    }
     Ok(g)
+}
+
+/// The decoder outputs `alignment.{layer}` hold the cross-attention scores of the layers
+/// with alignment heads.
+pub const ALIGNMENT_OUTPUT: &str = "alignment";
+
+/// The `(layer, head)` pairs whose cross-attention aligns tokens to audio: the checkpoint's
+/// list, else every head of the second half of the layers (openai-whisper's default). The
+/// runtime applies the same rule to the list in the `.wbin` header.
+pub fn alignment_heads(ck: &Checkpoint) -> Result<Vec<(usize, usize)>, FrontendError> {
+    let (layers, heads) = (ck.dims.n_text_layer, ck.dims.n_text_head);
+    let listed = &ck.generation.alignment_heads;
+    if listed.is_empty() {
+        return Ok((layers / 2..layers).flat_map(|l| (0..heads).map(move |h| (l, h))).collect());
+    }
+    if let Some(&(l, h)) = listed.iter().find(|&&(l, h)| l >= layers || h >= heads) {
+        return Err(
+            ck.error(format!("alignment head ({l}, {h}) is outside the decoder's {layers} layers of {heads} heads"))
+        );
+    }
+    Ok(listed.clone())
 }

@@ -12,6 +12,10 @@ use crate::wbin::{BufRef, Header, IoSlot, WbinError, WbinFile};
 
 use crate::team::{run_alone, split_ranges, KernelFn, Launch, Team};
 
+/// The decoder output of a build with word timestamps: the alignment heads' cross-attention
+/// scores `f32[heads, 1, frames]` (the frontend's `ALIGNMENT_OUTPUT`).
+const ALIGNMENT_OUTPUT: &str = "alignment";
+
 /// Below this much work per call a kernel runs on one thread: waking the others costs more.
 const PARALLEL_MIN_FLOPS: u64 = 200_000;
 
@@ -34,6 +38,10 @@ pub struct CompiledModel {
     /// The other threads (none for one thread).
     team: Option<Team>,
     logits: IoSlot,
+    /// The alignment heads, `(layer output, head)`, and each layer's cross-attention
+    /// scores output, in builds with word timestamps.
+    alignment: Vec<(usize, usize)>,
+    alignment_outputs: Vec<IoSlot>,
     /// Seconds and calls per kernel, when profiling.
     profile: Option<std::cell::RefCell<Vec<(f64, u64)>>>,
 }
@@ -103,12 +111,24 @@ impl CompiledModel {
             outputs: g.outputs,
         };
         let (encoder, decoder, logits) = (prepare(plan.encoder), prepare(plan.decoder), plan.logits);
+        let (alignment, alignment_outputs) = plan.alignment;
         let team = if threads > 1 {
             Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
             None
         };
-        Ok(CompiledModel { file, _code: code, arena, encoder, decoder, team, logits, profile: None })
+        Ok(CompiledModel {
+            file,
+            _code: code,
+            arena,
+            encoder,
+            decoder,
+            team,
+            logits,
+            alignment,
+            alignment_outputs,
+            profile: None,
+        })
     }
 
     /// Starts timing every kernel launch (see [`CompiledModel::profile`]).
@@ -218,6 +238,8 @@ struct Plan {
     encoder: GraphPlan,
     decoder: GraphPlan,
     logits: IoSlot,
+    /// The alignment heads as `(index into the outputs, head)`, and the outputs.
+    alignment: (Vec<(usize, usize)>, Vec<IoSlot>),
 }
 
 /// Checks a `.wbin`'s program against its own sections, as [`CompiledModel::load`] does
@@ -345,7 +367,47 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
     if logits.dtype != "f32" {
         return Err("the decoder's logits are not f32".into());
     }
-    Ok(Plan { encoder, decoder, logits })
+    let alignment = alignment_plan(h, &decoder.outputs)?;
+    Ok(Plan { encoder, decoder, logits, alignment })
+}
+
+/// The alignment heads of a build with word timestamps: each decoder output
+/// `alignment.{layer}` holds a layer's cross-attention scores `f32[heads, 1, frames]`; the
+/// heads are the header's list, or every head of those layers if the list is empty (the
+/// frontend's rule). `(index into the returned outputs, head)` per alignment head.
+fn alignment_plan(h: &Header, outputs: &[IoSlot]) -> Result<(Vec<(usize, usize)>, Vec<IoSlot>), String> {
+    let mut slots = Vec::new();
+    let mut layers = Vec::new();
+    for o in outputs {
+        let Some(l) = o.name.strip_prefix(ALIGNMENT_OUTPUT).and_then(|r| r.strip_prefix('.')) else { continue };
+        let l: usize = l.parse().map_err(|_| format!("decoder output `{}` names no layer", o.name))?;
+        if o.dtype != "f32" || o.shape.len() != 3 || o.shape[1] != 1 || o.shape[0] == 0 {
+            return Err(format!("the decoder's `{}` is not f32 [heads, 1, frames]", o.name));
+        }
+        if slots.first().is_some_and(|s: &IoSlot| s.shape[2] != o.shape[2]) {
+            return Err(format!("the decoder's `{}` disagrees with the others on the frames", o.name));
+        }
+        layers.push(l);
+        slots.push(o.clone());
+    }
+    let mut heads = Vec::new();
+    if h.alignment_heads.is_empty() {
+        for (i, s) in slots.iter().enumerate() {
+            heads.extend((0..s.shape[0]).map(|hd| (i, hd)));
+        }
+    } else if !slots.is_empty() {
+        for &(l, hd) in &h.alignment_heads {
+            let i = layers
+                .iter()
+                .position(|&x| x == l)
+                .ok_or_else(|| format!("alignment head ({l}, {hd}) has no output"))?;
+            if hd >= slots[i].shape[0] {
+                return Err(format!("alignment head ({l}, {hd}) is outside its layer's {} heads", slots[i].shape[0]));
+            }
+            heads.push((i, hd));
+        }
+    }
+    Ok((heads, slots))
 }
 
 /// Refuses a file built for another architecture or for CPU features this host lacks.
@@ -373,6 +435,19 @@ impl WhisperModel for CompiledModel {
     /// The filter bank stored in the file.
     fn mel_filters(&self) -> Vec<f64> {
         self.file.sections().mel_filters.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    fn alignment(&self, out: &mut Vec<f32>) -> Option<(usize, usize)> {
+        let frames = self.alignment_outputs.first()?.shape[2];
+        for &(i, head) in &self.alignment {
+            let s = &self.alignment_outputs[i];
+            let at = s.offset as usize + head * frames * 4;
+            // SAFETY: the slot is inside the arena, f32 and 4-byte aligned, and `head` is
+            // below its head count (checked by `plan`); f32 has no invalid bit patterns.
+            let row = unsafe { std::slice::from_raw_parts(self.arena.as_ptr().add(at).cast::<f32>(), frames) };
+            out.extend_from_slice(row);
+        }
+        Some((self.alignment.len(), frames))
     }
 
     fn encode(&mut self, mel: &[f32]) -> Result<(), String> {

@@ -13,6 +13,7 @@ pub mod npy;
 mod team;
 pub mod tokenizer;
 pub mod transcribe;
+pub mod words;
 /// The `.wbin` format lives in its own crate, shared with the compiler.
 pub use wcc_format as wbin;
 

@@ -20,6 +20,12 @@ pub trait WhisperModel: Decoder {
     fn mel_filters(&self) -> Vec<f64> {
         crate::mel::mel_filters(self.input_shape().0)
     }
+    /// After a decoder step: appends to `out` the cross-attention scores of the alignment
+    /// heads for the token it took (`heads × frames`, head-major) and returns `(heads,
+    /// frames)`; `None` if the model was built without them.
+    fn alignment(&self, _out: &mut Vec<f32>) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -41,6 +47,9 @@ pub struct TranscribeOptions {
     pub temperatures: Vec<f32>,
     /// Seed of the sampling at temperatures above 0.
     pub seed: u64,
+    /// Time each word of each segment ([`Segment::words`]); the model must output the
+    /// alignment heads' cross-attention ([`WhisperModel::alignment`]).
+    pub word_timestamps: bool,
     /// Emit a window that still repeats itself after the last temperature as decoded,
     /// instead of cutting the repeats ([`runaway_cut`]).
     pub keep_repeats: bool,
@@ -86,6 +95,7 @@ fn silent_segment(start: f64, end: f64) -> Segment {
         avg_logprob: 0.0,
         skipped: true,
         temperature: 0.0,
+        words: vec![],
     }
 }
 
@@ -182,6 +192,8 @@ pub struct Segment {
     pub skipped: bool,
     /// The temperature its window was decoded at (above 0 after a fallback).
     pub temperature: f32,
+    /// Each word with its times, with `word_timestamps`.
+    pub words: Vec<crate::words::Word>,
 }
 
 /// openai-whisper's silence rule: a window whose `<|nospeech|>` probability exceeds this
@@ -226,6 +238,10 @@ pub enum TranscribeError {
     UnknownLanguage(String),
     #[error("{0}")]
     Text(String),
+    #[error("word timestamps: {0}")]
+    Align(String),
+    #[error("word timestamps need a model compiled with --word-timestamps (this one has no alignment output)")]
+    NoAlignment,
 }
 
 /// Where the window starting at `start` ends: the end of the audio if it fits, else the
@@ -318,16 +334,23 @@ pub fn transcribe_with_progress(
         let prompt =
             with_previous(cfg, previous, transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
         let (d, text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
+        let skipped = judged_silent(&d);
         segments.push(Segment {
             start,
             end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
-            skipped: judged_silent(&d),
+            skipped,
             temperature,
             tokens: d.tokens,
             text,
             no_speech_prob: d.no_speech_prob,
             avg_logprob: d.avg_logprob,
+            words: vec![],
         });
+        if opts.word_timestamps && !skipped {
+            let sot = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
+            let n = segments.len();
+            add_words(model, tokenizer, cfg, &sot, &mut segments[n - 1..], chunk.len() / HOP_LENGTH, start)?;
+        }
     }
     progress(total_s, total_s);
     Ok(Transcript { language: language.map(|l| l.0), segments })
@@ -395,6 +418,7 @@ fn transcribe_timestamped(
                 avg_logprob: d.avg_logprob,
                 skipped: true,
                 temperature,
+                words: vec![],
             });
             seek += size;
             continue;
@@ -415,8 +439,10 @@ fn transcribe_timestamped(
                 avg_logprob: d.avg_logprob,
                 skipped: false,
                 temperature,
+                words: vec![],
             })
         };
+        let first_new = segments.len();
         let mut advance = size;
         if pairs.is_empty() {
             // No closed segment inside: one segment for the window, ending at its last
@@ -451,6 +477,10 @@ fn transcribe_timestamped(
                 advance = (last - tb) as usize * FRAMES_PER_TIMESTAMP;
             }
         }
+        if opts.word_timestamps && segments.len() > first_new {
+            let sot = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
+            add_words(model, tokenizer, cfg, &sot, &mut segments[first_new..], size, offset)?;
+        }
         // A window always moves on (a first segment closed at 0.00 would not).
         seek += advance.clamp(1, size);
         // Text found only at a high temperature does not condition the next window; without
@@ -461,6 +491,35 @@ fn transcribe_timestamped(
     }
     progress(total_s, total_s);
     Ok(Transcript { language: language.map(|l| l.0), segments })
+}
+
+/// Times the words of a window's kept segments `segs` (their text tokens aligned together,
+/// as openai-whisper's `add_word_timestamps` does), punctuation merged, each word given to
+/// the segment its tokens came from. `num_frames`: mel frames of the window's audio.
+fn add_words(
+    model: &mut dyn WhisperModel,
+    tokenizer: &WhisperTokenizer,
+    cfg: &GenerationConfig,
+    sot_sequence: &[u32],
+    segs: &mut [Segment],
+    num_frames: usize,
+    offset: f64,
+) -> Result<(), TranscribeError> {
+    let eot = cfg.special.eot;
+    let text: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied().filter(|&t| t < eot)).collect();
+    let mut words = crate::words::find_alignment(model, tokenizer, cfg, sot_sequence, &text, num_frames, offset)?;
+    crate::words::merge_punctuations(&mut words);
+    let mut words = words.into_iter();
+    for s in segs {
+        let n = s.tokens.iter().filter(|&&t| t < eot).count();
+        let mut taken = 0;
+        while taken < n {
+            let Some(w) = words.next() else { break };
+            taken += w.tokens.len();
+            s.words.push(w);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
