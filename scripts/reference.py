@@ -12,6 +12,7 @@
 """
 import argparse
 import json
+import os
 import sys
 import wave
 
@@ -72,6 +73,26 @@ def cmd_greedy(a):
         )[0]
         out.append(r.sequences_ids[0])
     print(json.dumps(out[0] if a.single else out))
+
+
+def cmd_words(a):
+    # faster-whisper's own word alignment (WhisperModel.find_alignment on CTranslate2's
+    # `align`, then its merge_punctuations), from the given features and text tokens.
+    import types
+
+    import tokenizers
+    from faster_whisper.tokenizer import Tokenizer
+    from faster_whisper.transcribe import WhisperModel, merge_punctuations
+
+    model = whisper(a.model)
+    hf = tokenizers.Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
+    tok = Tokenizer(hf, model.is_multilingual, task="transcribe", language="en" if model.is_multilingual else None)
+    text = [int(t) for t in a.tokens.split(",")]
+    fake = types.SimpleNamespace(model=model, tokens_per_second=50)
+    words = WhisperModel.find_alignment(fake, tok, [text], features(a.mel), a.num_frames)[0]
+    merge_punctuations(words, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、")
+    out = [dict(word=w["word"], start=float(w["start"]), end=float(w["end"]), probability=float(w["probability"])) for w in words if w["word"]]
+    print(json.dumps(out))
 
 
 def erf(x):
@@ -153,6 +174,12 @@ def main():
     p.add_argument("--prompt", required=True, action="append", help="comma-separated token ids, one per features file")
     p.add_argument("--max-length", type=int, default=224)
     p.set_defaults(f=cmd_greedy)
+    p = sub.add_parser("words")
+    p.add_argument("model")
+    p.add_argument("mel")
+    p.add_argument("--tokens", required=True, help="comma-separated text token ids")
+    p.add_argument("--num-frames", type=int, required=True, help="mel frames of the window's audio")
+    p.set_defaults(f=cmd_words)
     a = ap.parse_args()
     if a.cmd == "greedy":
         a.single = len(a.mel) == 1

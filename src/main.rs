@@ -547,6 +547,9 @@ fn run(cli: Cli) -> Result<()> {
             let plans = output.plan(&audio)?;
             let t0 = Instant::now();
             let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
+            if opts.word_timestamps && m.alignment(&mut Vec::new()).is_none() {
+                bail!("{}: compiled without word timestamps; compile it with --word-timestamps", wbin.display());
+            }
             if profile {
                 m.enable_profiling();
             }
