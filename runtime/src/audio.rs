@@ -1,6 +1,7 @@
 //! Audio input: any sample rate and channel count, down-mixed to mono and resampled to
 //! 16 kHz. WAV is read by `hound` (integer PCM of any depth, float); every other container
-//! and codec by `symphonia` (FLAC, MP3, Ogg Vorbis, AAC and ALAC in MP4/M4A, MKV/WebM, ...).
+//! and codec by `symphonia` (FLAC, MP3, Ogg Vorbis, AAC and ALAC in MP4/M4A; not MKV/WebM,
+//! whose reader panics on crafted files).
 
 use std::path::Path;
 

@@ -82,3 +82,26 @@ fn sixteen_bit_16k_is_read_exactly_as_int16_over_32768() {
     let x = load_audio(&path).unwrap();
     assert_eq!(x, vec![-1.0, -1.0 / 32768.0, 0.0, 1.0 / 32768.0, 0.5, 32767.0 / 32768.0]);
 }
+
+/// The crash inputs the audio fuzz targets found (`fuzz/regressions/audio`, `.../wav`): each
+/// is refused with an error or decodes to finite samples, without a panic. (The fuzz replay
+/// in `scripts/fuzz` runs them with overflow checks on as well.)
+#[test]
+fn inputs_that_crashed_the_fuzzers_are_answered() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
+    let mut seen = 0;
+    for (target, wav) in [("audio", false), ("wav", true)] {
+        let Ok(dir) = std::fs::read_dir(root.join(target)) else { continue };
+        for e in dir {
+            let path = e.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let label = path.display().to_string();
+            match wcc_runtime::audio::decode_audio(bytes, &label, wav.then_some("wav"), wav) {
+                Ok(x) => assert!(x.iter().all(|v| v.is_finite()), "{label}"),
+                Err(e) => assert!(e.to_string().contains(&label), "{label}: {e}"),
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no regression inputs under {}", root.display());
+}
