@@ -505,7 +505,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut options = timesteps.options(None)?;
             quant.apply(&model, &mut options)?;
             if output.exists() && !force {
-                bail!("{} exists; pass --force to replace it", output.display());
+                bail!("{} exists (use --force to replace it)", output.display());
             }
             // Found out before minutes of compiling, not after.
             let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
