@@ -17,7 +17,8 @@ fn ours_and_theirs(model: &str, wbin: &Path, clip: &Path, tmp: &Path) -> (Words,
             .unwrap();
     let segs = v["segments"].as_array().unwrap();
     assert_eq!(segs.len(), 1, "{}: one window", clip.display());
-    let eot = 50256; // every Whisper vocabulary's <|endoftext|> (English and multilingual)
+    let tok = std::fs::read(model_dir(model).join("tokenizer.json")).unwrap();
+    let eot = wcc_runtime::tokenizer::WhisperTokenizer::from_bytes(&tok).unwrap().special_tokens().unwrap().eot as u64;
     let text: Vec<String> = segs[0]["tokens"]
         .as_array()
         .unwrap()

@@ -217,7 +217,7 @@ fn qkv(
 fn encoder(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     let dims = lw.ck.dims.clone();
     let (d, ctx, heads) = (dims.n_audio_state, dims.n_audio_ctx, dims.n_audio_head);
-    let frames = 2 * ctx;
+    let frames = ctx.checked_mul(2).ok_or_else(|| lw.ck.error(format!("{ctx} audio positions is not a size")))?;
     let mut g = Graph::new("encoder");
     let mel = g.add_input("mel", TensorType::f32([dims.n_mels, frames]));
     let c1w = lw.weight(&mut g, "encoder.conv1.weight", &[d, dims.n_mels, 3])?;
@@ -301,6 +301,7 @@ fn decoder_step(lw: &mut Lowering, opts: &LowerOptions) -> Result<Graph, Fronten
         // alignment head: what word timestamps align tokens to audio with. Whole layers are
         // output (the runtime picks the heads), so no activation is sliced or copied.
         let mut layers: Vec<usize> = alignment_heads(lw.ck)?.iter().map(|&(l, _)| l).collect();
+        layers.sort_unstable();
         layers.dedup();
         for l in layers {
             let out = node(&mut g, format!("{ALIGNMENT_OUTPUT}.{l}"), Op::Scale { factor: 1.0 }, &[cross_scores[l]])?;

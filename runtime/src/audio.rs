@@ -64,7 +64,24 @@ where
 {
     let read_err = |msg: String| AudioError::Read { path: label.to_string(), msg };
     let wav = force_wav || is_riff_wave(&mut src).map_err(|e| read_err(e.to_string()))?;
-    let out = if wav { decode_wav(src, label)? } else { decode_other(src, ext, label)? };
+    let out = if wav {
+        decode_wav(src, label)?
+    } else {
+        // symphonia 0.5 has panicked on crafted files (an overflow in its ADTS reader's frame
+        // count, found by the `audio` fuzz target): a panic inside it is this file's error,
+        // not the end of a run over many files. Nothing of ours is shared with it, so no
+        // state is left half-updated by the unwinding.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_other(src, ext, label))).unwrap_or_else(
+            |panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(read_err(format!("the audio decoder failed on this file ({why})")))
+            },
+        )?
+    };
     if out.is_empty() {
         return Err(AudioError::Empty { path: label.to_string() });
     }
@@ -294,13 +311,15 @@ impl Mono16k {
             let block = r.process_partial(Some(&[&self.pending[..]]), None).map_err(|e| self.resample_err(&e))?;
             self.emit(&block[0]);
         }
-        // Flush the filter's delay line until the whole signal has come out.
-        while self.out.len() < expected {
+        // Flush the filter's delay line with silence until the whole signal has come out. A
+        // rate whose FFT block is longer than a call's input (rate / gcd(rate, 16000) over
+        // 1024: 11127 Hz, 44101 Hz) yields empty blocks until a block fills, so empty ones do
+        // not end the flush; two seconds of silence always suffice.
+        let mut calls = 2 * self.rate as usize / r.input_frames_next().max(1) + 4;
+        while self.out.len() < expected && calls > 0 {
             let block = r.process_partial::<&[f32]>(None, None).map_err(|e| self.resample_err(&e))?;
-            if block[0].is_empty() {
-                break;
-            }
             self.emit(&block[0]);
+            calls -= 1;
         }
         self.out.truncate(expected);
         Ok(self.out)

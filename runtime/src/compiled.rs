@@ -332,14 +332,20 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
                 format!("`{}` of `{name}` has an unknown type {} or an oversized shape", slot.name, slot.dtype)
             })?;
             let align = if matches!(slot.dtype.as_str(), "i8" | "u8") { 1 } else { 4 };
-            if slot.offset.checked_add(bytes).is_none_or(|e| e > arena_bytes) || slot.offset % align != 0 {
+            if slot.offset.checked_add(bytes).is_none_or(|e| e > arena_bytes) {
                 return Err(format!("`{}` lies outside the arena", slot.name));
+            }
+            if slot.offset % align != 0 {
+                return Err(format!("`{}` is misaligned for {}", slot.name, slot.dtype));
             }
         }
         Ok(GraphPlan { launches, inputs: g.inputs.clone(), outputs: g.outputs.clone() })
     };
     let encoder = graph("encoder")?;
     let decoder = graph("decoder_step")?;
+    if h.n_mels == 0 || h.timesteps < 2 || !h.timesteps.is_multiple_of(2) {
+        return Err(format!("{} mel bins of {} frames is no encoder input", h.n_mels, h.timesteps));
+    }
     let features = h.n_mels.checked_mul(h.timesteps).and_then(|n| n.checked_mul(4));
     match encoder.inputs.first() {
         Some(i) if i.dtype == "f32" && features == slot_bytes(i).map(|b| b as usize) => {}
@@ -367,6 +373,25 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
     if logits.dtype != "f32" {
         return Err("the decoder's logits are not f32".into());
     }
+    // Every token id the decoding loop indexes the logits with is a row of them.
+    let n_vocab = slot_bytes(&logits).unwrap_or(0) / 4;
+    let gen = &h.generation;
+    let sp = &gen.special;
+    let ids = [sp.eot, sp.sot, sp.transcribe, sp.translate, sp.no_timestamps, sp.timestamp_begin]
+        .into_iter()
+        .chain(sp.no_speech)
+        .chain(sp.sot_prev)
+        .chain(gen.languages.iter().map(|l| l.1))
+        .chain(gen.suppress.iter().copied())
+        .chain(gen.suppress_begin.iter().copied());
+    for id in ids {
+        if u64::from(id) >= n_vocab {
+            return Err(format!("token {id} of the generation settings is outside the {n_vocab} logits"));
+        }
+    }
+    if gen.max_text_ctx == 0 {
+        return Err("the decoder's context is empty".into());
+    }
     let alignment = alignment_plan(h, &decoder.outputs)?;
     Ok(Plan { encoder, decoder, logits, alignment })
 }
@@ -381,7 +406,7 @@ fn alignment_plan(h: &Header, outputs: &[IoSlot]) -> Result<(Vec<(usize, usize)>
     for o in outputs {
         let Some(l) = o.name.strip_prefix(ALIGNMENT_OUTPUT).and_then(|r| r.strip_prefix('.')) else { continue };
         let l: usize = l.parse().map_err(|_| format!("decoder output `{}` names no layer", o.name))?;
-        if o.dtype != "f32" || o.shape.len() != 3 || o.shape[1] != 1 || o.shape[0] == 0 {
+        if o.dtype != "f32" || o.shape.len() != 3 || o.shape[1] != 1 || o.shape[0] == 0 || o.shape[2] == 0 {
             return Err(format!("the decoder's `{}` is not f32 [heads, 1, frames]", o.name));
         }
         if slots.first().is_some_and(|s: &IoSlot| s.shape[2] != o.shape[2]) {

@@ -254,10 +254,11 @@ pub fn window_end(samples: &[f32], start: usize, window: usize) -> usize {
     if samples.len() - start <= window {
         return samples.len();
     }
-    let (lo, hi) = (start + window * 2 / 3, start + window - FRAME);
-    if window < 3 * FRAME || lo >= hi {
+    // A window too short to search (a static build of under 0.3 s) is cut where it ends.
+    if window < 3 * FRAME {
         return start + window;
     }
+    let (lo, hi) = (start + window * 2 / 3, start + window - FRAME);
     let energy = |at: usize| -> f64 { samples[at..at + FRAME].iter().map(|&x| (x as f64) * (x as f64)).sum() };
     let quietest = (lo..=hi).step_by(STEP).min_by(|&a, &b| energy(a).total_cmp(&energy(b))).unwrap_or(hi);
     quietest + FRAME / 2
@@ -349,7 +350,8 @@ pub fn transcribe_with_progress(
         if opts.word_timestamps && !skipped {
             let sot = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
             let n = segments.len();
-            add_words(model, tokenizer, cfg, &sot, &mut segments[n - 1..], chunk.len() / HOP_LENGTH, start)?;
+            let lang = language.as_ref().map(|l| l.0.as_str());
+            add_words(model, tokenizer, cfg, &sot, lang, &mut segments[n - 1..], chunk.len() / HOP_LENGTH, start)?;
         }
     }
     progress(total_s, total_s);
@@ -479,7 +481,8 @@ fn transcribe_timestamped(
         }
         if opts.word_timestamps && segments.len() > first_new {
             let sot = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
-            add_words(model, tokenizer, cfg, &sot, &mut segments[first_new..], size, offset)?;
+            let lang = language.as_ref().map(|l| l.0.as_str());
+            add_words(model, tokenizer, cfg, &sot, lang, &mut segments[first_new..], size, offset)?;
         }
         // A window always moves on (a first segment closed at 0.00 would not).
         seek += advance.clamp(1, size);
@@ -496,18 +499,21 @@ fn transcribe_timestamped(
 /// Times the words of a window's kept segments `segs` (their text tokens aligned together,
 /// as openai-whisper's `add_word_timestamps` does), punctuation merged, each word given to
 /// the segment its tokens came from. `num_frames`: mel frames of the window's audio.
+#[allow(clippy::too_many_arguments)]
 fn add_words(
     model: &mut dyn WhisperModel,
     tokenizer: &WhisperTokenizer,
     cfg: &GenerationConfig,
     sot_sequence: &[u32],
+    language: Option<&str>,
     segs: &mut [Segment],
     num_frames: usize,
     offset: f64,
 ) -> Result<(), TranscribeError> {
     let eot = cfg.special.eot;
     let text: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied().filter(|&t| t < eot)).collect();
-    let mut words = crate::words::find_alignment(model, tokenizer, cfg, sot_sequence, &text, num_frames, offset)?;
+    let mut words =
+        crate::words::find_alignment(model, tokenizer, cfg, sot_sequence, language, &text, num_frames, offset)?;
     crate::words::merge_punctuations(&mut words);
     let mut words = words.into_iter();
     for s in segs {

@@ -30,15 +30,23 @@ pub struct Word {
     pub probability: f32,
 }
 
+/// Languages written without spaces between words: their words are the tokens that complete
+/// a character (openai-whisper's list).
+const NO_SPACE_LANGUAGES: [&str; 6] = ["zh", "ja", "th", "lo", "my", "yue"];
+
 /// Aligns `text_tokens` (ordinary tokens only) to the audio the model last encoded, of which
 /// the first `num_frames` mel frames hold the window's audio; times are offset by `offset`
 /// seconds. `sot_sequence` is the start of the prompt (start-of-transcript, and language and
-/// task on multilingual models). Returns the words, before punctuation is merged.
+/// task on multilingual models), `language` the window's language code if known. Returns the
+/// words, before punctuation is merged; none if the window is too short to align (under two
+/// encoder frames) or its attention is not finite.
+#[allow(clippy::too_many_arguments)]
 pub fn find_alignment(
     model: &mut dyn WhisperModel,
     tokenizer: &WhisperTokenizer,
     cfg: &GenerationConfig,
     sot_sequence: &[u32],
+    language: Option<&str>,
     text_tokens: &[u32],
     num_frames: usize,
     offset: f64,
@@ -47,35 +55,44 @@ pub fn find_alignment(
         return Ok(vec![]);
     }
     let eot = cfg.special.eot;
+    // openai-whisper's pass: `sot_sequence`, `<|notimestamps|>`, the text, end-of-text. Every
+    // step's attention is normalised together; the matrix then keeps the rows of the steps
+    // that predict the text tokens and end-of-text (inputs `<|notimestamps|>` to the last
+    // text token).
     let mut tokens = sot_sequence.to_vec();
     tokens.push(cfg.special.no_timestamps);
     tokens.extend_from_slice(text_tokens);
-    // Row k of the matrix: the step that predicts text token k (the last: end-of-text), that
-    // is the step taking token `sot_sequence.len() + k` as input.
+    tokens.push(eot);
     let first = sot_sequence.len();
     let mut rows: Vec<f32> = Vec::new();
     let (mut heads, mut frames) = (0, 0);
     let mut probs = Vec::with_capacity(text_tokens.len());
     for (i, &t) in tokens.iter().enumerate() {
         let logits = model.step(t, i).map_err(TranscribeError::Align)?;
-        if i < first {
-            continue;
-        }
         // The probability of the next text token among the text tokens (ids below eot).
-        if let Some(&next) = text_tokens.get(i - first) {
-            let text = &logits[..eot as usize];
+        if let Some(&next) = i.checked_sub(first).and_then(|k| text_tokens.get(k)) {
+            let text = logits
+                .get(..eot as usize)
+                .ok_or_else(|| TranscribeError::Align("end-of-text beyond the logits".into()))?;
             let max = text.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let sum: f32 = text.iter().map(|&x| (x - max).exp()).sum();
-            probs.push((text[next as usize] - max).exp() / sum);
+            probs.push(text.get(next as usize).map_or(0.0, |&x| (x - max).exp() / sum));
         }
         (heads, frames) = model.alignment(&mut rows).ok_or(TranscribeError::NoAlignment)?;
     }
+    let t = (num_frames / 2).min(frames);
+    if t < 2 || heads == 0 {
+        return Ok(vec![]);
+    }
     let n = text_tokens.len() + 1;
-    let t = (num_frames / 2).clamp(1, frames);
-    let matrix = alignment_matrix(&rows, n, heads, frames, t);
+    let matrix = alignment_matrix(&rows, tokens.len(), first..first + n, heads, frames, t);
+    if matrix.iter().any(|x| !x.is_finite()) {
+        return Ok(vec![]);
+    }
     let (text_idx, time_idx) = dtw(&matrix, n, t);
 
-    let (words, word_tokens) = split_to_word_tokens(tokenizer, text_tokens, eot)?;
+    let spaces = !language.is_some_and(|l| NO_SPACE_LANGUAGES.contains(&l));
+    let (words, word_tokens) = split_to_word_tokens(tokenizer, text_tokens, eot, spaces)?;
     // The path's first frame at each token.
     let mut jump_times = Vec::new();
     for k in 0..text_idx.len() {
@@ -100,64 +117,74 @@ pub fn find_alignment(
     Ok(out)
 }
 
-/// The `[n, t]` matrix DTW runs on: per head, the softmax of each row's scores over the first
-/// `t` frames, normalised over the rows per frame (mean 0, standard deviation 1), median
-/// filtered along time; then the mean over the heads. `rows` holds `n` steps of `heads ×
-/// frames` scores.
-fn alignment_matrix(rows: &[f32], n: usize, heads: usize, frames: usize, t: usize) -> Vec<f64> {
-    let mut matrix = vec![0f64; n * t];
+/// The `[keep, t]` matrix DTW runs on: per head, the softmax of each step's scores over the
+/// first `t` frames, normalised over all `steps` per frame (mean 0, standard deviation 1),
+/// median filtered along time; then the mean over the heads, of the steps in `keep`. `rows`
+/// holds `steps` steps of `heads × frames` scores. In f32, as openai-whisper computes it.
+fn alignment_matrix(
+    rows: &[f32],
+    steps: usize,
+    keep: std::ops::Range<usize>,
+    heads: usize,
+    frames: usize,
+    t: usize,
+) -> Vec<f32> {
+    let n = keep.len();
+    let mut matrix = vec![0f32; n * t];
+    let mut w = vec![0f32; steps * t];
     for h in 0..heads {
-        let mut w = vec![0f64; n * t];
-        for k in 0..n {
+        for k in 0..steps {
             let s = &rows[(k * heads + h) * frames..][..t];
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let e: Vec<f64> = s.iter().map(|&x| (x as f64 - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for (j, v) in e.into_iter().enumerate() {
-                w[k * t + j] = v / sum;
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let sum: f32 = s.iter().map(|&x| (x - max).exp()).sum();
+            for (j, &x) in s.iter().enumerate() {
+                w[k * t + j] = (x - max).exp() / sum;
             }
         }
         for j in 0..t {
-            let mean = (0..n).map(|k| w[k * t + j]).sum::<f64>() / n as f64;
-            let var = (0..n).map(|k| (w[k * t + j] - mean).powi(2)).sum::<f64>() / n as f64;
+            let mean = (0..steps).map(|k| w[k * t + j]).sum::<f32>() / steps as f32;
+            let var = (0..steps).map(|k| (w[k * t + j] - mean).powi(2)).sum::<f32>() / steps as f32;
             let std = var.sqrt();
-            for k in 0..n {
+            for k in 0..steps {
                 w[k * t + j] = (w[k * t + j] - mean) / std;
             }
         }
-        for k in 0..n {
+        for (r, k) in keep.clone().enumerate() {
             let filtered = median_filter(&w[k * t..(k + 1) * t], MEDIAN_FILTER_WIDTH);
-            for (m, f) in matrix[k * t..(k + 1) * t].iter_mut().zip(filtered) {
-                *m += f / heads as f64;
+            for (m, f) in matrix[r * t..(r + 1) * t].iter_mut().zip(filtered) {
+                *m += f / heads as f32;
             }
         }
     }
     matrix
 }
 
-/// The running median of `x` over `width` values, the edges padded by reflection (without
-/// repeating the edge value), as `torch.nn.functional.pad(mode="reflect")` pads; `x` as it is
-/// when it is too short to reflect.
-fn median_filter(x: &[f64], width: usize) -> Vec<f64> {
+/// The running median of `x` over `width` (at most 15) values, the edges padded by
+/// reflection (without repeating the edge value), as `torch.nn.functional.pad(mode="reflect")`
+/// pads; `x` as it is when it is too short to reflect.
+fn median_filter(x: &[f32], width: usize) -> Vec<f32> {
     let pad = width / 2;
     if x.len() <= pad {
         return x.to_vec();
     }
-    let at = |i: isize| -> f64 {
-        let n = x.len() as isize;
-        let j = if i < 0 {
+    let n = x.len() as isize;
+    let at = |i: isize| {
+        x[(if i < 0 {
             -i
         } else if i >= n {
             2 * (n - 1) - i
         } else {
             i
-        };
-        x[j as usize]
+        }) as usize]
     };
-    (0..x.len() as isize)
+    let mut win = [0f32; 15];
+    (0..n)
         .map(|i| {
-            let mut w: Vec<f64> = (i - pad as isize..=i + pad as isize).map(at).collect();
-            w.sort_by(f64::total_cmp);
+            let w = &mut win[..width];
+            for (slot, j) in w.iter_mut().zip(i - pad as isize..) {
+                *slot = at(j);
+            }
+            w.sort_by(f32::total_cmp);
             w[pad]
         })
         .collect()
@@ -166,9 +193,9 @@ fn median_filter(x: &[f64], width: usize) -> Vec<f64> {
 /// Dynamic time warping on `-matrix` (`[n, t]`): the monotonic path from `(0, 0)` to
 /// `(n-1, t-1)` of greatest total, ties broken as openai-whisper's `dtw_cpu` breaks them.
 /// Returns the path's token and frame indices.
-fn dtw(matrix: &[f64], n: usize, t: usize) -> (Vec<usize>, Vec<usize>) {
+fn dtw(matrix: &[f32], n: usize, t: usize) -> (Vec<usize>, Vec<usize>) {
     let (rows, cols) = (n + 1, t + 1);
-    let mut cost = vec![f64::INFINITY; rows * cols];
+    let mut cost = vec![f32::INFINITY; rows * cols];
     let mut trace = vec![-1i8; rows * cols];
     cost[0] = 0.0;
     for j in 1..cols {
@@ -183,8 +210,7 @@ fn dtw(matrix: &[f64], n: usize, t: usize) -> (Vec<usize>, Vec<usize>) {
             } else {
                 (c2, 2)
             };
-            // openai's cost matrix is float32: round as it does.
-            cost[i * cols + j] = ((-matrix[(i - 1) * t + j - 1]) as f32 + c as f32) as f64;
+            cost[i * cols + j] = -matrix[(i - 1) * t + j - 1] + c;
             trace[i * cols + j] = tr;
         }
     }
@@ -196,19 +222,21 @@ fn dtw(matrix: &[f64], n: usize, t: usize) -> (Vec<usize>, Vec<usize>) {
     }
     let (mut i, mut j) = (n, t);
     let mut path = Vec::new();
+    // With a finite matrix the path never reaches column 0 before row 0 (its cost there is
+    // infinite); the saturating steps only keep a degenerate input from wrapping.
     while i > 0 || j > 0 {
-        path.push((i - 1, j - 1));
+        path.push((i.saturating_sub(1), j.saturating_sub(1)));
         match trace[i * cols + j] {
             0 => {
-                i -= 1;
-                j -= 1;
+                i = i.saturating_sub(1);
+                j = j.saturating_sub(1);
             }
-            1 => i -= 1,
-            _ => j -= 1,
+            1 => i = i.saturating_sub(1),
+            _ => j = j.saturating_sub(1),
         }
     }
     path.reverse();
-    path.into_iter().map(|(i, j)| (i as usize, j as usize)).unzip()
+    path.into_iter().unzip()
 }
 
 /// Splits text tokens into words, as openai-whisper's `split_to_word_tokens`: at tokens that
@@ -219,6 +247,7 @@ fn split_to_word_tokens(
     tokenizer: &WhisperTokenizer,
     tokens: &[u32],
     eot: u32,
+    spaces: bool,
 ) -> Result<(Vec<String>, Vec<Vec<u32>>), TranscribeError> {
     let decode = |t: &[u32]| tokenizer.decode(t, eot).map_err(|e| TranscribeError::Text(e.to_string()));
     let full = decode(tokens)?;
@@ -237,10 +266,14 @@ fn split_to_word_tokens(
             subwords.push((d, std::mem::take(&mut current)));
         }
     }
+    if !spaces {
+        return Ok(subwords.into_iter().unzip());
+    }
     let mut words: Vec<String> = Vec::new();
     let mut word_tokens: Vec<Vec<u32>> = Vec::new();
     for (sub, toks) in subwords {
-        let punctuation = sub.trim().chars().count() == 1 && sub.trim().chars().all(|c| c.is_ascii_punctuation());
+        // Python's `subword.strip() in string.punctuation`: a substring test (true for "").
+        let punctuation = r##"!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~"##.contains(sub.trim());
         if sub.starts_with(' ') || punctuation || words.is_empty() {
             words.push(sub);
             word_tokens.push(toks);
@@ -296,7 +329,7 @@ mod tests {
     #[test]
     fn median_filter_reflects_at_the_edges() {
         // torch: pad [1, 5, 2, 8, 3] by 3 with reflect -> [8, 2, 5, 1, 5, 2, 8, 3, 8, 2, 5].
-        let got = median_filter(&[1.0, 5.0, 2.0, 8.0, 3.0], 7);
+        let got = median_filter(&[1.0f32, 5.0, 2.0, 8.0, 3.0], 7);
         assert_eq!(got, vec![5.0, 5.0, 5.0, 3.0, 5.0]);
         assert_eq!(median_filter(&[4.0, 1.0, 2.0], 7), vec![4.0, 1.0, 2.0]);
     }
@@ -304,7 +337,7 @@ mod tests {
     #[test]
     fn dtw_follows_the_greatest_total() {
         // Token 0 lies on frames 0-1, token 1 on frames 2-3.
-        let m = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+        let m = [1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0];
         let (i, j) = dtw(&m, 2, 4);
         assert_eq!(i, vec![0, 0, 1, 1]);
         assert_eq!(j, vec![0, 1, 2, 3]);
