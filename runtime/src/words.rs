@@ -328,18 +328,21 @@ mod tests {
 
     #[test]
     fn median_filter_reflects_at_the_edges() {
-        // torch: pad [1, 5, 2, 8, 3] by 3 with reflect -> [8, 2, 5, 1, 5, 2, 8, 3, 8, 2, 5].
+        // torch: pad [1, 5, 2, 8, 3] by 3 with reflect -> [8, 2, 5, 1, 5, 2, 8, 3, 8, 2, 5];
+        // the medians of its seven-wide windows, worked by hand.
         let got = median_filter(&[1.0f32, 5.0, 2.0, 8.0, 3.0], 7);
-        assert_eq!(got, vec![5.0, 5.0, 5.0, 3.0, 5.0]);
+        assert_eq!(got, vec![5.0, 3.0, 5.0, 3.0, 5.0]);
         assert_eq!(median_filter(&[4.0, 1.0, 2.0], 7), vec![4.0, 1.0, 2.0]);
     }
 
     #[test]
     fn dtw_follows_the_greatest_total() {
-        // Token 0 lies on frames 0-1, token 1 on frames 2-3.
+        // Token 0 lies on frames 0-1, token 1 on frames 2-3. openai's dtw_cpu, worked by hand:
+        // at (2, 3) the three costs tie and the tie goes left, so the path reaches token 1 at
+        // frame 1 and stays there.
         let m = [1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0];
         let (i, j) = dtw(&m, 2, 4);
-        assert_eq!(i, vec![0, 0, 1, 1]);
-        assert_eq!(j, vec![0, 1, 2, 3]);
+        assert_eq!(i, vec![0, 0, 1, 1, 1]);
+        assert_eq!(j, vec![0, 1, 1, 2, 3]);
     }
 }
