@@ -119,6 +119,11 @@ fn damaged_foreign_and_incompatible_files_are_refused() {
     });
     let e = wcc_err(&["run", p(&bad), p(&jfk())]);
     assert!(e.contains("`logits` lies outside the arena"), "{e}");
+    // Generation settings naming a token beyond the logits (the decoding loop indexes the
+    // logits with it).
+    with_header(&good, &bad, |h| h.generation.special.eot = 99_999);
+    let e = wcc_err(&["run", p(&bad), p(&jfk())]);
+    assert!(e.contains("token 99999 of the generation settings is outside the"), "{e}");
     // A program whose kernel would write into the (read-only) weights.
     with_header(&good, &bad, |h| {
         let l = &mut h.graphs[0].launches[0];
