@@ -382,6 +382,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A panic inside the audio decoder is caught and reported as that file's error; the
+    // default hook would print it first, breaking the one-line error.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !wcc_runtime::audio::in_decoder() {
+            default_hook(info);
+        }
+    }));
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

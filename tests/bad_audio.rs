@@ -1,8 +1,8 @@
 //! Audio at the edges: every sample layout WAV allows gives the words of the 16 kHz file
 //! (24-bit, float, 7 channels, 192 kHz; the lossy 8-bit and 8 kHz the sentence), a clip of 0.05 s transcribes
 //! without error, and what cannot be audio (NaN or infinite samples, a directory, a path
-//! that does not exist, a text file) is refused in one line naming the file, exit status 1,
-//! no panic.
+//! that does not exist, a text file, a file the audio decoder panics on) is refused in one
+//! line naming the file, exit status 1, no panic.
 
 mod common;
 use common::*;
@@ -98,6 +98,8 @@ fn every_wav_layout_gives_the_same_words_and_bad_samples_are_refused() {
         (nan.clone(), "2 samples are NaN or infinite (the first at 0.500 s)"),
         (dir.path().to_path_buf(), "is a directory"),
         (dir.path().join("absent.wav"), "No such file"),
+        // A file symphonia's AAC reader panics on (found by the `audio` fuzz target).
+        (repo().join("fuzz/regressions/audio/aac-adts-step-by-zero"), "the audio decoder failed on this file"),
     ] {
         let run = wcc(&["run", p(&wbin), p(&path)]);
         let e = String::from_utf8_lossy(&run.stderr);

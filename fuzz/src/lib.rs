@@ -53,16 +53,14 @@ pub fn ir_round_trip(text: &str) {
 
 /// A panic inside symphonia is caught by the audio reader and reported as the file's error
 /// (its own bugs, found here: `fuzz/regressions/audio`); libFuzzer's hook aborts on every
-/// panic before it can unwind, so this hook lets those through and aborts on any other. A
-/// panic is symphonia's if symphonia's code is on the stack: it never calls back into wcc.
+/// panic before it can unwind, so this hook lets those through (`audio::in_decoder`) and
+/// aborts on any other.
 fn contain_decoder_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let abort_on_ours = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let in_symphonia = info.location().is_some_and(|l| l.file().contains("/symphonia-"))
-                || std::backtrace::Backtrace::force_capture().to_string().contains("symphonia_");
-            if !in_symphonia {
+            if !wcc_runtime::audio::in_decoder() {
                 abort_on_ours(info);
             }
         }));

@@ -71,21 +71,33 @@ where
         // count, found by the `audio` fuzz target): a panic inside it is this file's error,
         // not the end of a run over many files. Nothing of ours is shared with it, so no
         // state is left half-updated by the unwinding.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_other(src, ext, label))).unwrap_or_else(
-            |panic| {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(read_err(format!("the audio decoder failed on this file ({why})")))
-            },
-        )?
+        IN_DECODER.with(|c| c.set(true));
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_other(src, ext, label)));
+        IN_DECODER.with(|c| c.set(false));
+        caught.unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(read_err(format!("the audio decoder failed on this file ({why})")))
+        })?
     };
     if out.is_empty() {
         return Err(AudioError::Empty { path: label.to_string() });
     }
     Ok(out)
+}
+
+thread_local! {
+    static IN_DECODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside symphonia, whose panics [`decode_audio`] and [`load_audio`]
+/// catch and report as the file's error: a panic hook can stay quiet about those (the CLI's
+/// does, so that such a file gets one error line).
+pub fn in_decoder() -> bool {
+    IN_DECODER.with(|c| c.get())
 }
 
 /// Whether the stream starts like a WAV file (`RIFF....WAVE`); leaves it at its start.
