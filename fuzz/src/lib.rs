@@ -46,8 +46,8 @@ pub fn ir_round_trip(text: &str) {
     let Ok(m) = wcc_ir::parse_module(text) else { return };
     let _ = wcc_ir::verify(&m);
     let printed = wcc_ir::print_module(&m);
-    let again = wcc_ir::parse_module(&printed)
-        .unwrap_or_else(|e| panic!("printed module does not parse: {e}\n{printed}"));
+    let again =
+        wcc_ir::parse_module(&printed).unwrap_or_else(|e| panic!("printed module does not parse: {e}\n{printed}"));
     assert_eq!(wcc_ir::print_module(&again), printed, "print . parse . print differs from print");
 }
 
