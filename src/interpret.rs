@@ -38,6 +38,12 @@ impl<'m> InterpretedModel<'m> {
 }
 
 impl WhisperModel for InterpretedModel<'_> {
+    /// The interpreter runs the graphs without the alignment output (`--word-timestamps`
+    /// needs a compiled model).
+    fn alignment(&self, _out: &mut Vec<f32>) -> Option<(usize, usize)> {
+        None
+    }
+
     fn input_shape(&self) -> (usize, usize) {
         self.input_shape
     }

@@ -32,14 +32,6 @@ pub fn split(data: &[u8]) -> (&[u8], &[u8]) {
     (&data[2..2 + n], &data[2 + n..])
 }
 
-/// The inverse of [`split`], for writing seeds.
-pub fn join(config: &[u8], safetensors: &[u8]) -> Vec<u8> {
-    let mut v = (config.len() as u16).to_le_bytes().to_vec();
-    v.extend_from_slice(config);
-    v.extend_from_slice(safetensors);
-    v
-}
-
 /// Text that parses prints to text that parses back to the same module (so a dump can be
 /// edited and fed to `wcc opt`), and the verifier answers either way without a panic.
 pub fn ir_round_trip(text: &str) {

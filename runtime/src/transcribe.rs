@@ -22,10 +22,9 @@ pub trait WhisperModel: Decoder {
     }
     /// After a decoder step: appends to `out` the cross-attention scores of the alignment
     /// heads for the token it took (`heads × frames`, head-major) and returns `(heads,
-    /// frames)`; `None` if the model was built without them.
-    fn alignment(&self, _out: &mut Vec<f32>) -> Option<(usize, usize)> {
-        None
-    }
+    /// frames)`; `None` if the model was built without them. No default: a wrapper that
+    /// forgot to forward it would silently lose word timestamps.
+    fn alignment(&self, out: &mut Vec<f32>) -> Option<(usize, usize)>;
 }
 
 #[derive(Clone, Debug, Default)]
@@ -131,15 +130,16 @@ fn decode_window(
         let d = sample_scored(model, cfg, prompt, t, rng)?;
         let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
         let silent = judged_silent(&d);
-        let failed = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD || d.avg_logprob < LOGPROB_THRESHOLD;
-        last = Some((d, text, t));
+        let repeats = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD;
+        let failed = repeats || d.avg_logprob < LOGPROB_THRESHOLD;
+        last = Some((d, text, t, repeats));
         if silent || !failed {
             break;
         }
     }
-    let (mut d, mut text, t) = last.expect("at least one temperature");
+    let (mut d, mut text, t, repeats) = last.expect("at least one temperature");
     // Every temperature failed and the text still repeats itself: cut the runaway.
-    if !opts.keep_repeats && compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD {
+    if !opts.keep_repeats && repeats {
         let keep = runaway_cut(&d.tokens, cfg.special.timestamp_begin);
         if keep < d.tokens.len() {
             d.tokens.truncate(keep);
