@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use wcc_ir::interp::{Interpreter, Tensor, WeightLoader};
 use wcc_ir::{DType, Module};
-use wcc_runtime::decode::Decoder;
+use wcc_runtime::decode::{BeamDecoder, Decoder};
 use wcc_runtime::transcribe::WhisperModel;
 
 /// An interpreted Whisper model. Values cross between graphs by name: decoder inputs are
@@ -60,38 +60,70 @@ impl WhisperModel for InterpretedModel<'_> {
     }
 }
 
-impl Decoder for InterpretedModel<'_> {
-    fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
+impl InterpretedModel<'_> {
+    /// Runs decoder graph `graph` with the inputs `fed` by name, the others from the encoder
+    /// or the state; keeps the `.next` outputs as the state and returns output `logits`.
+    fn run_step(&mut self, graph: &str, fed: Vec<(String, Tensor)>, logits: &str) -> Result<&[f32], String> {
         let module = self.interp.module();
-        let dec = module.graph("decoder_step").expect("checked in new");
+        let dec = module.graph(graph).ok_or_else(|| format!("the module has no `{graph}` graph"))?;
+        let mut fed: HashMap<String, Tensor> = fed.into_iter().collect();
         let mut inputs = Vec::with_capacity(dec.inputs.len());
         for &i in &dec.inputs {
             let v = dec.value(i);
-            let t = match v.name.as_str() {
-                "tokens" => Tensor::i32([1], vec![token as i32]),
-                "position" => Tensor::i32([1], vec![position as i32]),
-                name => match (self.encoder_out.get(name), self.state.remove(name)) {
-                    (Some(t), _) => t.clone(),
-                    (None, Some(t)) => t,
-                    (None, None) if v.ty.dtype == DType::F32 => Tensor::zeros(v.ty.shape.clone()),
-                    (None, None) => return Err(format!("nothing feeds decoder input %{name}")),
-                },
+            let name = v.name.as_str();
+            let t = match (fed.remove(name), self.encoder_out.get(name), self.state.remove(name)) {
+                (Some(t), _, _) => t,
+                (None, Some(t), _) => t.clone(),
+                (None, None, Some(t)) => t,
+                (None, None, None) if v.ty.dtype == DType::F32 => Tensor::zeros(v.ty.shape.clone()),
+                (None, None, None) => return Err(format!("nothing feeds decoder input %{name}")),
             };
             inputs.push(t);
         }
-        let outs = self.interp.run("decoder_step", &inputs).map_err(|e| e.to_string())?;
-        let mut logits = None;
+        let outs = self.interp.run(graph, &inputs).map_err(|e| e.to_string())?;
+        let mut found = None;
         for (&o, t) in dec.outputs.iter().zip(outs) {
             let name = &dec.value(o).name;
             match name.strip_suffix(".next") {
                 Some(state) => {
                     self.state.insert(state.to_string(), t);
                 }
-                None if name == "logits" => logits = Some(t.into_f32().map_err(|e| e.to_string())?),
+                None if name == logits => found = Some(t.into_f32().map_err(|e| e.to_string())?),
                 None => {}
             }
         }
-        self.logits = logits.ok_or("the decoder has no `logits` output")?;
+        self.logits = found.ok_or_else(|| format!("`{graph}` has no `{logits}` output"))?;
         Ok(&self.logits)
+    }
+}
+
+impl Decoder for InterpretedModel<'_> {
+    fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
+        let fed = vec![
+            ("tokens".to_string(), Tensor::i32([1], vec![token as i32])),
+            ("position".to_string(), Tensor::i32([1], vec![position as i32])),
+        ];
+        self.run_step("decoder_step", fed, "logits")
+    }
+}
+
+impl BeamDecoder for InterpretedModel<'_> {
+    fn beam_widths(&self) -> Vec<usize> {
+        let module = self.interp.module();
+        module.graphs.iter().filter_map(|g| g.name.strip_prefix("decoder_beam")?.parse().ok()).collect()
+    }
+
+    fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String> {
+        let n = tokens.len();
+        if !self.beam_widths().contains(&n) {
+            return Err(format!("this module has no beam of {n}; it has {:?}", self.beam_widths()));
+        }
+        let ids = |v: &[u32]| Tensor::i32([v.len()], v.iter().map(|&x| x as i32).collect());
+        let fed = vec![
+            (format!("beam{n}.tokens"), ids(tokens)),
+            (format!("beam{n}.position"), Tensor::i32([1], vec![position as i32])),
+            (format!("beam{n}.origin"), ids(origin)),
+        ];
+        self.run_step(&format!("decoder_beam{n}"), fed, &format!("beam{n}.logits"))
     }
 }

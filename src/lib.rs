@@ -343,6 +343,20 @@ impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::Decoder for 
     }
 }
 
+impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::BeamDecoder for Timed<'_, M> {
+    fn beam_widths(&self) -> Vec<usize> {
+        self.model.beam_widths()
+    }
+    /// A beam step counts as one decoder step (of all its hypotheses).
+    fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> std::result::Result<&[f32], String> {
+        let t0 = std::time::Instant::now();
+        let r = self.model.beam_step(tokens, origin, position);
+        self.stats.step_s += t0.elapsed().as_secs_f64();
+        self.stats.steps += 1;
+        r
+    }
+}
+
 impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::transcribe::WhisperModel for Timed<'_, M> {
     fn input_shape(&self) -> (usize, usize) {
         self.model.input_shape()

@@ -70,6 +70,16 @@ struct DecodingArgs {
     /// as openai-whisper's and faster-whisper's `initial_prompt`.
     #[arg(long)]
     initial_prompt: Option<String>,
+    /// Beam search with this many hypotheses at temperature 0 (1: greedy). The model must be
+    /// compiled with this size (`wcc compile --beam-sizes`; a default build has 1 and 5).
+    #[arg(long, default_value_t = 1)]
+    beam_size: usize,
+    /// Beam search ends when `beam_size · patience` hypotheses have ended.
+    #[arg(long, default_value_t = 1.0)]
+    patience: f32,
+    /// Ended hypotheses are ranked by log-probability over `length^length_penalty`.
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f32,
 }
 
 impl DecodingArgs {
@@ -90,7 +100,20 @@ impl DecodingArgs {
             output_dir,
             force,
             initial_prompt,
+            beam_size,
+            patience,
+            length_penalty,
         } = self;
+        if beam_size == 0 {
+            bail!("--beam-size must be at least 1");
+        }
+        if !(patience.is_finite() && patience > 0.0) {
+            bail!("--patience: {patience} is not above 0");
+        }
+        if !length_penalty.is_finite() {
+            bail!("--length-penalty: {length_penalty} is not a number");
+        }
+        let beam = wcc_runtime::decode::BeamOptions { width: beam_size, patience, length_penalty };
         if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
             bail!("--temperatures: {t} is not a temperature (0 or more)");
         }
@@ -106,6 +129,7 @@ impl DecodingArgs {
             word_timestamps,
             keep_repeats,
             initial_prompt: vec![],
+            beam: Some(beam),
         };
         Ok((opts, Output { dir: output_dir, format, force, timestamps }, initial_prompt))
     }
@@ -275,6 +299,10 @@ enum Command {
         /// run --word-timestamps` can time each word (a build without it pays nothing).
         #[arg(long)]
         word_timestamps: bool,
+        /// The beam sizes `wcc run --beam-size` may ask for (1, greedy, is always built;
+        /// each other size adds a decoder step for that many hypotheses).
+        #[arg(long, value_delimiter = ',', default_value = "1,5")]
+        beam_sizes: Vec<usize>,
         #[command(flatten)]
         quant: QuantArgs,
     },
@@ -478,7 +506,8 @@ fn run(cli: Cli) -> Result<()> {
                 // Compile for this machine into a temporary file, then run it.
                 let tmp = tempfile::tempdir().context("creating a temporary directory")?;
                 let wbin = tmp.path().join("model.wbin");
-                let lowering = LowerOptions { alignment: opts.word_timestamps };
+                let beam_sizes = opts.beam.map(|b| vec![b.width]).unwrap_or_default();
+                let lowering = LowerOptions { alignment: opts.word_timestamps, beam_sizes };
                 let dumps = wcc::Dumps::default();
                 let report = wcc::compile(&model, &lowering, "host", &pipeline, &options, &dumps, &wbin, &|_, _| {})?;
                 for w in &report.warnings {
@@ -502,8 +531,12 @@ fn run(cli: Cli) -> Result<()> {
             dump_dir,
             dump_kernels,
             word_timestamps,
+            beam_sizes,
             quant,
         } => {
+            if let Some(n) = beam_sizes.iter().find(|&&n| n == 0 || n > 64) {
+                bail!("--beam-sizes: {n} is not a beam size (1 to 64)");
+            }
             let passes: Vec<&str> = match passes.as_slice() {
                 [] => wcc_passes::default_pipeline(),
                 [none] if none == "none" => vec![],
@@ -526,7 +559,7 @@ fn run(cli: Cli) -> Result<()> {
                 indicatif::ProgressStyle::with_template("compiling kernels {bar:30} {pos}/{len} {elapsed}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let lowering = LowerOptions { alignment: word_timestamps };
+            let lowering = LowerOptions { alignment: word_timestamps, beam_sizes };
             let report =
                 wcc::compile(&model, &lowering, &target, &passes, &options, &dumps, &output, &|done, total| {
                     bar.set_length(total as u64);
@@ -557,6 +590,19 @@ fn run(cli: Cli) -> Result<()> {
             let mut m = wcc_runtime::compiled::CompiledModel::load(&wbin, threads)?;
             if opts.word_timestamps && m.alignment(&mut Vec::new()).is_none() {
                 bail!("{}: compiled without word timestamps; compile it with --word-timestamps", wbin.display());
+            }
+            if let Some(b) = opts.beam.filter(|b| b.width > 1) {
+                use wcc_runtime::decode::BeamDecoder;
+                let mut has = vec![1];
+                has.extend(m.beam_widths());
+                if !has.contains(&b.width) {
+                    bail!(
+                        "{}: built for beam sizes {has:?}, not {}; compile it with --beam-sizes {}",
+                        wbin.display(),
+                        b.width,
+                        b.width
+                    );
+                }
             }
             if profile {
                 m.enable_profiling();

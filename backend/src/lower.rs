@@ -971,7 +971,14 @@ fn im2col_kernel(cin: usize, t: usize, kw: usize, stride: usize, padding: usize,
 /// rows, scaled by `1/sum` once at the end. The caches are read in their stored layout
 /// (row `t`, the head's columns), and rows after the query's position are never touched.
 /// Buffers: q, k, v, position, out, scratch `f32[H·S]`.
-fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result<Kernel, BackendError> {
+///
+/// With `batch > 1` (a beam, `m` = 1): q and out `[B, D]`, the caches and the scratch have
+/// one block per hypothesis, and the parallel loop runs over hypotheses, each one's heads
+/// in turn.
+fn cache_attention_kernel(batch: usize, m: usize, s: usize, heads: usize, dh: usize) -> Result<Kernel, BackendError> {
+    if batch > 1 && m != 1 {
+        return Err(BackendError(format!("cache_attention: a batch of {batch} takes one query row, not {m}")));
+    }
     if dh % 4 != 0 {
         return Err(BackendError(format!("cache_attention: the head size {dh} is not a multiple of 4")));
     }
@@ -1001,6 +1008,9 @@ fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result
         vars.next(),
     );
     let acc: Vec<Var> = (0..w).map(|_| vars.next()).collect();
+    // The hypothesis (batch > 1) and its blocks' offsets in q/out, the caches, the scratch.
+    let (bb, qo, ko, so) = (vars.next(), vars.next(), vars.next(), vars.next());
+    let (qoff, koff, soff) = if batch > 1 { (var(qo), var(ko), var(so)) } else { (int(0), int(0), int(0)) };
     let (q_, k_, v_, pos_, out_, scr) = (0u32, 1u32, 2u32, 3u32, 4u32, 5u32);
     // Scores: q·k over the head's columns, `w` partial sums.
     let mut dot = vec![];
@@ -1016,7 +1026,7 @@ fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result
         var(len),
         1,
         [
-            vec![let_(kb, add(mul(var(t), int(d)), mul(var(h), int(dh_))))],
+            vec![let_(kb, add(add(mul(var(t), int(d)), mul(var(h), int(dh_))), koff.clone()))],
             zero_acc.clone(),
             vec![
                 for_(c, int(0), int(dh_), 4 * w, dot),
@@ -1041,7 +1051,8 @@ fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result
     // P·V: a block of `4w` columns accumulated over every visible row.
     let mut axpy = vec![let_(pt, splat(load(scr, add(var(sb), var(t3)))))];
     for (j, &a) in acc.iter().enumerate() {
-        let at = add(add(add(mul(var(t3), int(d)), mul(var(h), int(dh_))), var(c2)), int(4 * j as i64));
+        let at =
+            add(add(add(add(mul(var(t3), int(d)), mul(var(h), int(dh_))), koff.clone()), var(c2)), int(4 * j as i64));
         axpy.push(set(a, fma(var(pt), load4(v_, at), var(a))));
     }
     let mut pv = zero_acc;
@@ -1053,8 +1064,8 @@ fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result
         // Rows after the cache's end are never visible (the interpreter refuses such a
         // position; the kernel clamps so that it cannot read past the cache).
         let_(len, add(min(add(var(p0), var(i)), int(s_ - 1)), int(1))),
-        let_(qb, add(mul(var(i), int(d)), mul(var(h), int(dh_)))),
-        let_(sb, mul(var(h), int(s_))),
+        let_(qb, add(add(mul(var(i), int(d)), mul(var(h), int(dh_))), qoff)),
+        let_(sb, add(mul(var(h), int(s_)), soff)),
         let_(mx, f(f32::NEG_INFINITY)),
         scores,
         let_(sum, f(0.0)),
@@ -1062,29 +1073,156 @@ fn cache_attention_kernel(m: usize, s: usize, heads: usize, dh: usize) -> Result
         let_(inv, div(f(1.0), var(sum))),
         for_(c2, int(0), int(dh_), 4 * w, pv),
     ];
-    let body = vec![for_(
-        h,
-        var(START),
-        var(END),
-        1,
-        vec![let_(p0, max(load_i(pos_, int(0)), int(0))), for_(i, int(0), int(m as i64), 1, row)],
-    )];
+    let heads_body = vec![let_(p0, max(load_i(pos_, int(0)), int(0))), for_(i, int(0), int(m as i64), 1, row)];
+    let body = if batch > 1 {
+        vec![for_(
+            bb,
+            var(START),
+            var(END),
+            1,
+            vec![
+                let_(qo, mul(var(bb), int(d))),
+                let_(ko, mul(var(bb), int(s_ * d))),
+                let_(so, mul(var(bb), int(heads as i64 * s_))),
+                for_(h, int(0), int(heads as i64), 1, heads_body),
+            ],
+        )]
+    } else {
+        vec![for_(h, var(START), var(END), 1, heads_body)]
+    };
+    let (b_, name) = if batch > 1 {
+        (batch, format!("beam_cache_attention_{batch}x{s}x{heads}x{dh}"))
+    } else {
+        (1, format!("cache_attention_{m}x{s}x{heads}x{dh}"))
+    };
     Ok(kernel(
-        format!("cache_attention_{m}x{s}x{heads}x{dh}"),
+        name,
         vec![
-            buf("q", m * heads * dh),
-            buf("k", s * heads * dh),
-            buf("v", s * heads * dh),
+            buf("q", b_ * m * heads * dh),
+            buf("k", b_ * s * heads * dh),
+            buf("v", b_ * s * heads * dh),
             ibuf("position", 1),
-            buf("out", m * heads * dh),
-            buf("scores", heads * s),
+            buf("out", b_ * m * heads * dh),
+            buf("scores", b_ * heads * s),
         ],
-        heads,
+        if batch > 1 { batch } else { heads },
         // An upper bound (every row visible): what the runtime weighs to split the launch.
-        4 * m * heads * s * dh,
+        4 * b_ * m * heads * s * dh,
         body,
         vars,
     ))
+}
+
+/// The batched `scatter_row` of a beam step (`cache [B, S, D]`, index, rows `[B, D]`,
+/// origin `i32[B]`). In place: a first launch copies the filled rows (before the index) of
+/// each hypothesis whose origin is another into scratch, from that origin; a second copies
+/// them back and writes every hypothesis's new row. Hypotheses that continue themselves
+/// (most, in a settled beam) copy nothing. Not in place: one launch writes the whole result.
+/// The rows after the index are never read by a step (`cache_attention` stops at the
+/// position), and the op keeps them as they were.
+fn beam_scatter_row(shape: &[usize], in_place: bool) -> Result<OpKernels, BackendError> {
+    let (b, s, d) = (shape[0], shape[1], shape[2]);
+    let (s_, d_, sd) = (s as i64, d as i64, (s * d) as i64);
+    let mut vars = Vars::new();
+    let (h, o, p, len, t) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    // Clamped: an index or origin out of range must not read or write outside the cache.
+    let head = |origin_buf: u32, len_of_self: Expr| {
+        vec![
+            let_(o, min(max(load_i(origin_buf, var(h)), int(0)), int(b as i64 - 1))),
+            let_(p, min(max(load_i(1, int(0)), int(0)), int(s_ - 1))),
+            let_(len, select(CmpOp::Eq, var(o), var(h), len_of_self, var(p))),
+        ]
+    };
+    let copy_rows = |vars: &mut Vars, src_buf: u32, src: Expr, dst_buf: u32, dst: Expr| {
+        let row = vec_loop(vars, int(0), int(d_), &|j, vv, _| {
+            let at = |base: &Expr| add(add(base.clone(), mul(var(t), int(d_))), j.clone());
+            let x = if vv { load4(src_buf, at(&src)) } else { load(src_buf, at(&src)) };
+            vec![store(dst_buf, at(&dst), x)]
+        });
+        for_(t, int(0), var(len), 1, row)
+    };
+    let buffers = |last: &str| {
+        vec![buf("cache", b * s * d), ibuf("index", 1), buf("rows", b * d), ibuf("origin", b), buf(last, b * s * d)]
+    };
+    if !in_place {
+        // out[h] = origin's rows before p, rows[h] at p, its own rows after.
+        let mut vars2 = Vars::new();
+        let (h2, o2, p2, t2, j2) = (vars2.next(), vars2.next(), vars2.next(), vars2.next(), vars2.next());
+        let src = select(
+            CmpOp::Lt,
+            var(t2),
+            var(p2),
+            load(0, add(add(mul(var(o2), int(sd)), mul(var(t2), int(d_))), var(j2))),
+            load(0, add(add(mul(var(h2), int(sd)), mul(var(t2), int(d_))), var(j2))),
+        );
+        let val = select(CmpOp::Eq, var(t2), var(p2), load(2, add(mul(var(h2), int(d_)), var(j2))), src);
+        let body = vec![for_(
+            h2,
+            var(START),
+            var(END),
+            1,
+            vec![
+                let_(o2, min(max(load_i(3, var(h2)), int(0)), int(b as i64 - 1))),
+                let_(p2, min(max(load_i(1, int(0)), int(0)), int(s_ - 1))),
+                for_(
+                    t2,
+                    int(0),
+                    int(s_),
+                    1,
+                    vec![for_(
+                        j2,
+                        int(0),
+                        int(d_),
+                        1,
+                        vec![store(4, add(add(mul(var(h2), int(sd)), mul(var(t2), int(d_))), var(j2)), val)],
+                    )],
+                ),
+            ],
+        )];
+        let k = kernel(format!("beam_scatter_row_{b}x{s}x{d}"), buffers("out"), b, 0, body, vars2);
+        return Ok(OpKernels {
+            launches: vec![(k, vec![Slot::Input(0), Slot::Input(1), Slot::Input(2), Slot::Input(3), Slot::Output])],
+            scratch: vec![],
+        });
+    }
+    // Launch 1: scratch[h] = cache[origin[h]], rows before p, where origin[h] != h.
+    let mut body1 = head(2, int(0));
+    body1.push(copy_rows(&mut vars, 0, mul(var(o), int(sd)), 3, mul(var(h), int(sd))));
+    let gather = kernel(
+        format!("beam_gather_rows_{b}x{s}x{d}"),
+        vec![buf("cache", b * s * d), ibuf("index", 1), ibuf("origin", b), buf("scratch", b * s * d)],
+        b,
+        0,
+        vec![for_(h, var(START), var(END), 1, body1)],
+        vars,
+    );
+    // Launch 2: cache[h] = scratch[h] where origin[h] != h, then row p = rows[h].
+    let mut vars = Vars::new();
+    let (h, o, p, len, t) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let _ = (o, len, t);
+    let mut body2 = head(3, int(0));
+    body2.push(copy_rows(&mut vars, 0, mul(var(h), int(sd)), 4, mul(var(h), int(sd))));
+    let new_row = vec_loop(&mut vars, int(0), int(d_), &|j, vv, _| {
+        let src = add(mul(var(h), int(d_)), j.clone());
+        let x = if vv { load4(2, src) } else { load(2, src) };
+        vec![store(4, add(add(mul(var(h), int(sd)), mul(var(p), int(d_))), j), x)]
+    });
+    body2.extend(new_row);
+    let scatter = kernel(
+        format!("beam_scatter_rows_{b}x{s}x{d}"),
+        vec![buf("scratch", b * s * d), ibuf("index", 1), buf("rows", b * d), ibuf("origin", b), buf("out", b * s * d)],
+        b,
+        0,
+        vec![for_(h, var(START), var(END), 1, body2)],
+        vars,
+    );
+    Ok(OpKernels {
+        launches: vec![
+            (gather, vec![Slot::Input(0), Slot::Input(1), Slot::Input(3), Slot::Scratch(0)]),
+            (scatter, vec![Slot::Scratch(0), Slot::Input(1), Slot::Input(2), Slot::Input(3), Slot::Output]),
+        ],
+        scratch: vec![b * s * d * 4],
+    })
 }
 
 /// Layer norm over rows of `d`; with `affine`, buffers are (x, gamma, beta, out), else (x, out).
@@ -1539,6 +1677,7 @@ pub fn lower_op(
                 ins(2),
             )
         }
+        Op::ScatterRow if inputs.len() == 4 => beam_scatter_row(&inputs[0].shape, in_place),
         Op::ScatterRow => {
             let (s, d) = (inputs[0].shape[0], inputs[0].shape[1]);
             let mut vars = Vars::new();
@@ -1579,10 +1718,17 @@ pub fn lower_op(
             );
             one(k, ins(3))
         }
+        Op::CacheAttention { heads } if inputs[1].rank() == 3 => {
+            let (b, s) = (inputs[1].shape[0], inputs[1].shape[1]);
+            let dh = inputs[0].shape[1] / heads;
+            let k = cache_attention_kernel(b, 1, s, *heads, dh)?;
+            let slots = [ins(4), vec![Slot::Scratch(0)]].concat();
+            Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![b * heads * s * 4] })
+        }
         Op::CacheAttention { heads } => {
             let (m, s) = (inputs[0].shape[0], inputs[1].shape[0]);
             let dh = inputs[0].shape[1] / heads;
-            let k = cache_attention_kernel(m, s, *heads, dh)?;
+            let k = cache_attention_kernel(1, m, s, *heads, dh)?;
             let slots = [ins(4), vec![Slot::Scratch(0)]].concat();
             Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![heads * s * 4] })
         }

@@ -87,6 +87,8 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
     let mut pool_scales: Vec<Option<String>> = Vec::new();
     let mut pool_at: Vec<Option<usize>> = Vec::new();
     let mut weight_pool: HashMap<String, usize> = HashMap::new();
+    // Folded constants by a hash of their type and bytes.
+    let mut folded: HashMap<u64, usize> = HashMap::new();
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut kernel_index: HashMap<String, usize> = HashMap::new();
     let mut persistent = 0usize;
@@ -134,14 +136,31 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
             let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
-            pool_names.push(format!("{}:%{}", g.name, g.value(node.output).name));
-            pool_scales.push(match node.op {
-                Op::Quantize { .. } => Some(format!("{}:%{}", g.name, g.value(node.inputs[1]).name)),
-                _ => None,
-            });
-            pool.push(t.clone());
-            pool_at.push(None);
-            place[node.output.index()] = Some(Place::Weight(pool.len() - 1));
+            // A constant another graph computed already (the beam steps fold the same weights
+            // as `decoder_step`) is stored once: equal type and bytes, the same constant.
+            let bytes = t.data.to_le_bytes();
+            let key = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (&t.shape, t.dtype().name(), &bytes).hash(&mut h);
+                h.finish()
+            };
+            let same = folded.get(&key).copied().filter(|&id: &usize| pool[id] == t);
+            let id = match same {
+                Some(id) => id,
+                None => {
+                    pool_names.push(format!("{}:%{}", g.name, g.value(node.output).name));
+                    pool_scales.push(match node.op {
+                        Op::Quantize { .. } => Some(format!("{}:%{}", g.name, g.value(node.inputs[1]).name)),
+                        _ => None,
+                    });
+                    pool.push(t.clone());
+                    pool_at.push(None);
+                    folded.insert(key, pool.len() - 1);
+                    pool.len() - 1
+                }
+            };
+            place[node.output.index()] = Some(Place::Weight(id));
             consts.insert(node.output.index(), t);
         }
         // Persistent: inputs and outputs, bound by name across graphs.

@@ -58,7 +58,7 @@ fn levels() -> Vec<wcc_targets::Target> {
 fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
     let mut cases: BTreeMap<String, (Op, Vec<TensorType>, TensorType)> = BTreeMap::new();
     for name in ["tiny.en", "base"] {
-        let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
+        let loaded = common::load_default_build(name);
         let opts = wcc_passes::PassOptions { int8: true, ..Default::default() };
         let m = wcc_passes::run_observed(loaded.module, &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(()))
             .unwrap();

@@ -22,7 +22,7 @@ fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
     // One representative node per (op, operand shapes): the same kernel serves the others.
     let mut cases: BTreeMap<String, (Op, Vec<wcc_ir::TensorType>, wcc_ir::TensorType)> = BTreeMap::new();
     for name in ["tiny.en", "base"] {
-        let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
+        let loaded = common::load_default_build(name);
         // Unfused ops, and the folded and fused ones of the default pipeline.
         let plain = wcc_passes::run(loaded.module.clone(), &["hoist-cross-kv"]).unwrap();
         let full = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
@@ -51,6 +51,11 @@ fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
             .iter()
             .enumerate()
             .map(|(k, t)| match t.dtype {
+                DType::I32 if matches!(op, Op::ScatterRow) && k == 3 => {
+                    // A beam's origins: hypotheses swapped, repeated and kept.
+                    let b = t.shape[0] as i32;
+                    Tensor::i32(t.shape.clone(), (0..b).map(|j| (j * 3 + 2) % b).collect())
+                }
                 DType::I32 => {
                     // ids: a token or a position inside every table/cache used with them.
                     Tensor::i32(t.shape.clone(), vec![5; t.numel()])
@@ -166,6 +171,76 @@ fn cache_attention_sees_exactly_the_rows_up_to_each_query_position() {
         let got = wcc_backend::jit::run_op(&op, &args, &wcc_ir::TensorType::f32([m, d]), false).unwrap();
         let e = rel_err(got.as_f32().unwrap(), want.as_f32().unwrap());
         assert!(e < 1e-5, "m={m} s={s} heads={heads} dh={dh} pos={pos}: {e}");
+    }
+}
+
+#[test]
+fn a_beam_step_reorders_its_caches_and_attends_to_its_own_rows_only() {
+    // The batched `scatter_row` and `cache_attention` of a beam, both kernels of the
+    // scatter (in place: a gather into scratch and a copy back; not in place: one pass),
+    // on head sizes of both block paths, at the first and last positions, with origins that
+    // swap, repeat and keep hypotheses. Cache rows after the position hold huge values: a
+    // read past it would show.
+    for (b, s, heads, dh, pos, origin) in [
+        (3, 9, 2, 4, 0, vec![2, 0, 0]),
+        (3, 9, 2, 4, 8, vec![1, 0, 2]),
+        (2, 10, 3, 20, 4, vec![1, 1]),
+        (5, 7, 2, 64, 6, vec![0, 1, 2, 3, 4]),
+        (5, 448, 6, 64, 30, vec![4, 4, 0, 1, 2]),
+    ] {
+        let d = heads * dh;
+        let mut caches = [noise(b * s * d, 21), noise(b * s * d, 22)];
+        for c in &mut caches {
+            for h in 0..b {
+                for x in &mut c[(h * s + pos + 1) * d..(h + 1) * s * d] {
+                    *x = 1e30;
+                }
+            }
+        }
+        let p = Tensor::i32([1], vec![pos as i32]);
+        let o = Tensor::i32([b], origin.clone());
+        let mut next = vec![];
+        for (c, cache) in caches.iter().enumerate() {
+            let cache = Tensor::f32([b, s, d], cache.clone());
+            let rows = Tensor::f32([b, d], noise(b * d, 30 + c as u64));
+            let args = [&cache, &p, &rows, &o];
+            let want = eval(&Op::ScatterRow, &args).unwrap();
+            for in_place in [false, true] {
+                let got = wcc_backend::jit::run_op(&Op::ScatterRow, &args, &wcc_ir::TensorType::f32([b, s, d]), in_place)
+                    .unwrap();
+                assert_eq!(got, want, "scatter b={b} s={s} d={d} pos={pos} origin={origin:?} in_place={in_place}");
+            }
+            // Independent of the interpreter: row `pos` is the new one, rows before are the
+            // origin's, rows after the hypothesis's own.
+            let (w, old) = (want.as_f32().unwrap(), cache.as_f32().unwrap());
+            for h in 0..b {
+                for t in 0..s {
+                    let src = if t < pos { origin[h] as usize } else { h };
+                    let row = &w[(h * s + t) * d..(h * s + t + 1) * d];
+                    if t == pos {
+                        assert_eq!(row, &rows.as_f32().unwrap()[h * d..(h + 1) * d]);
+                    } else {
+                        assert_eq!(row, &old[(src * s + t) * d..(src * s + t + 1) * d]);
+                    }
+                }
+            }
+            next.push(want);
+        }
+        let q = Tensor::f32([b, d], noise(b * d, 23));
+        let op = Op::CacheAttention { heads };
+        let args = [&q, &next[0], &next[1], &p];
+        let want = eval(&op, &args).unwrap();
+        let got = wcc_backend::jit::run_op(&op, &args, &wcc_ir::TensorType::f32([b, d]), false).unwrap();
+        let e = rel_err(got.as_f32().unwrap(), want.as_f32().unwrap());
+        assert!(e < 1e-5, "attention b={b} s={s} heads={heads} dh={dh} pos={pos}: {e}");
+        // Each hypothesis's row is the single-query attention over its own cache.
+        for h in 0..b {
+            let slice = |t: &Tensor| Tensor::f32([s, d], t.as_f32().unwrap()[h * s * d..(h + 1) * s * d].to_vec());
+            let qh = Tensor::f32([1, d], q.as_f32().unwrap()[h * d..(h + 1) * d].to_vec());
+            let one = eval(&op, &[&qh, &slice(&next[0]), &slice(&next[1]), &p]).unwrap();
+            let e = rel_err(&got.as_f32().unwrap()[h * d..(h + 1) * d], one.as_f32().unwrap());
+            assert!(e < 1e-5, "hypothesis {h} of b={b}: {e}");
+        }
     }
 }
 

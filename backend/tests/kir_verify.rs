@@ -141,9 +141,7 @@ fn statement_lines() {
     assert_eq!(store(2, var(5), f(2.5)).line(&ty), "buf2[v5] = 2.5");
 }
 
-fn model_dir(name: &str) -> std::path::PathBuf {
-    wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
-}
+mod common;
 
 #[test]
 fn every_kernel_of_tiny_en_and_base_passes_the_verifier() {
@@ -153,7 +151,7 @@ fn every_kernel_of_tiny_en_and_base_passes_the_verifier() {
     let mut slowest = (String::new(), std::time::Duration::ZERO);
     for name in ["tiny.en", "base"] {
         for int8 in [false, true] {
-            let loaded = wcc_frontend::load(&model_dir(name)).unwrap();
+            let loaded = common::load_default_build(name);
             let opts = wcc_passes::PassOptions { int8, ..Default::default() };
             let module =
                 wcc_passes::run_observed(loaded.module, &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(()))
@@ -186,7 +184,11 @@ fn every_kernel_of_tiny_en_and_base_passes_the_verifier() {
 fn mutants_rejected(k: &Kernel) -> Result<(), String> {
     for b in 0..k.buffers.len() {
         let partial = (k.name.starts_with("slice_") && k.buffers[b].name == "x")
-            || (k.name.starts_with("scatter_row_in_place") && k.buffers[b].name == "cache");
+            || (k.name.starts_with("scatter_row_in_place") && k.buffers[b].name == "cache")
+            // A beam's cache rows are moved only before the position, which is at most the
+            // last row: the last row itself is never read from the cache or kept in scratch.
+            || (k.name.starts_with("beam_gather_rows") && matches!(k.buffers[b].name.as_str(), "cache" | "scratch"))
+            || (k.name.starts_with("beam_scatter_rows") && k.buffers[b].name == "scratch");
         if partial || k.buffers[b].len == 0 {
             continue;
         }
@@ -238,6 +240,16 @@ fn kernels_of_odd_shapes_pass_the_verifier() {
         (Op::Slice { axis: 1, start: 2, end: 7 }, vec![f(&[3, 9])], f(&[3, 5])),
         (Op::Gather, vec![f(&[10, 6]), t(DType::I32, &[3])], f(&[3, 6])),
         (Op::ScatterRow, vec![f(&[5, 6]), t(DType::I32, &[1]), f(&[1, 6])], f(&[5, 6])),
+        (
+            Op::ScatterRow,
+            vec![f(&[3, 5, 6]), t(DType::I32, &[1]), f(&[3, 6]), t(DType::I32, &[3])],
+            f(&[3, 5, 6]),
+        ),
+        (
+            Op::CacheAttention { heads: 2 },
+            vec![f(&[3, 8]), f(&[3, 5, 8]), f(&[3, 5, 8]), t(DType::I32, &[1])],
+            f(&[3, 8]),
+        ),
         (Op::CausalMask { len: 7 }, vec![t(DType::I32, &[1])], f(&[1, 7])),
         (Op::Conv1d { stride: 2, padding: 1 }, vec![f(&[3, 9]), f(&[5, 3, 3]), f(&[5])], f(&[5, 5])),
         (Op::RowScale, vec![f(&[3, 21])], f(&[3])),

@@ -70,6 +70,17 @@ pub struct LowerOptions {
     /// The decoder step also outputs the alignment heads' cross-attention scores
     /// ([`ALIGNMENT_OUTPUT`]), for word timestamps.
     pub alignment: bool,
+    /// Beam widths to build a batched decoder step for (`decoder_beam{N}`, see
+    /// [`beam_graph`]); 1 is the plain `decoder_step`, always built.
+    pub beam_sizes: Vec<usize>,
+}
+
+/// The name of the decoder step of a beam of `n` hypotheses. Its own inputs and outputs
+/// are named `beam{n}.tokens`, `beam{n}.position`, `beam{n}.origin`, `beam{n}.self_k.{i}`,
+/// `beam{n}.logits`, ... (graphs share a value by name, so the plain step's names are not
+/// reused); it reads `audio_features` (and what is hoisted from it) like `decoder_step`.
+pub fn beam_graph(n: usize) -> String {
+    format!("decoder_beam{n}")
 }
 
 /// Builds the module of a checkpoint.
@@ -109,6 +120,16 @@ pub fn lower_with(ck: &Checkpoint, opts: &LowerOptions) -> Result<Module, Fronte
     let enc = encoder(&mut lw)?;
     let dec = decoder_step(&mut lw, opts)?;
     lw.m.graphs = vec![enc, dec];
+    let mut sizes = opts.beam_sizes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for n in sizes.into_iter().filter(|&n| n > 1) {
+        if n > 64 {
+            return Err(ck.error(format!("a beam of {n} hypotheses is more than the 64 wcc builds")));
+        }
+        let g = decoder_beam(&mut lw, n)?;
+        lw.m.graphs.push(g);
+    }
     for g in &mut lw.m.graphs {
         g.canonicalize();
     }
@@ -308,6 +329,63 @@ fn decoder_step(lw: &mut Lowering, opts: &LowerOptions) -> Result<Graph, Fronten
             g.outputs.push(out);
         }
     }
+    Ok(g)
+}
+
+/// The decoder step of a beam of `n` hypotheses ([`beam_graph`]): `decoder_step` with a
+/// leading batch axis. Every hypothesis is at the same position (a beam grows in step);
+/// `origin[b]` names the hypothesis of the last step that hypothesis `b` continues, and the
+/// batched `scatter_row` reorders the caches by it before writing this step's row, so the
+/// runtime never copies a cache. The self-attention is written as `cache_attention`
+/// directly (what the `attention` pass makes of `decoder_step`'s); the cross-attention as
+/// in `decoder_step`, its `n` query rows against the one audio.
+fn decoder_beam(lw: &mut Lowering, n: usize) -> Result<Graph, FrontendError> {
+    let dims = lw.ck.dims.clone();
+    let (d, n_ctx, heads) = (dims.n_text_state, dims.n_text_ctx, dims.n_text_head);
+    let io = |s: &str| format!("beam{n}.{s}");
+    let mut g = Graph::new(beam_graph(n));
+    let tokens = g.add_input(io("tokens"), TensorType::new(DType::I32, [n]));
+    let position = g.add_input(io("position"), TensorType::new(DType::I32, [1]));
+    let origin = g.add_input(io("origin"), TensorType::new(DType::I32, [n]));
+    let caches: Vec<(ValueId, ValueId)> = (0..dims.n_text_layer)
+        .map(|i| {
+            (
+                g.add_input(io(&format!("self_k.{i}")), TensorType::f32([n, n_ctx, d])),
+                g.add_input(io(&format!("self_v.{i}")), TensorType::f32([n, n_ctx, d])),
+            )
+        })
+        .collect();
+    let audio = g.add_input("audio_features", TensorType::f32([dims.n_audio_ctx, d]));
+
+    let emb = lw.weight(&mut g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
+    let pos_table = lw.weight(&mut g, "decoder.embed_positions.weight", &[n_ctx, d])?;
+    let tok = node(&mut g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
+    let pos = node(&mut g, "dec.position".into(), Op::Gather, &[pos_table, position])?;
+    let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
+    let mut new_caches = Vec::new();
+    for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
+        // The node names are `decoder_step`'s: the cross-attention values hoisted into the
+        // encoder are found by name, and both steps read the same ones.
+        let (w, p) = (format!("decoder.layers.{i}"), format!("dec.l{i}"));
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.self_attn_layer_norm"), format!("{p}.attn_ln"), d)?;
+        let (q, k, v) = qkv(lw, &mut g, (h, h), &format!("{w}.self_attn"), &format!("{p}.attn"), d, heads)?;
+        let k_all = node(&mut g, io(&format!("self_k.{i}.next")), Op::ScatterRow, &[k_cache, position, k, origin])?;
+        let v_all = node(&mut g, io(&format!("self_v.{i}.next")), Op::ScatterRow, &[v_cache, position, v, origin])?;
+        new_caches.extend([k_all, v_all]);
+        let a = node(&mut g, format!("{p}.attn.ctx"), Op::CacheAttention { heads }, &[q, k_all, v_all, position])?;
+        let a = linear(lw, &mut g, a, &format!("{w}.self_attn.out_proj"), format!("{p}.attn_proj"), (d, d), true)?;
+        x = node(&mut g, format!("{p}.attn_out"), Op::Add, &[x, a])?;
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.encoder_attn_layer_norm"), format!("{p}.xattn_ln"), d)?;
+        let proj = qkv(lw, &mut g, (h, audio), &format!("{w}.encoder_attn"), &format!("{p}.xattn"), d, heads)?;
+        let (a, _) = attention(&mut g, &format!("{p}.xattn"), proj, heads, None)?;
+        let a = linear(lw, &mut g, a, &format!("{w}.encoder_attn.out_proj"), format!("{p}.xattn_proj"), (d, d), true)?;
+        x = node(&mut g, format!("{p}.xattn_out"), Op::Add, &[x, a])?;
+        x = ffn(lw, &mut g, x, &w, &p, (d, dims.n_text_ffn))?;
+    }
+    let h = layer_norm(lw, &mut g, x, "decoder.layer_norm", "dec.final_ln".into(), d)?;
+    let logits = node(&mut g, io("logits"), Op::Linear, &[h, emb])?;
+    g.outputs.push(logits);
+    g.outputs.extend(new_caches);
     Ok(g)
 }
 

@@ -337,7 +337,11 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
             concat(&refs, 0)?
         }
         Op::Gather => gather(args[0], args[1].as_i32()?)?,
+        Op::ScatterRow if args.len() == 4 => beam_scatter_row(args[0], args[1].as_i32()?, f(2)?, args[3].as_i32()?)?,
         Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, f(2)?)?,
+        Op::CacheAttention { heads } if args[1].shape.len() == 3 => {
+            beam_cache_attention(args[0], f(1)?, f(2)?, args[3].as_i32()?, *heads)?
+        }
         Op::CacheAttention { heads } => cache_attention(args[0], f(1)?, f(2)?, args[3].as_i32()?, *heads)?,
         Op::CausalMask { len } => {
             let pos = position(args[0].as_i32()?, *len)?;
@@ -730,6 +734,39 @@ fn scatter_row(cache: &Tensor, index: &[i32], row: &[f32]) -> Result<Tensor, Int
     let mut out = cache.as_f32()?.to_vec();
     out[i * d..(i + 1) * d].copy_from_slice(row);
     Ok(Tensor::f32([s, d], out))
+}
+
+/// The batched `scatter_row` of a beam step: hypothesis `b` takes the rows before `index`
+/// from hypothesis `origin[b]`, row `index` from `rows[b]`, and keeps its rows after.
+fn beam_scatter_row(cache: &Tensor, index: &[i32], rows: &[f32], origin: &[i32]) -> Result<Tensor, InterpError> {
+    let (b, s, d) = (cache.shape[0], cache.shape[1], cache.shape[2]);
+    let p = position(index, s)?;
+    let old = cache.as_f32()?;
+    let mut out = old.to_vec();
+    for (h, &o) in origin.iter().enumerate() {
+        if o < 0 || o as usize >= b {
+            return Err(InterpError(format!("beam origin {o} is outside 0..{b}")));
+        }
+        let (dst, src) = (h * s * d, o as usize * s * d);
+        out[dst..dst + p * d].copy_from_slice(&old[src..src + p * d]);
+        out[dst + p * d..dst + (p + 1) * d].copy_from_slice(&rows[h * d..(h + 1) * d]);
+    }
+    Ok(Tensor::f32([b, s, d], out))
+}
+
+/// The batched `cache_attention`: hypothesis `b`'s one query row over its own cache, as
+/// [`cache_attention`] computes it.
+fn beam_cache_attention(q: &Tensor, k: &[f32], v: &[f32], pos: &[i32], heads: usize) -> Result<Tensor, InterpError> {
+    let (b, d) = (q.shape[0], q.shape[1]);
+    let sd = k.len() / b;
+    let qd = q.as_f32()?;
+    let mut out = Vec::with_capacity(b * d);
+    for h in 0..b {
+        let qh = Tensor::f32([1, d], qd[h * d..(h + 1) * d].to_vec());
+        let r = cache_attention(&qh, &k[h * sd..(h + 1) * sd], &v[h * sd..(h + 1) * sd], pos, heads)?;
+        out.extend_from_slice(r.as_f32()?);
+    }
+    Ok(Tensor::f32([b, d], out))
 }
 
 /// `cache_attention`: per query row and head, scores over the visible cache rows, softmax

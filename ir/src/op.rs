@@ -47,6 +47,11 @@ pub enum Op {
     /// (`table[id, d] · scales[id]`).
     Gather,
     /// `cache[S, D], index i32[1], row[1, D] -> [S, D]`: the cache with row `index` replaced.
+    ///
+    /// The batched form is one decoding step of a beam: `cache[B, S, D], index i32[1],
+    /// rows[B, D], origin i32[B] -> [B, S, D]`, where hypothesis `b` continues hypothesis
+    /// `origin[b]` of the last step: its rows before `index` are `origin[b]`'s, row `index`
+    /// is `rows[b]`, and its rows after `index` are its own, unchanged (no step reads them).
     ScatterRow,
     /// `position i32[1] -> f32[1, len]`: 0 for columns `<= position`, -inf after (causal mask
     /// of one decoding step over a static-length cache).
@@ -90,6 +95,10 @@ pub enum Op {
     /// for head `h` (columns `h·dh..(h+1)·dh`):
     /// `out[i, h·dh + j] = Σ_t softmax_t(Σ_c q[i, h·dh+c]·k[t, h·dh+c]) · v[t, h·dh + j]`.
     /// No scaling: Whisper's `dh^-1/4` is already in `q` and `k`. `p + M - 1` must be `< S`.
+    ///
+    /// The batched form (a beam of `B` hypotheses, one query row each, each with its own
+    /// cache): `q f32[B, D], k f32[B, S, D], v f32[B, S, D], position i32[1] -> f32[B, D]`,
+    /// row `b` the attention of `q[b]` at position `p` over `k[b]`, `v[b]`.
     CacheAttention { heads: usize },
 }
 
@@ -251,7 +260,8 @@ impl Op {
     /// How many operands the op takes: `(min, max)`.
     pub fn arity(&self) -> (usize, usize) {
         match self {
-            Op::Conv1d { .. } | Op::ScatterRow => (3, 3),
+            Op::Conv1d { .. } => (3, 3),
+            Op::ScatterRow => (3, 4),
             Op::LayerNorm { .. } => (1, 3),
             Op::Concat { .. } => (1, usize::MAX),
             Op::FusedLinear { residual, .. } => {
@@ -352,6 +362,17 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
         Op::CacheAttention { heads } => {
             let (q, k, v) = (float(0)?, float(1)?, float(2)?);
             int_scalar(3)?;
+            if k.rank() == 3 {
+                // Batched: one query row per hypothesis.
+                if k.shape != v.shape || q.shape != [k.shape[0], k.shape[2]] || k.shape[1] == 0 {
+                    return Err(shape_err());
+                }
+                let d = q.shape[1];
+                if *heads == 0 || d % heads != 0 || d == 0 || q.shape[0] == 0 {
+                    return Err(format!("cache_attention{{heads={heads}}} needs D > 0 divisible by the heads, got {q}"));
+                }
+                return Ok(TensorType::f32(q.shape.clone()));
+            }
             if q.rank() != 2 || k.rank() != 2 || k.shape != v.shape || q.shape[1] != k.shape[1] {
                 return Err(shape_err());
             }
@@ -549,6 +570,17 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
             let cache = float(0)?;
             int_scalar(1)?;
             let row = float(2)?;
+            if inputs.len() == 4 {
+                let origin = inputs[3];
+                let ok = cache.rank() == 3
+                    && row.shape == [cache.shape[0], cache.shape[2]]
+                    && origin.dtype == DType::I32
+                    && origin.shape == [cache.shape[0]];
+                if !ok {
+                    return Err(shape_err());
+                }
+                return Ok(TensorType::f32(cache.shape.clone()));
+            }
             if cache.rank() != 2 || row.shape != [1, cache.shape[1]] {
                 return Err(shape_err());
             }

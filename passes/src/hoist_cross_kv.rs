@@ -10,6 +10,11 @@
 //! used are dropped. The values computed are unchanged, only where and how often: once per
 //! window instead of once per token. Nodes that depend on weights alone are left where
 //! they are (they are constants, the `fold` pass's business).
+//!
+//! Every decoder graph (each beam width's step besides `decoder_step`) is hoisted in turn.
+//! Their cross-attention nodes carry the same names: a node hoisted by an earlier graph is
+//! reused when the later one's is the same computation (same op, same operands, same type),
+//! so the encoder computes it once; a same-named node that differs is an error.
 
 use wcc_ir::{Graph, Module, ValueDef, ValueId};
 
@@ -23,8 +28,19 @@ fn fail(msg: impl Into<String>) -> PassError {
 
 pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
     let enc_i = m.graphs.iter().position(|g| g.name == "encoder").ok_or_else(|| fail("no `encoder` graph"))?;
-    let dec_i =
-        m.graphs.iter().position(|g| g.name == "decoder_step").ok_or_else(|| fail("no `decoder_step` graph"))?;
+    if !m.graphs.iter().any(|g| g.name == "decoder_step") {
+        return Err(fail("no `decoder_step` graph"));
+    }
+    for dec_i in 0..m.graphs.len() {
+        if dec_i != enc_i {
+            m = hoist_from(m, enc_i, dec_i)?;
+        }
+    }
+    Ok(m)
+}
+
+/// Hoists what graph `dec_i` computes from the encoder's outputs alone into graph `enc_i`.
+fn hoist_from(mut m: Module, enc_i: usize, dec_i: usize) -> Result<Module, PassError> {
     let (enc, dec) = (&m.graphs[enc_i], &m.graphs[dec_i]);
 
     // Decoder inputs that are encoder outputs, and the encoder value each one is.
@@ -76,8 +92,20 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
             args.push(a);
         }
         let out = dec.value(node.output);
-        if new_enc.find_value(&out.name).is_some() {
-            return Err(fail(format!("the encoder already has a value named %{}", out.name)));
+        if let Some(existing) = new_enc.find_value(&out.name) {
+            // Hoisted already from another decoder graph: the same computation is reused.
+            let same = match new_enc.value(existing).def {
+                ValueDef::Node(k) => {
+                    let e = &new_enc.nodes[k];
+                    e.op == node.op && e.inputs == args && new_enc.ty(existing) == &out.ty
+                }
+                _ => false,
+            };
+            if !same {
+                return Err(fail(format!("the encoder already has a different value named %{}", out.name)));
+            }
+            in_enc[node.output.index()] = Some(existing);
+            continue;
         }
         in_enc[node.output.index()] =
             Some(new_enc.add_node_typed(out.name.clone(), node.op.clone(), &args, out.ty.clone()));
@@ -105,7 +133,7 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
                 for &b in &boundary {
                     let v = dec.value(b);
                     map[b.index()] = Some(new_dec.add_input(v.name.clone(), v.ty.clone()));
-                    new_enc.outputs.push(in_enc[b.index()].expect("hoisted"));
+                    push_output(&mut new_enc, in_enc[b.index()].expect("hoisted"));
                 }
                 boundary_added = true;
             }
@@ -118,7 +146,7 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
         for &b in &boundary {
             let v = dec.value(b);
             map[b.index()] = Some(new_dec.add_input(v.name.clone(), v.ty.clone()));
-            new_enc.outputs.push(in_enc[b.index()].expect("hoisted"));
+            push_output(&mut new_enc, in_enc[b.index()].expect("hoisted"));
         }
     }
     for (n, node) in dec.nodes.iter().enumerate() {
@@ -144,4 +172,10 @@ pub fn hoist_cross_kv(mut m: Module) -> Result<Module, PassError> {
     m.graphs[enc_i] = new_enc;
     m.graphs[dec_i] = new_dec;
     Ok(m)
+}
+
+fn push_output(g: &mut Graph, v: ValueId) {
+    if !g.outputs.contains(&v) {
+        g.outputs.push(v);
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use memmap2::{Mmap, MmapMut};
 
-use crate::decode::Decoder;
+use crate::decode::{BeamDecoder, Decoder};
 use crate::tokenizer::WhisperTokenizer;
 use crate::transcribe::WhisperModel;
 use crate::wbin::{BufRef, Header, IoSlot, WbinError, WbinFile};
@@ -18,6 +18,17 @@ const ALIGNMENT_OUTPUT: &str = "alignment";
 
 /// Below this much work per call a kernel runs on one thread: waking the others costs more.
 const PARALLEL_MIN_FLOPS: u64 = 200_000;
+
+/// The decoder step of a beam of `width` hypotheses (graph `decoder_beam{width}`, its own
+/// inputs and outputs named `beam{width}.*`).
+struct Beam {
+    width: usize,
+    graph: PreparedGraph,
+    tokens: IoSlot,
+    position: IoSlot,
+    origin: IoSlot,
+    logits: IoSlot,
+}
 
 struct PreparedGraph {
     launches: Vec<Launch>,
@@ -42,6 +53,8 @@ pub struct CompiledModel {
     /// scores output, in builds with word timestamps.
     alignment: Vec<(usize, usize)>,
     alignment_outputs: Vec<IoSlot>,
+    /// The decoder steps of beams, by width.
+    beams: Vec<Beam>,
     /// Seconds and calls per kernel, when profiling.
     profile: Option<std::cell::RefCell<Vec<(f64, u64)>>>,
 }
@@ -112,6 +125,18 @@ impl CompiledModel {
         };
         let (encoder, decoder, logits) = (prepare(plan.encoder), prepare(plan.decoder), plan.logits);
         let (alignment, alignment_outputs) = plan.alignment;
+        let beams = plan
+            .beams
+            .into_iter()
+            .map(|(width, g, [tokens, position, origin, logits])| Beam {
+                width,
+                graph: prepare(g),
+                tokens,
+                position,
+                origin,
+                logits,
+            })
+            .collect();
         let team = if threads > 1 {
             Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
@@ -127,6 +152,7 @@ impl CompiledModel {
             logits,
             alignment,
             alignment_outputs,
+            beams,
             profile: None,
         })
     }
@@ -240,6 +266,8 @@ struct Plan {
     logits: IoSlot,
     /// The alignment heads as `(index into the outputs, head)`, and the outputs.
     alignment: (Vec<(usize, usize)>, Vec<IoSlot>),
+    /// Per beam width: its step and its tokens, position, origin and logits slots.
+    beams: Vec<(usize, GraphPlan, [IoSlot; 4])>,
 }
 
 /// Checks a `.wbin`'s program against its own sections, as [`CompiledModel::load`] does
@@ -393,7 +421,38 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
         return Err("the decoder's context is empty".into());
     }
     let alignment = alignment_plan(h, &decoder.outputs)?;
-    Ok(Plan { encoder, decoder, logits, alignment })
+    let mut beams = Vec::new();
+    for g in &h.graphs {
+        let Some(width) = g.name.strip_prefix("decoder_beam") else { continue };
+        let width: usize = match width.parse() {
+            Ok(w) if w > 1 && w <= 64 => w,
+            _ => return Err(format!("`{}` is no beam width (2 to 64)", g.name)),
+        };
+        let plan = graph(&g.name)?;
+        let slot = |list: &[IoSlot], what: &str, dtype: &str, len: u64| -> Result<IoSlot, String> {
+            let name = format!("beam{width}.{what}");
+            match list.iter().find(|s| s.name == name) {
+                Some(s) if s.dtype == dtype && slot_bytes(s) == Some(4 * len) => Ok(s.clone()),
+                _ => Err(format!("`{}` has no {dtype}[{len}] `{name}`", g.name)),
+            }
+        };
+        let w = width as u64;
+        let tokens = slot(&plan.inputs, "tokens", "i32", w)?;
+        let position = slot(&plan.inputs, "position", "i32", 1)?;
+        let origin = slot(&plan.inputs, "origin", "i32", w)?;
+        let logits = slot(&plan.outputs, "logits", "f32", w * n_vocab)?;
+        for o in &plan.outputs {
+            if let Some(state) = o.name.strip_suffix(".next") {
+                if let Some(i) = plan.inputs.iter().find(|i| i.name == state) {
+                    if slot_bytes(i) != slot_bytes(o) {
+                        return Err(format!("`{}` and `{state}` differ in size", o.name));
+                    }
+                }
+            }
+        }
+        beams.push((width, plan, [tokens, position, origin, logits]));
+    }
+    Ok(Plan { encoder, decoder, logits, alignment, beams })
 }
 
 /// The alignment heads of a build with word timestamps: each decoder output
@@ -497,6 +556,61 @@ impl WhisperModel for CompiledModel {
         }
         self.run(&self.encoder);
         Ok(())
+    }
+}
+
+impl BeamDecoder for CompiledModel {
+    fn beam_widths(&self) -> Vec<usize> {
+        self.beams.iter().map(|b| b.width).collect()
+    }
+
+    fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String> {
+        let n = tokens.len();
+        let i = self.beams.iter().position(|b| b.width == n).ok_or_else(|| {
+            format!("this build has no beam of {n}; it has {:?} (compile with --beam-sizes)", self.beam_widths())
+        })?;
+        let n_vocab = self.logits.bytes() / 4;
+        if let Some(t) = tokens.iter().find(|&&t| u64::from(t) >= n_vocab) {
+            return Err(format!("token {t} is outside the vocabulary (0..{n_vocab})"));
+        }
+        if origin.len() != n || origin.iter().any(|&o| o as usize >= n) {
+            return Err(format!("beam origins {origin:?} are not hypotheses of a beam of {n}"));
+        }
+        let n_ctx = self.file.header.generation.max_text_ctx;
+        if position >= n_ctx {
+            return Err(format!("position {position} is outside the text context (0..{n_ctx})"));
+        }
+        let (t_at, p_at, o_at) = {
+            let b = &self.beams[i];
+            (b.tokens.offset as usize, b.position.offset as usize, b.origin.offset as usize)
+        };
+        let arena = self.arena_bytes_mut();
+        for (k, (&t, &o)) in tokens.iter().zip(origin).enumerate() {
+            arena[t_at + 4 * k..t_at + 4 * k + 4].copy_from_slice(&(t as i32).to_le_bytes());
+            arena[o_at + 4 * k..o_at + 4 * k + 4].copy_from_slice(&(o as i32).to_le_bytes());
+        }
+        arena[p_at..p_at + 4].copy_from_slice(&(position as i32).to_le_bytes());
+        self.run(&self.beams[i].graph);
+        // Caches not updated in place are copied back to their inputs (a build places them
+        // in place; this is what a plan that could not would need).
+        let g = &self.beams[i].graph;
+        let copies: Vec<(usize, usize, usize)> = g
+            .outputs
+            .iter()
+            .filter_map(|out| {
+                let state = out.name.strip_suffix(".next")?;
+                let inp = g.inputs.iter().find(|i| i.name == state)?;
+                (inp.offset != out.offset).then(|| (out.offset as usize, inp.offset as usize, out.bytes() as usize))
+            })
+            .collect();
+        for (a, b, len) in copies {
+            self.arena_bytes_mut().copy_within(a..a + len, b);
+        }
+        let logits = &self.beams[i].logits;
+        let (at, len) = (logits.offset as usize, logits.bytes() as usize / 4);
+        // SAFETY: the logits slot is inside the arena (checked at load) and 4-byte aligned
+        // (arena offsets are multiples of 64); f32 has no invalid bit patterns.
+        Ok(unsafe { std::slice::from_raw_parts(self.arena.as_ptr().cast::<u8>().add(at).cast::<f32>(), len) })
     }
 }
 

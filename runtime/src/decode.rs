@@ -9,6 +9,31 @@ pub trait Decoder {
     fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String>;
 }
 
+/// A decoder that can also step a beam of hypotheses at once (a build's `decoder_beam{N}`
+/// graphs). No method has a default: a wrapper that forgot to forward them would silently
+/// lose beam search.
+pub trait BeamDecoder {
+    /// The beam widths (above 1) this decoder can step.
+    fn beam_widths(&self) -> Vec<usize>;
+    /// One step of a beam of `tokens.len()` hypotheses, all at `position`: hypothesis `b`
+    /// continues hypothesis `origin[b]` of the last step (its self-attention cache before
+    /// `position` becomes that one's) and takes `tokens[b]`. Returns the logits, one row of
+    /// the vocabulary per hypothesis. Feeding position 0 starts a new sequence.
+    fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String>;
+}
+
+/// Beam search settings, as faster-whisper's and CTranslate2's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BeamOptions {
+    /// Hypotheses kept at each step (`beam_size`).
+    pub width: usize,
+    /// The search ends when `round(width · patience)` hypotheses have finished.
+    pub patience: f32,
+    /// A finished hypothesis is ranked by its summed log-probability over
+    /// `length^length_penalty` (1: the mean per token).
+    pub length_penalty: f32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("decoder step at position {position}: {msg}")]
@@ -246,6 +271,153 @@ pub fn sample_scored(
     }
     let avg_logprob = (sum_logprob / (out.len() + 1) as f64) as f32;
     Ok(Decoded { tokens: out, no_speech_prob, avg_logprob })
+}
+
+/// `log_softmax(logits)`, in place: `x - max - ln Σ exp(x - max)`, one rounding per element
+/// (as CTranslate2 computes it).
+fn log_softmax(logits: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let c = -max - (sum.ln() as f32);
+    logits.iter_mut().for_each(|l| *l += c);
+}
+
+/// Beam search over one window, as CTranslate2's (what faster-whisper runs at temperature
+/// 0): the prompt is fed to every hypothesis; at each step the suppression and timestamp
+/// rules mask each hypothesis's logits, its log-probabilities are added to its score, and
+/// the `2·width` best continuations over all hypotheses (ties to the lower hypothesis, then
+/// token) are taken in order; the first `width` of them are checked for end-of-text: one
+/// that ends is set aside with its score and replaced by the next candidate that does not
+/// end. The first step expands the one hypothesis the prompt made. The search stops when
+/// `round(width · patience)` hypotheses have ended, or at the window's length limit (where
+/// every live hypothesis counts as ended). The winner has the best score over
+/// `length^length_penalty` (length without end-of-text; the first set aside wins a tie).
+/// `avg_logprob` is its summed log-probability over its length plus one, as faster-whisper
+/// reports it.
+pub fn beam_search(
+    dec: &mut dyn BeamDecoder,
+    cfg: &GenerationConfig,
+    prompt: &[u32],
+    opts: BeamOptions,
+) -> Result<Decoded, DecodeError> {
+    let b = opts.width;
+    if prompt.is_empty() || prompt.len() >= cfg.max_text_ctx {
+        return Err(DecodeError::PromptTooLong(prompt.len()));
+    }
+    let fail = |position: usize| move |msg: String| DecodeError::Step { position, msg };
+    let identity: Vec<u32> = (0..b as u32).collect();
+    let mut logits: Vec<f32> = Vec::new();
+    let mut no_speech_prob = 0.0;
+    let mut v = 0;
+    for (pos, &t) in prompt.iter().enumerate() {
+        let out = dec.beam_step(&vec![t; b], &identity, pos).map_err(fail(pos))?;
+        v = out.len() / b;
+        logits.clear();
+        logits.extend_from_slice(out);
+        if t == cfg.special.sot {
+            if let Some(ns) = cfg.special.no_speech.filter(|&ns| (ns as usize) < v) {
+                no_speech_prob = log_prob(&logits[..v], ns as usize).exp();
+            }
+        }
+    }
+    let timestamps = !prompt.contains(&cfg.special.no_timestamps);
+    // CTranslate2's length limit: the start token (the prompt's last) is at `start`.
+    let start = prompt.len() - 1;
+    let limit = max_new_tokens(cfg).min(cfg.max_text_ctx - start);
+    let candidates = 2 * b;
+    let most_finished = ((b as f32 * opts.patience).round() as usize).max(1);
+    let mut alive: Vec<Vec<u32>> = vec![Vec::new()];
+    let mut cum: Vec<f32> = vec![0.0];
+    let mut finished: Vec<(Vec<u32>, f32)> = Vec::new();
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(candidates + 1);
+    for step in 0..limit {
+        let rows = alive.len();
+        best.clear();
+        for r in 0..rows {
+            let row = &mut logits[r * v..(r + 1) * v];
+            for &t in &cfg.suppress {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            if step == 0 {
+                for &t in &cfg.suppress_begin {
+                    if let Some(l) = row.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            if timestamps {
+                apply_timestamp_rules(row, &alive[r], cfg);
+            }
+            log_softmax(row);
+            // The best `candidates` of (score, flat index), best first; scanning in index
+            // order, an equal score never displaces an earlier one.
+            for (t, &lp) in row.iter().enumerate() {
+                let score = if step == 0 { lp } else { cum[r] + lp };
+                if best.len() == candidates && score <= best[candidates - 1].0 {
+                    continue;
+                }
+                let at = best.partition_point(|&(s, _)| s >= score);
+                best.insert(at, (score, r * v + t));
+                best.truncate(candidates);
+            }
+        }
+        let is_last = step + 1 == limit;
+        let word = |j: usize| (best[j].1 % v) as u32;
+        let seq = |j: usize| -> Vec<u32> {
+            let mut s = alive[best[j].1 / v].clone();
+            s.push(word(j));
+            s
+        };
+        let mut next = b;
+        let mut source: Vec<usize> = (0..b.min(best.len())).collect();
+        for k in 0..source.len() {
+            let ended = word(k) == cfg.special.eot;
+            if ended || is_last {
+                let mut toks = seq(k);
+                if ended {
+                    toks.pop();
+                }
+                finished.push((toks, best[k].0));
+                if let Some(j) = (next..best.len()).find(|&j| word(j) != cfg.special.eot) {
+                    source[k] = j;
+                    next = j + 1;
+                }
+            }
+        }
+        if is_last || finished.len() >= most_finished {
+            break;
+        }
+        let origin: Vec<u32> = source.iter().map(|&j| (best[j].1 / v) as u32).collect();
+        let tokens: Vec<u32> = source.iter().map(|&j| word(j)).collect();
+        alive = source.iter().map(|&j| seq(j)).collect();
+        cum = source.iter().map(|&j| best[j].0).collect();
+        if alive.len() < b {
+            // Fewer continuations than hypotheses (a vocabulary smaller than the beam).
+            break;
+        }
+        let pos = prompt.len() + step;
+        let out = dec.beam_step(&tokens, &origin, pos).map_err(fail(pos))?;
+        logits.clear();
+        logits.extend_from_slice(out);
+    }
+    let mut winner: Option<(f32, usize)> = None;
+    for (i, (toks, raw)) in finished.iter().enumerate() {
+        let score = raw / (toks.len() as f32).powf(opts.length_penalty);
+        if winner.is_none_or(|(s, _)| score > s) {
+            winner = Some((score, i));
+        }
+    }
+    let Some((_, i)) = winner else {
+        return Ok(Decoded { tokens: vec![], no_speech_prob, avg_logprob: f32::NEG_INFINITY });
+    };
+    let (tokens, raw) = finished.swap_remove(i);
+    let avg_logprob = raw / (tokens.len() + 1) as f32;
+    Ok(Decoded { tokens, no_speech_prob, avg_logprob })
 }
 
 /// Language identification: one step on `<|startoftranscript|>`, then the most likely

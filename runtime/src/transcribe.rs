@@ -2,7 +2,7 @@
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
 use crate::decode::{
-    detect_language, sample_scored, timestamp_prompt, transcribe_prompt, DecodeError, Decoded, Decoder, Rng,
+    beam_search, detect_language, sample_scored, BeamDecoder, BeamOptions, timestamp_prompt, transcribe_prompt, DecodeError, Decoded, Decoder, Rng,
 };
 use crate::mel::log_mel_spectrogram_with;
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
@@ -10,7 +10,7 @@ use crate::{HOP_LENGTH, SAMPLE_RATE};
 
 /// A Whisper model that can encode one window of features and then run decoder steps
 /// against it.
-pub trait WhisperModel: Decoder {
+pub trait WhisperModel: Decoder + BeamDecoder {
     /// Mel bins and frames of the encoder's static input.
     fn input_shape(&self) -> (usize, usize);
     /// Runs the encoder on `mel` (`[n_mels, frames]`, row-major); later decoder steps attend
@@ -55,6 +55,9 @@ pub struct TranscribeOptions {
     /// Tokens given as previous text to the first window (`--initial-prompt`, encoded as
     /// `" " + text`), and to the later ones while they are conditioned on previous text.
     pub initial_prompt: Vec<u32>,
+    /// Beam search at temperature 0 (`None`, or a width of 1: greedy); the model must have
+    /// a beam step of that width ([`BeamDecoder::beam_widths`]).
+    pub beam: Option<BeamOptions>,
 }
 
 /// The prompt of a window: `<|startofprev|>` and the last tokens of `previous` (at most half
@@ -127,7 +130,10 @@ fn decode_window(
     let temperatures: &[f32] = if opts.temperatures.is_empty() { &[0.0] } else { &opts.temperatures };
     let mut last = None;
     for &t in temperatures {
-        let d = sample_scored(model, cfg, prompt, t, rng)?;
+        let d = match opts.beam.filter(|b| b.width > 1) {
+            Some(beam) if t == 0.0 => beam_search(model, cfg, prompt, beam)?,
+            _ => sample_scored(model, cfg, prompt, t, rng)?,
+        };
         let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
         let silent = judged_silent(&d);
         let repeats = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD;

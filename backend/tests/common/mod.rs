@@ -18,3 +18,10 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
 pub fn model_dir(name: &str) -> std::path::PathBuf {
     wcc_frontend::resolve_model(name).unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models {name}"))
 }
+
+/// A fetched model lowered as `wcc compile` builds it by default: with the decoder step of a
+/// beam of 5 beside the plain one.
+pub fn load_default_build(name: &str) -> wcc_frontend::LoadedModel {
+    let opts = wcc_frontend::lower::LowerOptions { beam_sizes: vec![1, 5], ..Default::default() };
+    wcc_frontend::load_with(&model_dir(name), &opts).unwrap()
+}
