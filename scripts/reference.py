@@ -75,6 +75,30 @@ def cmd_greedy(a):
     print(json.dumps(out[0] if a.single else out))
 
 
+def cmd_beam(a):
+    # CTranslate2's beam search as faster-whisper calls it at temperature 0: one model load
+    # for any number of (features, prompt) pairs; prints [[ids, score], ...].
+    if len(a.mel) != len(a.prompt):
+        sys.exit("give one --prompt per features file")
+    model = whisper(a.model)
+    out = []
+    for mel, prompt in zip(a.mel, a.prompt):
+        ids = [int(t) for t in prompt.split(",")]
+        r = model.generate(
+            features(mel),
+            [ids],
+            beam_size=a.beam_size,
+            patience=a.patience,
+            length_penalty=a.length_penalty,
+            max_length=448,
+            return_scores=True,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+        )[0]
+        out.append([r.sequences_ids[0], r.scores[0]])
+    print(json.dumps(out))
+
+
 def cmd_words(a):
     # faster-whisper's own word alignment (WhisperModel.find_alignment on CTranslate2's
     # `align`, then its merge_punctuations), from the given features and text tokens.
@@ -174,6 +198,14 @@ def main():
     p.add_argument("--prompt", required=True, action="append", help="comma-separated token ids, one per features file")
     p.add_argument("--max-length", type=int, default=224)
     p.set_defaults(f=cmd_greedy)
+    p = sub.add_parser("beam")
+    p.add_argument("model")
+    p.add_argument("mel", nargs="+")
+    p.add_argument("--prompt", required=True, action="append", help="comma-separated token ids, one per features file")
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--patience", type=float, default=1.0)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.set_defaults(f=cmd_beam)
     p = sub.add_parser("words")
     p.add_argument("model")
     p.add_argument("mel")

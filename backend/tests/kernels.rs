@@ -206,8 +206,9 @@ fn a_beam_step_reorders_its_caches_and_attends_to_its_own_rows_only() {
             let args = [&cache, &p, &rows, &o];
             let want = eval(&Op::ScatterRow, &args).unwrap();
             for in_place in [false, true] {
-                let got = wcc_backend::jit::run_op(&Op::ScatterRow, &args, &wcc_ir::TensorType::f32([b, s, d]), in_place)
-                    .unwrap();
+                let got =
+                    wcc_backend::jit::run_op(&Op::ScatterRow, &args, &wcc_ir::TensorType::f32([b, s, d]), in_place)
+                        .unwrap();
                 assert_eq!(got, want, "scatter b={b} s={s} d={d} pos={pos} origin={origin:?} in_place={in_place}");
             }
             // Independent of the interpreter: row `pos` is the new one, rows before are the

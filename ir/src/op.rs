@@ -369,7 +369,9 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 }
                 let d = q.shape[1];
                 if *heads == 0 || d % heads != 0 || d == 0 || q.shape[0] == 0 {
-                    return Err(format!("cache_attention{{heads={heads}}} needs D > 0 divisible by the heads, got {q}"));
+                    return Err(format!(
+                        "cache_attention{{heads={heads}}} needs D > 0 divisible by the heads, got {q}"
+                    ));
                 }
                 return Ok(TensorType::f32(q.shape.clone()));
             }

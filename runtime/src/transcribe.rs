@@ -2,7 +2,8 @@
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
 use crate::decode::{
-    beam_search, detect_language, sample_scored, BeamDecoder, BeamOptions, timestamp_prompt, transcribe_prompt, DecodeError, Decoded, Decoder, Rng,
+    beam_search, detect_language, sample_scored, timestamp_prompt, transcribe_prompt, BeamDecoder, BeamOptions,
+    DecodeError, Decoded, Decoder, Rng,
 };
 use crate::mel::log_mel_spectrogram_with;
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
