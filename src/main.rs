@@ -18,6 +18,10 @@ struct Cli {
     command: Command,
 }
 
+/// The beam size `run` uses when none is asked for: faster-whisper's and openai-whisper's
+/// command line's.
+const DEFAULT_BEAM: usize = 5;
+
 /// How to decode and what to print, shared by `transcribe` and `run`.
 #[derive(Args)]
 struct DecodingArgs {
@@ -30,13 +34,18 @@ struct DecodingArgs {
     /// Print JSON (text, tokens, language, timings) instead of the text.
     #[arg(long)]
     json: bool,
-    /// Decode with timestamp tokens: segments with start and end times (`[0.00 --> 8.00]`
-    /// before each in the text output), each window resuming at the last complete timestamp.
-    #[arg(long)]
+    /// Print each segment's times in the text output (`[0.00 --> 8.00] text`). Decoding has
+    /// timestamps by default: segments with start and end times, each window resuming at the
+    /// last complete timestamp.
+    #[arg(long, conflicts_with = "without_timestamps")]
     timestamps: bool,
-    /// With --timestamps: each window's prompt carries the previous windows' text
-    /// (openai-whisper's and faster-whisper's `condition_on_previous_text`).
-    #[arg(long, requires = "timestamps")]
+    /// Decode without timestamp tokens (`<|notimestamps|>`): one segment per window, windows
+    /// cut at quiet points (faster-whisper's `without_timestamps=True`).
+    #[arg(long)]
+    without_timestamps: bool,
+    /// Each window's prompt carries the previous windows' text (openai-whisper's and
+    /// faster-whisper's `condition_on_previous_text`; with timestamps only).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     condition_on_previous_text: bool,
     /// Temperature fallback: a window is decoded at these temperatures in turn until its text
     /// does not repeat itself (zlib compression ratio at most 2.4) and its mean log-probability
@@ -72,8 +81,10 @@ struct DecodingArgs {
     initial_prompt: Option<String>,
     /// Beam search with this many hypotheses at temperature 0 (1: greedy). The model must be
     /// compiled with this size (`wcc compile --beam-sizes`; a default build has 1 and 5).
-    #[arg(long, default_value_t = 1)]
-    beam_size: usize,
+    /// Default: 5 (faster-whisper's and openai-whisper's command line), or 1 for a build
+    /// without a beam of 5.
+    #[arg(long)]
+    beam_size: Option<usize>,
     /// Beam search ends when `beam_size · patience` hypotheses have ended.
     #[arg(long, default_value_t = 1.0)]
     patience: f32,
@@ -84,13 +95,16 @@ struct DecodingArgs {
 
 impl DecodingArgs {
     /// The transcription options and where the transcripts go.
-    fn split(self) -> Result<(TranscribeOptions, wcc::output::Output, Option<String>)> {
+    /// Also says whether the beam size was asked for (else it is the default, which a build
+    /// without that beam falls back from to greedy).
+    fn split(self) -> Result<(TranscribeOptions, wcc::output::Output, Option<String>, bool)> {
         use wcc::output::{Format, Output};
         let DecodingArgs {
             language,
             translate,
             json,
             timestamps,
+            without_timestamps,
             condition_on_previous_text,
             temperatures,
             seed,
@@ -104,7 +118,7 @@ impl DecodingArgs {
             patience,
             length_penalty,
         } = self;
-        if beam_size == 0 {
+        if beam_size == Some(0) {
             bail!("--beam-size must be at least 1");
         }
         if !(patience.is_finite() && patience > 0.0) {
@@ -113,7 +127,8 @@ impl DecodingArgs {
         if !length_penalty.is_finite() {
             bail!("--length-penalty: {length_penalty} is not a number");
         }
-        let beam = wcc_runtime::decode::BeamOptions { width: beam_size, patience, length_penalty };
+        let beam =
+            wcc_runtime::decode::BeamOptions { width: beam_size.unwrap_or(DEFAULT_BEAM), patience, length_penalty };
         if let Some(t) = temperatures.iter().find(|t| !t.is_finite() || **t < 0.0) {
             bail!("--temperatures: {t} is not a temperature (0 or more)");
         }
@@ -122,7 +137,7 @@ impl DecodingArgs {
         let opts = TranscribeOptions {
             language,
             translate,
-            timestamps,
+            timestamps: !without_timestamps,
             condition_on_previous_text,
             temperatures,
             seed,
@@ -131,7 +146,8 @@ impl DecodingArgs {
             initial_prompt: vec![],
             beam: Some(beam),
         };
-        Ok((opts, Output { dir: output_dir, format, force, timestamps }, initial_prompt))
+        let output = Output { dir: output_dir, format, force, timestamps };
+        Ok((opts, output, initial_prompt, beam_size.is_some()))
     }
 }
 
@@ -484,7 +500,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Transcribe { interpret, model, timesteps, threads, decoding, quant, audio } => {
-            let (mut opts, output, initial_prompt) = decoding.split()?;
+            let (mut opts, output, initial_prompt, _) = decoding.split()?;
             let plans = output.plan(std::slice::from_ref(&audio))?;
             let files = plans.as_ref().map(|p| &p[0][..]);
             let t0 = Instant::now();
@@ -580,7 +596,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Run { wbin, audio, threads, decoding, profile } => {
-            let (mut opts, output, initial_prompt) = decoding.split()?;
+            let (mut opts, output, initial_prompt, beam_asked) = decoding.split()?;
             if threads == 0 {
                 bail!("--threads must be at least 1");
             }
@@ -595,7 +611,9 @@ fn run(cli: Cli) -> Result<()> {
                 use wcc_runtime::decode::BeamDecoder;
                 let mut has = vec![1];
                 has.extend(m.beam_widths());
-                if !has.contains(&b.width) {
+                if !has.contains(&b.width) && !beam_asked {
+                    opts.beam = None;
+                } else if !has.contains(&b.width) {
                     bail!(
                         "{}: built for beam sizes {has:?}, not {}; compile it with --beam-sizes {}",
                         wbin.display(),

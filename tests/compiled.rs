@@ -31,8 +31,10 @@ fn jfk_compiled_equals_interpreter_and_exact_base_sentence() {
         ("base", "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."),
     ] {
         let wbin = compile(model, tmp.path());
-        let compiled = wcc_ok(&["run", p(&wbin), p(&jfk()), "--threads", "2"]);
-        let interpreted = wcc_ok(&["transcribe", "--interpret", "--model", model, p(&jfk())]);
+        // Greedy windows without timestamps: the path the sentence above was taken from.
+        let plain = ["--without-timestamps", "--beam-size", "1"];
+        let compiled = wcc_ok(&[&["run", p(&wbin), p(&jfk()), "--threads", "2"][..], &plain].concat());
+        let interpreted = wcc_ok(&[&["transcribe", "--interpret", "--model", model, p(&jfk())][..], &plain].concat());
         assert_eq!(compiled.trim(), interpreted.trim(), "{model}");
         assert_eq!(compiled.trim(), want, "{model}");
     }
@@ -264,8 +266,9 @@ fn long_form_with_timestamps_resumes_at_the_last_timestamp() {
             .map(|w| w.chars().filter(|c| c.is_alphanumeric()).collect::<String>().to_lowercase())
             .collect()
     };
-    let plain: serde_json::Value = serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json"])).unwrap();
-    for extra in [&[][..], &["--condition-on-previous-text"][..]] {
+    let plain: serde_json::Value =
+        serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json", "--without-timestamps"])).unwrap();
+    for extra in [&["--condition-on-previous-text", "false"][..], &[][..], &["--beam-size", "5"][..]] {
         let mut args = vec!["run", p(&wbin), p(&clip), "--json", "--timestamps"];
         args.extend_from_slice(extra);
         let v: serde_json::Value = serde_json::from_str(&wcc_ok(&args)).unwrap();
@@ -307,7 +310,19 @@ fn initial_prompt_tokens_equal_ctranslate2() {
     for (model, language) in [("tiny.en", None), ("base", Some("en"))] {
         let wbin = compile(model, tmp.path());
         let clip = jfk();
-        let mut args = vec!["run", p(&wbin), p(&clip), "--json", "--temperatures", "0", "--initial-prompt", text];
+        let mut args = vec![
+            "run",
+            p(&wbin),
+            p(&clip),
+            "--json",
+            "--temperatures",
+            "0",
+            "--without-timestamps",
+            "--beam-size",
+            "1",
+            "--initial-prompt",
+            text,
+        ];
         if let Some(l) = language {
             args.extend(["--language", l]);
         }

@@ -35,20 +35,27 @@ fn a_looping_window_falls_back_to_a_higher_temperature() {
     let dir = tempfile::tempdir().unwrap();
     let wbin = compile_tiny_int8(dir.path());
     let clip = shared_data().join("audio/multilingual/leopard_test_pt.wav");
-    let greedy = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0", "--keep-repeats"]);
+    // Greedy windows without timestamps: the decoding that loops on this clip.
+    let plain = ["--without-timestamps", "--beam-size", "1"];
+    let run_plain = |extra: &[&str]| -> String {
+        let mut args = vec!["run", p(&wbin), p(&clip)];
+        args.extend_from_slice(&plain);
+        args.extend_from_slice(extra);
+        wcc_ok(&args)
+    };
+    let greedy = run_plain(&["--temperatures", "0", "--keep-repeats"]);
     let words: Vec<&str> = greedy.split_whitespace().collect();
     assert!(longest_repeat(&words) >= 5, "greedy was expected to loop here: {greedy}");
     assert!(wcc_runtime::transcribe::compression_ratio(greedy.trim()) > 2.4);
     // Without fallback the runaway guard cuts the loop after its first copy: what is left is
     // a prefix of the looping text, and no phrase comes three times in a row.
-    let cut = wcc_ok(&["run", p(&wbin), p(&clip), "--temperatures", "0"]);
+    let cut = run_plain(&["--temperatures", "0"]);
     let cut_words: Vec<&str> = cut.split_whitespace().collect();
     assert!(cut_words.len() < words.len() / 2, "not cut: {cut}");
     assert_eq!(cut_words[..cut_words.len() - 1], words[..cut_words.len() - 1], "{cut}");
     assert!(max_copies(&cut_words) < 3, "{cut}");
-    let run = |seed: &str| -> serde_json::Value {
-        serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json", "--seed", seed])).unwrap()
-    };
+    let run =
+        |seed: &str| -> serde_json::Value { serde_json::from_str(&run_plain(&["--json", "--seed", seed])).unwrap() };
     let v = run("3");
     let seg = &v["segments"][0];
     assert!(seg["temperature"].as_f64().unwrap() > 0.0, "{seg}");
@@ -106,7 +113,7 @@ fn digital_silence_and_a_faint_hum_give_no_text() {
     let hum: Vec<f32> = (0..160_000).map(|i| 3e-4 * (i as f32 * 0.0393).sin()).collect();
     let hum = write("hum.wav", &hum);
     for clip in [&zeros, &hum] {
-        for extra in [&[][..], &["--timestamps"][..]] {
+        for extra in [&["--without-timestamps"][..], &[][..]] {
             let mut args = vec!["run", p(&wbin), p(clip)];
             args.extend_from_slice(extra);
             assert_eq!(wcc_ok(&args).trim(), "", "{} {extra:?}", clip.display());
@@ -124,7 +131,7 @@ fn digital_silence_and_a_faint_hum_give_no_text() {
     late.extend(wcc_runtime::audio::load_audio(&jfk()).unwrap());
     let late = write("very-late.wav", &late);
     let prompt = "hello everyone welcome to the speech of the president of the united states of america";
-    for extra in [&[][..], &["--timestamps"][..]] {
+    for extra in [&["--without-timestamps"][..], &[][..]] {
         let run = |clip: &std::path::Path, with_prompt: bool| {
             let mut args = vec!["run", p(&wbin), p(clip), "--temperatures", "0", "--json"];
             args.extend_from_slice(extra);

@@ -12,8 +12,12 @@ fn words(text: &str) -> String {
     kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// `wcc` with `args`, greedy windows without timestamps (cut at quiet points, which is what
+/// these tests look at).
 fn transcript(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&wcc_ok(args)).unwrap()
+    let mut all = args.to_vec();
+    all.extend(["--without-timestamps", "--beam-size", "1"]);
+    serde_json::from_str(&wcc_ok(&all)).unwrap()
 }
 
 #[test]

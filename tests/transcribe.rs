@@ -7,7 +7,17 @@ use common::*;
 use std::path::Path;
 
 fn transcribe_json(model: &str, audio: &Path) -> serde_json::Value {
-    let out = wcc_ok(&["transcribe", "--interpret", "--model", model, "--json", p(audio)]);
+    let out = wcc_ok(&[
+        "transcribe",
+        "--interpret",
+        "--model",
+        model,
+        "--json",
+        "--without-timestamps",
+        "--beam-size",
+        "1",
+        p(audio),
+    ]);
     serde_json::from_str(&out).unwrap()
 }
 

@@ -12,9 +12,19 @@ use std::path::Path;
 type Words = Vec<(String, f64, f64, f64)>;
 
 fn ours_and_theirs(model: &str, wbin: &Path, clip: &Path, tmp: &Path) -> (Words, Words) {
-    let v: serde_json::Value =
-        serde_json::from_str(&wcc_ok(&["run", p(wbin), p(clip), "--word-timestamps", "--json", "--temperatures", "0"]))
-            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&wcc_ok(&[
+        "run",
+        p(wbin),
+        p(clip),
+        "--word-timestamps",
+        "--json",
+        "--temperatures",
+        "0",
+        "--beam-size",
+        "1",
+        "--without-timestamps",
+    ]))
+    .unwrap();
     let segs = v["segments"].as_array().unwrap();
     assert_eq!(segs.len(), 1, "{}: one window", clip.display());
     let tok = std::fs::read(model_dir(model).join("tokenizer.json")).unwrap();

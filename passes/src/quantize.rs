@@ -122,7 +122,13 @@ pub fn quantize(mut m: Module, options: &PassOptions) -> Result<Module, PassErro
             None => DEFAULT_KEEP_FLOAT.iter().map(|(p, _)| p.to_string()).collect(),
         };
         let fed = if name == "encoder" { HashSet::new() } else { from_encoder.clone() };
-        *g = quantize_graph(g, &keep, &options.scales, &fed).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
+        // Calibrated scales are the encoder's: a decoder step, of one token or of a beam's
+        // few hypotheses, scales each row at run time (see `quantize_graph`).
+        let scales = match &options.scales {
+            ActivationScales::Static(_) if name != "encoder" => &ActivationScales::Dynamic,
+            s => s,
+        };
+        *g = quantize_graph(g, &keep, scales, &fed).map_err(|e| fail(format!("graph `{name}`: {e}")))?;
     }
     // The int8 copies of the cross-attention K and V depend on the encoder's outputs alone:
     // computed once per window in the encoder, not once per token.
