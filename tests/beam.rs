@@ -121,3 +121,20 @@ fn a_beam_size_the_build_lacks_is_a_clear_error() {
     let out = wcc(&["compile", "--model", "tiny.en", "--beam-sizes", "0", "-o", p(&tmp.path().join("x.wbin"))]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not a beam size"));
 }
+
+#[test]
+fn beam_tokens_do_not_depend_on_the_thread_count() {
+    // The beam step's kernels split over hypotheses (attention) or not at all (the cache
+    // reorder): each output is computed in one fixed order at any thread count.
+    let tmp = tempfile::tempdir().unwrap();
+    let wbin = compile_tiny_int8(tmp.path());
+    let clip = shared_data().join("audio/longform/ljspeech_LJ001-0001_0016.wav");
+    let tokens = |threads: &str| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&wcc_ok(&["run", p(&wbin), p(&clip), "--json", "--threads", threads])).unwrap();
+        v["segments"].as_array().unwrap().iter().map(|s| s["tokens"].clone()).collect()
+    };
+    let one = tokens("1");
+    assert!(one.as_array().unwrap().len() >= 10, "{one}");
+    assert_eq!(one, tokens("2"));
+}

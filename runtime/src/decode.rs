@@ -502,6 +502,71 @@ mod tests {
         assert!((r.avg_logprob - (first + eot) / 2.0).abs() < 1e-5, "{}", r.avg_logprob);
     }
 
+    /// A beam decoder whose logits depend on each hypothesis's whole history, which it
+    /// tracks from the origins it is fed: a wrong reorder gives other logits.
+    struct Paths {
+        hist: Vec<Vec<u32>>,
+        logits: Vec<f32>,
+    }
+
+    impl Paths {
+        /// Log-probabilities (as logits) after `h` (generated tokens only; the prompt is
+        /// `[1, 4]`): from the start, token 7 is likelier than 8; after 7 every text token
+        /// is as likely as end-of-text; after 8, end-of-text is near certain.
+        fn next(h: &[u32]) -> Vec<f32> {
+            let mut l = vec![-30.0f32; 10];
+            match h {
+                [] => {
+                    l[7] = (0.55f32).ln();
+                    l[8] = (0.45f32).ln();
+                }
+                [.., 7] | [.., 2] => (0..10).filter(|&t| t != 1 && t != 4).for_each(|t| l[t] = -2.0),
+                [.., 8] => l[0] = -0.01,
+                _ => l[0] = 0.0,
+            }
+            l
+        }
+    }
+
+    impl BeamDecoder for Paths {
+        fn beam_widths(&self) -> Vec<usize> {
+            vec![3]
+        }
+        fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String> {
+            if position < 2 {
+                // The prompt: every hypothesis the same, nothing generated yet.
+                self.hist = vec![vec![]; tokens.len()];
+            } else {
+                let old = std::mem::take(&mut self.hist);
+                self.hist = origin.iter().zip(tokens).map(|(&o, &t)| [&old[o as usize][..], &[t]].concat()).collect();
+            }
+            self.logits = self.hist.iter().flat_map(|h| Paths::next(h)).collect();
+            Ok(&self.logits)
+        }
+    }
+
+    #[test]
+    fn beam_search_finds_the_likelier_whole_sequence_greedy_misses() {
+        let mut c = cfg();
+        c.suppress.clear();
+        c.suppress_begin.clear();
+        let opts = BeamOptions { width: 3, patience: 1.0, length_penalty: 1.0 };
+        let mut d = Paths { hist: vec![], logits: vec![] };
+        let r = beam_search(&mut d, &c, &[1, 4], opts).unwrap();
+        // Greedy would take 7 first (0.55 > 0.45) and then wander; the beam keeps 8, whose
+        // end-of-text follows at once: ln 0.45 + (-0.01) over one token beats every path
+        // through 7.
+        assert_eq!(r.tokens, vec![8]);
+        let raw = (0.45f32).ln() - 0.01;
+        // The logits above are not normalised: the search takes log-softmax of each row.
+        let z8: f32 = Paths::next(&[8]).iter().map(|x| x.exp()).sum();
+        let z0: f32 = Paths::next(&[]).iter().map(|x| x.exp()).sum();
+        let want = (0.45f32.ln() - z0.ln()) + (-0.01 - z8.ln());
+        assert!((r.avg_logprob * 2.0 - want).abs() < 1e-4, "{} vs {want} ({raw})", r.avg_logprob * 2.0);
+        // A width the decoder lacks is not this function's concern; a bad prompt is.
+        assert!(matches!(beam_search(&mut d, &c, &[], opts), Err(DecodeError::PromptTooLong(0))));
+    }
+
     #[test]
     fn greedy_stops_at_the_cap_when_eot_never_comes() {
         let mut d = Scripted { script: vec![8; 64], logits: vec![], seen: vec![] };
