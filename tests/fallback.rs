@@ -158,3 +158,36 @@ fn digital_silence_and_a_faint_hum_give_no_text() {
         }
     }
 }
+
+#[test]
+fn white_noise_gives_no_text() {
+    // 10 s of white noise (uniform, ±0.17, -21 dBFS RMS): the f32 tiny.en beam decodes it
+    // as dots with a no-speech probability of 0.8 and a mean log-probability just above -1,
+    // under openai-whisper's rule; a window the model judges speechless whose text has no
+    // word is dropped too.
+    let dir = tempfile::tempdir().unwrap();
+    let wbin = dir.path().join("tiny.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "-o", p(&wbin)]);
+    let path = dir.path().join("white.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&path, spec).unwrap();
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    for _ in 0..160_000 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        w.write_sample(((s >> 48) as i16 as f32 * 0.17) as i16).unwrap();
+    }
+    w.finalize().unwrap();
+    for extra in [&[][..], &["--beam-size", "1"][..], &["--without-timestamps"][..]] {
+        let mut args = vec!["run", p(&wbin), p(&path), "--json"];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&wcc_ok(&args)).unwrap();
+        assert_eq!(v["text"].as_str().unwrap().trim(), "", "{extra:?}: {v}");
+    }
+}
