@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{model_dir, noise};
+use common::noise;
 
 use wcc_ir::interp::{eval, Data, Tensor};
 use wcc_ir::{DType, Op, TensorType};

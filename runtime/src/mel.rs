@@ -99,6 +99,81 @@ pub fn log_mel_spectrogram_with(samples: &[f32], filters: &[f64], frames: usize)
 
 /// `|STFT|²` with centred frames, reflect padding and a periodic Hann window; the last frame
 /// is dropped as openai-whisper does. Returns `[frames, 201]` row-major.
+/// The largest log10 mel energy of the whole file, `samples` followed by 30 s of silence
+/// (what Whisper's log-mel of a file floors at, less 8): computed frame by frame, without
+/// holding the spectrogram. With [`log_mel_window`], every window's features are the
+/// whole file's log-mel sliced at the window, as openai-whisper and faster-whisper compute
+/// them once per file, in the memory of one window.
+pub fn log_mel_max(samples: &[f32], filters: &[f64]) -> f64 {
+    let mut max = f64::NEG_INFINITY;
+    let total = (samples.len() + N_SAMPLES) / HOP_LENGTH;
+    file_frames(samples, filters, 0..total, &mut |_, _, v| max = max.max(v));
+    max
+}
+
+/// Frames `first..first + frames` of the whole file's log-mel ([`log_mel_max`]'s `max`
+/// given), `[n_mels, frames]` row-major: each frame's STFT reads the file's samples around
+/// it (the samples before the window and after it included), and the floor is the file's.
+pub fn log_mel_window(samples: &[f32], first: usize, frames: usize, filters: &[f64], max: f64) -> Vec<f32> {
+    let n_mels = filters.len() / N_FREQS;
+    let total = (samples.len() + N_SAMPLES) / HOP_LENGTH;
+    let mut out = vec![0.0f32; n_mels * frames];
+    let end = (first + frames).min(total);
+    file_frames(samples, filters, first.min(end)..end, &mut |t, m, v| {
+        out[m * frames + (t - first)] = ((v.max(max - 8.0) + 4.0) / 4.0) as f32;
+    });
+    out
+}
+
+/// For each frame `t` of `range` of the file's STFT (`samples` followed by 30 s of zeros,
+/// centred frames, reflected at both ends, as [`power_spectrogram`]) and each mel band `m`:
+/// `f(t, m, log10(max(energy, 1e-10)))`, with the arithmetic of [`log_mel_spectrogram_with`].
+fn file_frames(samples: &[f32], filters: &[f64], range: std::ops::Range<usize>, f: &mut dyn FnMut(usize, usize, f64)) {
+    let n_mels = filters.len() / N_FREQS;
+    let half = N_FFT / 2;
+    let n = samples.len() + N_SAMPLES;
+    let at = |i: usize| -> f64 { samples.get(i).map_or(0.0, |&x| x as f64) };
+    let reflect = |i: isize| -> f64 {
+        let j = if i < 0 {
+            (-i) as usize
+        } else if i as usize >= n {
+            2 * (n - 1) - i as usize
+        } else {
+            i as usize
+        };
+        at(j)
+    };
+    let support: Vec<(usize, usize)> = (0..n_mels)
+        .map(|m| {
+            let row = &filters[m * N_FREQS..(m + 1) * N_FREQS];
+            let lo = row.iter().position(|&w| w != 0.0).unwrap_or(0);
+            let hi = row.iter().rposition(|&w| w != 0.0).map_or(0, |i| i + 1);
+            (lo, hi.max(lo))
+        })
+        .collect();
+    let window: Vec<f64> = (0..N_FFT).map(|i| 0.5 - 0.5 * (2.0 * PI * i as f64 / N_FFT as f64).cos()).collect();
+    let fft = RealFftPlanner::<f64>::new().plan_fft_forward(N_FFT);
+    let mut buf = fft.make_input_vec();
+    let mut spectrum = fft.make_output_vec();
+    let mut scratch = fft.make_scratch_vec();
+    let mut power = vec![0.0f64; N_FREQS];
+    for t in range {
+        let start = (t * HOP_LENGTH) as isize - half as isize;
+        for (k, b) in buf.iter_mut().enumerate() {
+            *b = reflect(start + k as isize) * window[k];
+        }
+        fft.process_with_scratch(&mut buf, &mut spectrum, &mut scratch).expect("buffer lengths from the plan");
+        for (o, c) in power.iter_mut().zip(&spectrum) {
+            *o = c.norm_sqr();
+        }
+        for (m, &(lo, hi)) in support.iter().enumerate() {
+            let row = &filters[m * N_FREQS + lo..m * N_FREQS + hi];
+            let e: f64 = row.iter().zip(&power[lo..hi]).map(|(a, b)| a * b).sum();
+            f(t, m, e.max(1e-10).log10());
+        }
+    }
+}
+
 fn power_spectrogram(audio: &[f64]) -> Vec<f64> {
     let half = N_FFT / 2;
     let n = audio.len();
@@ -139,6 +214,34 @@ fn power_spectrogram(audio: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn windows_of_the_file_log_mel_equal_the_whole_file_spectrogram_sliced() {
+        // 70 s of a chirp with a loud middle: the file's maximum lies outside the first
+        // window, and frames at a window's edges read samples across it.
+        let n = 16000 * 70;
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = i as f32 / 16000.0;
+                let gain = if (30.0..40.0).contains(&t) { 0.9 } else { 0.05 };
+                gain * (2.0 * std::f32::consts::PI * (200.0 + 40.0 * t) * t).sin()
+            })
+            .collect();
+        let filters = mel_filters(80);
+        let total = (n + N_SAMPLES) / HOP_LENGTH;
+        let whole = log_mel_spectrogram_with(&x, &filters, total);
+        let max = log_mel_max(&x, &filters);
+        for (first, frames) in [(0, 3000), (1234, 3000), (4000, 3000), (total - 100, 100)] {
+            let w = log_mel_window(&x, first, frames, &filters, max);
+            for m in 0..80 {
+                assert_eq!(&w[m * frames..(m + 1) * frames], &whole[m * total + first..m * total + first + frames]);
+            }
+        }
+        // A clip shorter than a window: the same features as before.
+        let short = &x[..16000 * 5];
+        let w = log_mel_window(short, 0, 3000, &filters, log_mel_max(short, &filters));
+        assert_eq!(w, log_mel_spectrogram_with(short, &filters, 3000));
+    }
 
     #[test]
     fn slaney_scale_round_trips_and_is_linear_below_1khz() {

@@ -5,7 +5,7 @@ use crate::decode::{
     beam_search, detect_language, sample_scored, timestamp_prompt, transcribe_prompt, BeamDecoder, BeamOptions,
     DecodeError, Decoded, Decoder, Rng,
 };
-use crate::mel::log_mel_spectrogram_with;
+use crate::mel::{log_mel_max, log_mel_spectrogram_with, log_mel_window};
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
 use crate::{HOP_LENGTH, SAMPLE_RATE};
 
@@ -396,6 +396,10 @@ fn transcribe_timestamped(
     // the segments kept so far (while conditioned).
     let mut previous: Vec<u32> = opts.initial_prompt.clone();
     let mut rng = Rng::new(opts.seed);
+    // Each window's features are the whole file's log-mel sliced at `seek`, as openai-whisper
+    // and faster-whisper compute them (one floor for the file; frames at a window's edges
+    // see the audio beyond it), one window at a time.
+    let file_max = log_mel_max(samples, filters);
     let mut seek = 0usize;
     while seek < total_frames {
         progress((seek * HOP_LENGTH).min(samples.len()) as f64 / SAMPLE_RATE as f64, total_s);
@@ -408,7 +412,7 @@ fn transcribe_timestamped(
             seek += size;
             continue;
         }
-        let mel = log_mel_spectrogram_with(chunk, filters, frames);
+        let mel = log_mel_window(samples, seek, frames, filters, file_max);
         model.encode(&mel).map_err(TranscribeError::Encode)?;
         if cfg.multilingual && language.is_none() {
             language = Some(detect_language(model, cfg)?);
