@@ -1123,97 +1123,89 @@ fn cache_attention_kernel(batch: usize, m: usize, s: usize, heads: usize, dh: us
 fn beam_scatter_row(shape: &[usize], in_place: bool) -> Result<OpKernels, BackendError> {
     let (b, s, d) = (shape[0], shape[1], shape[2]);
     let (s_, d_, sd) = (s as i64, d as i64, (s * d) as i64);
-    let mut vars = Vars::new();
-    let (h, o, p, len, t) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
     // Clamped: an index or origin out of range must not read or write outside the cache.
-    let head = |origin_buf: u32, len_of_self: Expr| {
-        vec![
-            let_(o, min(max(load_i(origin_buf, var(h)), int(0)), int(b as i64 - 1))),
-            let_(p, min(max(load_i(1, int(0)), int(0)), int(s_ - 1))),
-            let_(len, select(CmpOp::Eq, var(o), var(h), len_of_self, var(p))),
-        ]
-    };
-    let copy_rows = |vars: &mut Vars, src_buf: u32, src: Expr, dst_buf: u32, dst: Expr| {
-        let row = vec_loop(vars, int(0), int(d_), &|j, vv, _| {
-            let at = |base: &Expr| add(add(base.clone(), mul(var(t), int(d_))), j.clone());
-            let x = if vv { load4(src_buf, at(&src)) } else { load(src_buf, at(&src)) };
-            vec![store(dst_buf, at(&dst), x)]
-        });
-        for_(t, int(0), var(len), 1, row)
-    };
-    let buffers = |last: &str| {
-        vec![buf("cache", b * s * d), ibuf("index", 1), buf("rows", b * d), ibuf("origin", b), buf(last, b * s * d)]
-    };
+    let origin_of = |origin_buf: u32, h: Var| min(max(load_i(origin_buf, var(h)), int(0)), int(b as i64 - 1));
+    let position = || min(max(load_i(1, int(0)), int(0)), int(s_ - 1));
     if !in_place {
         // out[h] = origin's rows before p, rows[h] at p, its own rows after.
-        let mut vars2 = Vars::new();
-        let (h2, o2, p2, t2, j2) = (vars2.next(), vars2.next(), vars2.next(), vars2.next(), vars2.next());
-        let src = select(
-            CmpOp::Lt,
-            var(t2),
-            var(p2),
-            load(0, add(add(mul(var(o2), int(sd)), mul(var(t2), int(d_))), var(j2))),
-            load(0, add(add(mul(var(h2), int(sd)), mul(var(t2), int(d_))), var(j2))),
-        );
-        let val = select(CmpOp::Eq, var(t2), var(p2), load(2, add(mul(var(h2), int(d_)), var(j2))), src);
+        let mut vars = Vars::new();
+        let (h, o, p, t, j) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+        let at = |hyp: Var| add(add(mul(var(hyp), int(sd)), mul(var(t), int(d_))), var(j));
+        let kept = select(CmpOp::Lt, var(t), var(p), load(0, at(o)), load(0, at(h)));
+        let val = select(CmpOp::Eq, var(t), var(p), load(2, add(mul(var(h), int(d_)), var(j))), kept);
         let body = vec![for_(
-            h2,
+            h,
             var(START),
             var(END),
             1,
             vec![
-                let_(o2, min(max(load_i(3, var(h2)), int(0)), int(b as i64 - 1))),
-                let_(p2, min(max(load_i(1, int(0)), int(0)), int(s_ - 1))),
-                for_(
-                    t2,
-                    int(0),
-                    int(s_),
-                    1,
-                    vec![for_(
-                        j2,
-                        int(0),
-                        int(d_),
-                        1,
-                        vec![store(4, add(add(mul(var(h2), int(sd)), mul(var(t2), int(d_))), var(j2)), val)],
-                    )],
-                ),
+                let_(o, origin_of(3, h)),
+                let_(p, position()),
+                for_(t, int(0), int(s_), 1, vec![for_(j, int(0), int(d_), 1, vec![store(4, at(h), val)])]),
             ],
         )];
-        let k = kernel(format!("beam_scatter_row_{b}x{s}x{d}"), buffers("out"), b, 0, body, vars2);
-        return Ok(OpKernels {
-            launches: vec![(k, vec![Slot::Input(0), Slot::Input(1), Slot::Input(2), Slot::Input(3), Slot::Output])],
-            scratch: vec![],
-        });
+        let bufs = vec![
+            buf("cache", b * s * d),
+            ibuf("index", 1),
+            buf("rows", b * d),
+            ibuf("origin", b),
+            buf("out", b * s * d),
+        ];
+        let k = kernel(format!("beam_scatter_row_{b}x{s}x{d}"), bufs, b, 0, body, vars);
+        let slots = vec![Slot::Input(0), Slot::Input(1), Slot::Input(2), Slot::Input(3), Slot::Output];
+        return Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![] });
     }
+    // One launch's loop over hypotheses: for each `h` whose origin `o` is another, copy rows
+    // `0..p` of block `src(h, o)` of buffer `from` to block `dst(h)` of buffer `to`, then
+    // `tail` (statements over `h` and `p`). Each launch numbers its own variables.
+    let rows_loop = |origin_buf: u32,
+                     (from, src): (u32, &dyn Fn(Var, Var) -> Expr),
+                     (to, dst): (u32, &dyn Fn(Var) -> Expr),
+                     tail: &dyn Fn(&mut Vars, Var, Var) -> Vec<Stmt>|
+     -> (Vec<Stmt>, Vars) {
+        let mut vars = Vars::new();
+        let (h, o, p, len, t) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+        let (from_at, to_at) = (src(h, o), dst(h));
+        let row = vec_loop(&mut vars, int(0), int(d_), &|j, vv, _| {
+            let at = |base: &Expr| add(add(base.clone(), mul(var(t), int(d_))), j.clone());
+            let x = if vv { load4(from, at(&from_at)) } else { load(from, at(&from_at)) };
+            vec![store(to, at(&to_at), x)]
+        });
+        let mut body = vec![
+            let_(o, origin_of(origin_buf, h)),
+            let_(p, position()),
+            let_(len, select(CmpOp::Eq, var(o), var(h), int(0), var(p))),
+            for_(t, int(0), var(len), 1, row),
+        ];
+        body.extend(tail(&mut vars, h, p));
+        (vec![for_(h, var(START), var(END), 1, body)], vars)
+    };
+    let block = |x: Var| mul(var(x), int(sd));
     // Launch 1: scratch[h] = cache[origin[h]], rows before p, where origin[h] != h.
-    let mut body1 = head(2, int(0));
-    body1.push(copy_rows(&mut vars, 0, mul(var(o), int(sd)), 3, mul(var(h), int(sd))));
+    let (body, vars) = rows_loop(2, (0, &|_, o| block(o)), (3, &block), &|_, _, _| vec![]);
     let gather = kernel(
         format!("beam_gather_rows_{b}x{s}x{d}"),
         vec![buf("cache", b * s * d), ibuf("index", 1), ibuf("origin", b), buf("scratch", b * s * d)],
         b,
         0,
-        vec![for_(h, var(START), var(END), 1, body1)],
+        body,
         vars,
     );
     // Launch 2: cache[h] = scratch[h] where origin[h] != h, then row p = rows[h].
-    let mut vars = Vars::new();
-    let (h, o, p, len, t) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
-    let _ = (o, len, t);
-    let mut body2 = head(3, int(0));
-    body2.push(copy_rows(&mut vars, 0, mul(var(h), int(sd)), 4, mul(var(h), int(sd))));
-    let new_row = vec_loop(&mut vars, int(0), int(d_), &|j, vv, _| {
-        let src = add(mul(var(h), int(d_)), j.clone());
-        let x = if vv { load4(2, src) } else { load(2, src) };
-        vec![store(4, add(add(mul(var(h), int(sd)), mul(var(p), int(d_))), j), x)]
-    });
-    body2.extend(new_row);
+    let new_row = |vars: &mut Vars, h: Var, p: Var| {
+        vec_loop(vars, int(0), int(d_), &|j, vv, _| {
+            let src = add(mul(var(h), int(d_)), j.clone());
+            let x = if vv { load4(2, src) } else { load(2, src) };
+            vec![store(4, add(add(block(h), mul(var(p), int(d_))), j), x)]
+        })
+    };
+    let (body, vars) = rows_loop(3, (0, &|h, _| block(h)), (4, &block), &new_row);
     let scatter = kernel(
         format!("beam_scatter_rows_{b}x{s}x{d}"),
         vec![buf("scratch", b * s * d), ibuf("index", 1), buf("rows", b * d), ibuf("origin", b), buf("out", b * s * d)],
         b,
         0,
-        vec![for_(h, var(START), var(END), 1, body2)],
+        body,
         vars,
     );
     Ok(OpKernels {
