@@ -136,7 +136,7 @@ fn decode_window(
             _ => sample_scored(model, cfg, prompt, t, rng)?,
         };
         let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
-        let silent = judged_silent(&d);
+        let silent = judged_silent(&d, &text);
         let repeats = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD;
         let failed = repeats || d.avg_logprob < LOGPROB_THRESHOLD;
         last = Some((d, text, t, repeats));
@@ -209,9 +209,15 @@ pub struct Segment {
 pub const NO_SPEECH_THRESHOLD: f32 = 0.6;
 pub const LOGPROB_THRESHOLD: f32 = -1.0;
 
-/// openai-whisper's silence rule on a decoded window.
-fn judged_silent(d: &Decoded) -> bool {
-    d.no_speech_prob > NO_SPEECH_THRESHOLD && d.avg_logprob < LOGPROB_THRESHOLD
+/// openai-whisper's silence rule on a decoded window, and one more: a window the model
+/// thinks holds no speech (`<|nospeech|>` above [`NO_SPEECH_THRESHOLD`]) whose text has no
+/// letter or digit is silent too, whatever its log-probability. tiny.en's beam gives 10 s
+/// of white noise as ". . . . ." (no-speech probability 0.84, mean log-probability -0.89,
+/// which keeps it under openai's rule); a window with any word is never dropped by it.
+fn judged_silent(d: &Decoded, text: &str) -> bool {
+    let openai = d.avg_logprob < LOGPROB_THRESHOLD;
+    let wordless = !text.chars().any(char::is_alphanumeric);
+    d.no_speech_prob > NO_SPEECH_THRESHOLD && (openai || wordless)
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -342,7 +348,7 @@ pub fn transcribe_with_progress(
         let prompt =
             with_previous(cfg, previous, transcribe_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate));
         let (d, text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
-        let skipped = judged_silent(&d);
+        let skipped = judged_silent(&d, &text);
         segments.push(Segment {
             start,
             end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
@@ -419,9 +425,9 @@ fn transcribe_timestamped(
         }
         let task = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
         let prompt = with_previous(cfg, &previous, task);
-        let (d, _, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
+        let (d, window_text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         let window_s = size as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
-        if judged_silent(&d) {
+        if judged_silent(&d, &window_text) {
             segments.push(Segment {
                 start: offset,
                 end: offset + window_s,
