@@ -34,9 +34,13 @@ fn written_program_and_weights_are_what_the_compiler_built() {
     let tmp = tempfile::tempdir().unwrap();
     let path = compile_tiny(tmp.path());
     let f = WbinFile::open(&path).unwrap();
-    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    // `wcc compile`'s default build: the beam step of 5 beside the plain one.
+    let opts = wcc_frontend::lower::LowerOptions { beam_sizes: vec![1, 5], ..Default::default() };
+    let loaded = wcc_frontend::load_with(&model_dir("tiny.en"), &opts).unwrap();
     let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
     let program = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();
+    let names: Vec<&str> = f.header.graphs.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["encoder", "decoder_step", "decoder_beam5"]);
     assert_eq!(f.header.graphs, program.graphs);
     assert_eq!(f.header.arena_bytes, program.arena_bytes);
     assert!(f.sections().weights == &program.weights[..]);
