@@ -63,29 +63,10 @@ pub fn log_mel_spectrogram(samples: &[f32], n_mels: usize, frames: usize) -> Vec
 /// [`log_mel_spectrogram`] with a given `[n_mels, 201]` filter bank (a `.wbin` carries its own).
 pub fn log_mel_spectrogram_with(samples: &[f32], filters: &[f64], frames: usize) -> Vec<f32> {
     let n_mels = filters.len() / N_FREQS;
-    let mut audio: Vec<f64> = samples.iter().map(|&x| x as f64).collect();
-    audio.resize(samples.len() + N_SAMPLES, 0.0);
-    let power = power_spectrogram(&audio);
-    let n_total = power.len() / N_FREQS;
-    // Each filter is a triangle over a few bins: sum over its non-zero bins only. Products
-    // with the zero weights outside add exactly 0, so the sums are the same.
-    let support: Vec<(usize, usize)> = (0..n_mels)
-        .map(|m| {
-            let row = &filters[m * N_FREQS..(m + 1) * N_FREQS];
-            let lo = row.iter().position(|&w| w != 0.0).unwrap_or(0);
-            let hi = row.iter().rposition(|&w| w != 0.0).map_or(0, |i| i + 1);
-            (lo, hi.max(lo))
-        })
-        .collect();
+    let n_total = (samples.len() + N_SAMPLES) / HOP_LENGTH;
+    // One pass holding the log-mel: the floor needs every frame before any is written.
     let mut logmel = vec![0.0f64; n_mels * n_total];
-    for t in 0..n_total {
-        let spec = &power[t * N_FREQS..(t + 1) * N_FREQS];
-        for (m, &(lo, hi)) in support.iter().enumerate() {
-            let row = &filters[m * N_FREQS + lo..m * N_FREQS + hi];
-            let e: f64 = row.iter().zip(&spec[lo..hi]).map(|(a, b)| a * b).sum();
-            logmel[m * n_total + t] = e.max(1e-10).log10();
-        }
-    }
+    file_frames(samples, filters, 0..n_total, &mut |t, m, v| logmel[m * n_total + t] = v);
     let max = logmel.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut out = vec![0.0f32; n_mels * frames];
     for m in 0..n_mels {
@@ -97,8 +78,6 @@ pub fn log_mel_spectrogram_with(samples: &[f32], filters: &[f64], frames: usize)
     out
 }
 
-/// `|STFT|²` with centred frames, reflect padding and a periodic Hann window; the last frame
-/// is dropped as openai-whisper does. Returns `[frames, 201]` row-major.
 /// The largest log10 mel energy of the whole file, `samples` followed by 30 s of silence
 /// (what Whisper's log-mel of a file floors at, less 8): computed frame by frame, without
 /// holding the spectrogram. With [`log_mel_window`], every window's features are the
@@ -126,8 +105,9 @@ pub fn log_mel_window(samples: &[f32], first: usize, frames: usize, filters: &[f
 }
 
 /// For each frame `t` of `range` of the file's STFT (`samples` followed by 30 s of zeros,
-/// centred frames, reflected at both ends, as [`power_spectrogram`]) and each mel band `m`:
-/// `f(t, m, log10(max(energy, 1e-10)))`, with the arithmetic of [`log_mel_spectrogram_with`].
+/// centred frames of `N_FFT` samples under a periodic Hann window, every `HOP_LENGTH`, reflected
+/// at both ends, the last one dropped as `torch.stft` does) and each mel band `m`:
+/// `f(t, m, log10(max(energy, 1e-10)))`.
 fn file_frames(samples: &[f32], filters: &[f64], range: std::ops::Range<usize>, f: &mut dyn FnMut(usize, usize, f64)) {
     let n_mels = filters.len() / N_FREQS;
     let half = N_FFT / 2;
@@ -172,43 +152,6 @@ fn file_frames(samples: &[f32], filters: &[f64], range: std::ops::Range<usize>, 
             f(t, m, e.max(1e-10).log10());
         }
     }
-}
-
-fn power_spectrogram(audio: &[f64]) -> Vec<f64> {
-    let half = N_FFT / 2;
-    let n = audio.len();
-    assert!(n > half, "audio is padded by 30 s, so it is always longer than one window");
-    let reflect = |i: isize| -> f64 {
-        let j = if i < 0 {
-            (-i) as usize
-        } else if i as usize >= n {
-            2 * (n - 1) - i as usize
-        } else {
-            i as usize
-        };
-        audio[j]
-    };
-    let window: Vec<f64> = (0..N_FFT).map(|i| 0.5 - 0.5 * (2.0 * PI * i as f64 / N_FFT as f64).cos()).collect();
-    let frames = n / HOP_LENGTH; // 1 + n/hop frames, minus the dropped last one
-                                 // A real-input FFT: the 201 non-negative frequencies of 400 real samples, about half
-                                 // the work of a complex FFT of the same length. Buffers are allocated once per call.
-    let fft = RealFftPlanner::<f64>::new().plan_fft_forward(N_FFT);
-    let mut buf = fft.make_input_vec();
-    let mut spectrum = fft.make_output_vec();
-    let mut scratch = fft.make_scratch_vec();
-    debug_assert_eq!(spectrum.len(), N_FREQS);
-    let mut out = vec![0.0; frames * N_FREQS];
-    for t in 0..frames {
-        let start = (t * HOP_LENGTH) as isize - half as isize;
-        for (k, b) in buf.iter_mut().enumerate() {
-            *b = reflect(start + k as isize) * window[k];
-        }
-        fft.process_with_scratch(&mut buf, &mut spectrum, &mut scratch).expect("buffer lengths from the plan");
-        for (o, c) in out[t * N_FREQS..(t + 1) * N_FREQS].iter_mut().zip(&spectrum) {
-            *o = c.norm_sqr();
-        }
-    }
-    out
 }
 
 #[cfg(test)]
