@@ -559,6 +559,29 @@ impl WhisperModel for CompiledModel {
     }
 }
 
+/// The caches a step did not update in place: `(output offset, input offset, bytes)` of
+/// each output `X.next` whose input `X` lies elsewhere (a build places them in place; this
+/// is what a plan that could not would need).
+fn state_copies(g: &PreparedGraph) -> Vec<(usize, usize, usize)> {
+    g.outputs
+        .iter()
+        .filter_map(|out| {
+            let state = out.name.strip_suffix(".next")?;
+            let inp = g.inputs.iter().find(|i| i.name == state)?;
+            (inp.offset != out.offset).then(|| (out.offset as usize, inp.offset as usize, out.bytes() as usize))
+        })
+        .collect()
+}
+
+impl CompiledModel {
+    /// Copies each cache of `copies` ([`state_copies`]) back to its input.
+    fn copy_states(&mut self, copies: &[(usize, usize, usize)]) {
+        for &(a, b, len) in copies {
+            self.arena_bytes_mut().copy_within(a..a + len, b);
+        }
+    }
+}
+
 impl BeamDecoder for CompiledModel {
     fn beam_widths(&self) -> Vec<usize> {
         self.beams.iter().map(|b| b.width).collect()
@@ -591,21 +614,8 @@ impl BeamDecoder for CompiledModel {
         }
         arena[p_at..p_at + 4].copy_from_slice(&(position as i32).to_le_bytes());
         self.run(&self.beams[i].graph);
-        // Caches not updated in place are copied back to their inputs (a build places them
-        // in place; this is what a plan that could not would need).
-        let g = &self.beams[i].graph;
-        let copies: Vec<(usize, usize, usize)> = g
-            .outputs
-            .iter()
-            .filter_map(|out| {
-                let state = out.name.strip_suffix(".next")?;
-                let inp = g.inputs.iter().find(|i| i.name == state)?;
-                (inp.offset != out.offset).then(|| (out.offset as usize, inp.offset as usize, out.bytes() as usize))
-            })
-            .collect();
-        for (a, b, len) in copies {
-            self.arena_bytes_mut().copy_within(a..a + len, b);
-        }
+        let copies = state_copies(&self.beams[i].graph);
+        self.copy_states(&copies);
         let logits = &self.beams[i].logits;
         let (at, len) = (logits.offset as usize, logits.bytes() as usize / 4);
         // SAFETY: the logits slot is inside the arena (checked at load) and 4-byte aligned
@@ -637,18 +647,8 @@ impl Decoder for CompiledModel {
             self.arena_bytes_mut()[at..at + 4].copy_from_slice(&v.to_le_bytes());
         }
         self.run(&self.decoder);
-        // Caches not updated in place are copied back to their inputs.
-        for o in 0..self.decoder.outputs.len() {
-            let out = self.decoder.outputs[o].clone();
-            if let Some(state) = out.name.strip_suffix(".next") {
-                if let Some(inp) = self.decoder.inputs.iter().find(|i| i.name == state).cloned() {
-                    if inp.offset != out.offset {
-                        let (a, b, n) = (out.offset as usize, inp.offset as usize, out.bytes() as usize);
-                        self.arena_bytes_mut().copy_within(a..a + n, b);
-                    }
-                }
-            }
-        }
+        let copies = state_copies(&self.decoder);
+        self.copy_states(&copies);
         let (at, n) = (self.logits.offset as usize, self.logits.bytes() as usize / 4);
         // SAFETY: the logits slot is inside the arena (checked at load) and 4-byte aligned
         // (arena offsets are multiples of 64); f32 has no invalid bit patterns.
