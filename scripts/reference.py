@@ -7,6 +7,10 @@
   greedy MODEL_DIR MEL.npy... --prompt IDS...
                                             CTranslate2 float32 greedy ids (JSON list, no prompt, no EOT;
                                             a list of lists for several files)
+  transcribe MODEL_DIR AUDIO.wav FEATURES.npy [options]
+                                            faster-whisper's WhisperModel.transcribe fed the given
+                                            features (the whole file's log-mel and 30 s of silence
+                                            after it): segments as JSON
   hf-encode HF_DIR MEL.npy -o OUT.npy      a plain numpy Whisper encoder over a Hugging Face safetensors
                                             checkpoint (checks wcc's converter independently of wcc)
 """
@@ -119,6 +123,68 @@ def cmd_words(a):
     print(json.dumps(out))
 
 
+def cmd_transcribe(a):
+    # faster-whisper's whole long-form loop (seeking, timestamp rules, conditioning, fallback,
+    # word alignment), its own code, with one change: the features are the given ones.
+    # faster-whisper pads a window that runs past the audio with zeros in the normalised
+    # domain; Whisper's log-mel of the file with 30 s of silence after it (openai-whisper's
+    # padding before the STFT) is what wcc feeds, so each window here is cut from that.
+    import faster_whisper.transcribe as fwt
+    from faster_whisper import WhisperModel
+
+    full = np.ascontiguousarray(np.load(a.features).astype(np.float32))
+    content = len(read_wav(a.audio)) // 160
+    if full.shape[1] < content + 3000:
+        sys.exit("the features must cover the audio and 3000 frames after it")
+    model = WhisperModel(a.model, device="cpu", compute_type="float32", cpu_threads=2)
+    fe = model.feature_extractor
+
+    class GivenFeatures(type(fe)):
+        def __call__(self, waveform, padding=160, chunk_length=None):
+            # faster-whisper's content is one frame shorter than what it returns.
+            return full[:, : content + 1]
+
+    fe.__class__ = GivenFeatures
+    plain_pad = fwt.pad_or_trim
+
+    def pad_from_file(segment, length=3000, axis=-1):
+        # `segment` is a view of `full` (features[:, seek:seek + size]): its first column's
+        # offset is `seek`, and the window is the file's own frames from there.
+        if segment.shape[-1] < length and np.shares_memory(segment, full):
+            seek = (segment.ctypes.data - full.ctypes.data) // full.itemsize
+            return full[:, seek : seek + length]
+        return plain_pad(segment, length, axis=axis)
+
+    fwt.pad_or_trim = pad_from_file
+    segments, _ = model.transcribe(
+        read_wav(a.audio),
+        language="en",
+        beam_size=a.beam_size,
+        best_of=a.best_of,
+        temperature=[float(t) for t in a.temperatures.split(",")],
+        condition_on_previous_text=a.condition_on_previous_text == "true",
+        without_timestamps=a.without_timestamps,
+        word_timestamps=a.word_timestamps,
+        initial_prompt=a.initial_prompt,
+    )
+    out = []
+    for s in segments:
+        d = dict(
+            start=s.start,
+            end=s.end,
+            text=s.text,
+            tokens=list(s.tokens),
+            avg_logprob=s.avg_logprob,
+            no_speech_prob=s.no_speech_prob,
+            compression_ratio=s.compression_ratio,
+            temperature=s.temperature,
+        )
+        if s.words is not None:
+            d["words"] = [dict(word=w.word, start=w.start, end=w.end, probability=w.probability) for w in s.words]
+        out.append(d)
+    print(json.dumps(out))
+
+
 def erf(x):
     # Abramowitz & Stegun 7.1.26, |error| < 1.5e-7: ample for a 1e-3 comparison.
     s = np.sign(x)
@@ -212,6 +278,18 @@ def main():
     p.add_argument("--tokens", required=True, help="comma-separated text token ids")
     p.add_argument("--num-frames", type=int, required=True, help="mel frames of the window's audio")
     p.set_defaults(f=cmd_words)
+    p = sub.add_parser("transcribe")
+    p.add_argument("model")
+    p.add_argument("audio")
+    p.add_argument("features")
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--best-of", type=int, default=5)
+    p.add_argument("--temperatures", default="0,0.2,0.4,0.6,0.8,1")
+    p.add_argument("--condition-on-previous-text", choices=["true", "false"], default="true")
+    p.add_argument("--without-timestamps", action="store_true")
+    p.add_argument("--word-timestamps", action="store_true")
+    p.add_argument("--initial-prompt")
+    p.set_defaults(f=cmd_transcribe)
     a = ap.parse_args()
     if a.cmd == "greedy":
         a.single = len(a.mel) == 1

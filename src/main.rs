@@ -91,6 +91,9 @@ struct DecodingArgs {
     /// Ended hypotheses are ranked by log-probability over `length^length_penalty`.
     #[arg(long, default_value_t = 1.0)]
     length_penalty: f32,
+    /// Candidates sampled at each fallback temperature above 0, the likeliest per token kept.
+    #[arg(long, default_value_t = 5)]
+    best_of: usize,
 }
 
 impl DecodingArgs {
@@ -117,9 +120,13 @@ impl DecodingArgs {
             beam_size,
             patience,
             length_penalty,
+            best_of,
         } = self;
         if beam_size == Some(0) {
             bail!("--beam-size must be at least 1");
+        }
+        if best_of == 0 {
+            bail!("--best-of must be at least 1");
         }
         if !(patience.is_finite() && patience > 0.0) {
             bail!("--patience: {patience} is not above 0");
@@ -145,6 +152,7 @@ impl DecodingArgs {
             keep_repeats,
             initial_prompt: vec![],
             beam: Some(beam),
+            best_of,
         };
         let output = Output { dir: output_dir, format, force, timestamps };
         Ok((opts, output, initial_prompt, beam_size.is_some()))

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use wcc_runtime::transcribe::{compression_ratio, Transcript};
+use wcc_runtime::transcribe::Transcript;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -58,7 +58,7 @@ pub fn json(out: &Transcript, t: &Timings) -> serde_json::Value {
         "segments": out.segments.iter().enumerate().map(|(id, s)| {
             let mut seg = serde_json::json!({
                 "id": id, "start": s.start, "end": s.end, "text": s.text.trim(), "tokens": s.tokens,
-                "avg_logprob": s.avg_logprob, "compression_ratio": compression_ratio(s.text.trim()),
+                "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
                 "no_speech_prob": s.no_speech_prob, "temperature": s.temperature, "skipped": s.skipped,
             });
             if !s.words.is_empty() {

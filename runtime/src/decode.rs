@@ -433,6 +433,29 @@ pub fn detect_language(dec: &mut dyn Decoder, cfg: &GenerationConfig) -> Result<
         .ok_or(DecodeError::NoLanguages)
 }
 
+/// `n` samples at `temperature`, drawn one after the other from `rng`; the one with the
+/// highest summed log-probability per token wins (openai-whisper's ranking without a length
+/// penalty; the sum counts end-of-text, the length does not), the first of equals.
+pub fn best_of(
+    dec: &mut dyn Decoder,
+    cfg: &GenerationConfig,
+    prompt: &[u32],
+    temperature: f32,
+    n: usize,
+    rng: &mut Rng,
+) -> Result<Decoded, DecodeError> {
+    let score = |d: &Decoded| d.avg_logprob as f64 * (d.tokens.len() + 1) as f64 / d.tokens.len().max(1) as f64;
+    let mut best: Option<(f64, Decoded)> = None;
+    for _ in 0..n.max(1) {
+        let d = sample_scored(dec, cfg, prompt, temperature, rng)?;
+        let s = score(&d);
+        if best.as_ref().is_none_or(|(b, _)| s > *b) {
+            best = Some((s, d));
+        }
+    }
+    Ok(best.expect("at least one sample").1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,6 +588,43 @@ mod tests {
         assert!((r.avg_logprob * 2.0 - want).abs() < 1e-4, "{} vs {want} ({raw})", r.avg_logprob * 2.0);
         // A width the decoder lacks is not this function's concern; a bad prompt is.
         assert!(matches!(beam_search(&mut d, &c, &[], opts), Err(DecodeError::PromptTooLong(0))));
+    }
+
+    /// Logits that leave several likely continuations at every step, so samples differ.
+    struct Flat {
+        logits: Vec<f32>,
+    }
+
+    impl Decoder for Flat {
+        fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
+            self.logits = (0..10).map(|i| ((i * 7 + token as usize * 3 + position) % 5) as f32 * 0.3).collect();
+            Ok(&self.logits)
+        }
+    }
+
+    #[test]
+    fn best_of_keeps_the_likeliest_of_the_draws_per_token() {
+        let mut c = cfg();
+        c.suppress.clear();
+        let per_token = |d: &Decoded| d.avg_logprob as f64 * (d.tokens.len() + 1) as f64 / d.tokens.len().max(1) as f64;
+        let mut d = Flat { logits: vec![] };
+        let mut distinct = 0;
+        for seed in 0..20 {
+            let chosen = best_of(&mut d, &c, &[1, 4], 1.0, 5, &mut Rng::new(seed)).unwrap();
+            // The same five draws, one by one from the same seed.
+            let mut rng = Rng::new(seed);
+            let draws: Vec<Decoded> =
+                (0..5).map(|_| sample_scored(&mut d, &c, &[1, 4], 1.0, &mut rng).unwrap()).collect();
+            let best = draws.iter().map(per_token).fold(f64::NEG_INFINITY, f64::max);
+            let first_best = draws.iter().find(|x| per_token(x) == best).unwrap();
+            assert_eq!(chosen.tokens, first_best.tokens, "seed {seed}");
+            distinct += usize::from(draws.iter().any(|x| x.tokens != draws[0].tokens));
+        }
+        // The draws did differ, so the choice was a real one.
+        assert!(distinct > 10, "only {distinct} of 20 seeds drew different samples");
+        // One draw is plain sampling.
+        let one = best_of(&mut d, &c, &[1, 4], 1.0, 1, &mut Rng::new(3)).unwrap();
+        assert_eq!(one.tokens, sample_scored(&mut d, &c, &[1, 4], 1.0, &mut Rng::new(3)).unwrap().tokens);
     }
 
     #[test]

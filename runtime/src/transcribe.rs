@@ -2,8 +2,8 @@
 //! windows → log-mel → encoder → language → greedy decoding → text.
 
 use crate::decode::{
-    beam_search, detect_language, sample_scored, timestamp_prompt, transcribe_prompt, BeamDecoder, BeamOptions,
-    DecodeError, Decoded, Decoder, Rng,
+    beam_search, best_of, detect_language, sample_scored, timestamp_prompt, transcribe_prompt, BeamDecoder,
+    BeamOptions, DecodeError, Decoded, Decoder, Rng,
 };
 use crate::mel::{log_mel_max, log_mel_spectrogram_with, log_mel_window};
 use crate::tokenizer::{GenerationConfig, WhisperTokenizer};
@@ -59,6 +59,9 @@ pub struct TranscribeOptions {
     /// Beam search at temperature 0 (`None`, or a width of 1: greedy); the model must have
     /// a beam step of that width ([`BeamDecoder::beam_widths`]).
     pub beam: Option<BeamOptions>,
+    /// Candidates drawn at each temperature above 0, the likeliest kept (openai-whisper's
+    /// and faster-whisper's `best_of`; 0 counts as 1).
+    pub best_of: usize,
 }
 
 /// The prompt of a window: `<|startofprev|>` and the last tokens of `previous` (at most half
@@ -96,6 +99,7 @@ fn silent_segment(start: f64, end: f64) -> Segment {
         text: String::new(),
         no_speech_prob: 1.0,
         avg_logprob: 0.0,
+        compression_ratio: 0.0,
         skipped: true,
         temperature: 0.0,
         words: vec![],
@@ -133,11 +137,14 @@ fn decode_window(
     for &t in temperatures {
         let d = match opts.beam.filter(|b| b.width > 1) {
             Some(beam) if t == 0.0 => beam_search(model, cfg, prompt, beam)?,
-            _ => sample_scored(model, cfg, prompt, t, rng)?,
+            _ if t == 0.0 => sample_scored(model, cfg, prompt, t, rng)?,
+            _ => best_of(model, cfg, prompt, t, opts.best_of, rng)?,
         };
         let text = tokenizer.decode(&d.tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))?;
         let silent = judged_silent(&d, &text);
-        let repeats = compression_ratio(&text) > COMPRESSION_RATIO_THRESHOLD;
+        // Of the text without its surrounding spaces, as openai-whisper and faster-whisper
+        // measure it.
+        let repeats = compression_ratio(text.trim()) > COMPRESSION_RATIO_THRESHOLD;
         let failed = repeats || d.avg_logprob < LOGPROB_THRESHOLD;
         last = Some((d, text, t, repeats));
         if silent || !failed {
@@ -195,6 +202,9 @@ pub struct Segment {
     pub text: String,
     pub no_speech_prob: f32,
     pub avg_logprob: f32,
+    /// [`compression_ratio`] of its window's whole text (openai-whisper's and
+    /// faster-whisper's segments carry their window's, the figure fallback judged).
+    pub compression_ratio: f64,
     /// Judged silent (see [`NO_SPEECH_THRESHOLD`]): left out of the transcript.
     pub skipped: bool,
     /// The temperature its window was decoded at (above 0 after a fallback).
@@ -324,6 +334,7 @@ pub fn transcribe_with_progress(
     let mut segments = Vec::new();
     let mut rng = Rng::new(opts.seed);
     let mut start_sample = 0;
+    let mut last_speech = 0.0f64;
     let total_s = samples.len() as f64 / SAMPLE_RATE as f64;
     while start_sample < samples.len() {
         progress(start_sample as f64 / SAMPLE_RATE as f64, total_s);
@@ -354,6 +365,7 @@ pub fn transcribe_with_progress(
             end: start + chunk.len() as f64 / SAMPLE_RATE as f64,
             skipped,
             temperature,
+            compression_ratio: compression_ratio(text.trim()),
             tokens: d.tokens,
             text,
             no_speech_prob: d.no_speech_prob,
@@ -364,7 +376,8 @@ pub fn transcribe_with_progress(
             let sot = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
             let n = segments.len();
             let lang = language.as_ref().map(|l| l.0.as_str());
-            add_words(model, tokenizer, cfg, &sot, lang, &mut segments[n - 1..], chunk.len() / HOP_LENGTH, start)?;
+            let frames = chunk.len() / HOP_LENGTH;
+            add_words(model, tokenizer, cfg, &sot, lang, &mut segments[n - 1..], frames, start, &mut last_speech)?;
         }
     }
     progress(total_s, total_s);
@@ -374,6 +387,8 @@ pub fn transcribe_with_progress(
 /// Seconds per timestamp step (`<|0.02|>` after `<|0.00|>`): two mel frames.
 const TIMESTAMP_STEP_S: f64 = 0.02;
 const FRAMES_PER_TIMESTAMP: usize = 2;
+/// Mel frames per second.
+const FRAMES_PER_SECOND: f64 = SAMPLE_RATE as f64 / HOP_LENGTH as f64;
 
 /// The timestamped loop (openai-whisper's): each window starts at `seek` (in mel frames),
 /// is decoded with timestamp tokens, and is cut into segments at each pair of consecutive
@@ -392,7 +407,9 @@ fn transcribe_timestamped(
     progress: &mut dyn FnMut(f64, f64),
 ) -> Result<Transcript, TranscribeError> {
     let total_s = samples.len() as f64 / SAMPLE_RATE as f64;
-    let total_frames = samples.len().div_ceil(HOP_LENGTH);
+    // The frames of the audio, a partial last one not counted (openai-whisper's and
+    // faster-whisper's `content_frames`).
+    let total_frames = samples.len() / HOP_LENGTH;
     let tb = cfg.special.timestamp_begin;
     let text = |tokens: &[u32]| -> Result<String, TranscribeError> {
         tokenizer.decode(tokens, cfg.special.eot).map_err(|e| TranscribeError::Text(e.to_string()))
@@ -407,6 +424,8 @@ fn transcribe_timestamped(
     // see the audio beyond it), one window at a time.
     let file_max = log_mel_max(samples, filters);
     let mut seek = 0usize;
+    // Where the last word kept so far ended (word timestamps' pause rule).
+    let mut last_speech = 0.0f64;
     while seek < total_frames {
         progress((seek * HOP_LENGTH).min(samples.len()) as f64 / SAMPLE_RATE as f64, total_s);
         let size = frames.min(total_frames - seek);
@@ -427,6 +446,7 @@ fn transcribe_timestamped(
         let prompt = with_previous(cfg, &previous, task);
         let (d, window_text, temperature) = decode_window(model, tokenizer, cfg, &prompt, opts, &mut rng)?;
         let window_s = size as f64 * HOP_LENGTH as f64 / SAMPLE_RATE as f64;
+        let ratio = compression_ratio(window_text.trim());
         if judged_silent(&d, &window_text) {
             segments.push(Segment {
                 start: offset,
@@ -435,6 +455,7 @@ fn transcribe_timestamped(
                 tokens: d.tokens,
                 no_speech_prob: d.no_speech_prob,
                 avg_logprob: d.avg_logprob,
+                compression_ratio: ratio,
                 skipped: true,
                 temperature,
                 words: vec![],
@@ -456,12 +477,15 @@ fn transcribe_timestamped(
                 tokens: toks.to_vec(),
                 no_speech_prob: d.no_speech_prob,
                 avg_logprob: d.avg_logprob,
+                compression_ratio: ratio,
                 skipped: false,
                 temperature,
                 words: vec![],
             })
         };
-        let first_new = segments.len();
+        // The window's segments, before the words (which may move their times) and before
+        // the segments with no time or no text are dropped.
+        let mut window: Vec<Segment> = Vec::new();
         let mut advance = size;
         if pairs.is_empty() {
             // No closed segment inside: one segment for the window, ending at its last
@@ -470,10 +494,7 @@ fn transcribe_timestamped(
                 Some(&t) if t != tb => time(t),
                 _ => offset + window_s,
             };
-            if !tokens.is_empty() {
-                segments.push(segment(tokens, offset, end)?);
-                previous.extend_from_slice(tokens);
-            }
+            window.push(segment(tokens, offset, end)?);
         } else {
             let mut cuts = pairs;
             if single_ending {
@@ -485,8 +506,7 @@ fn transcribe_timestamped(
                 if let (Some(&first), Some(&last)) = (part.first(), part.last()) {
                     let start = if is_ts(first) { time(first) } else { offset };
                     let end = if is_ts(last) { time(last) } else { offset + window_s };
-                    segments.push(segment(part, start, end)?);
-                    previous.extend_from_slice(part);
+                    window.push(segment(part, start, end)?);
                 }
                 from = cut;
             }
@@ -496,10 +516,27 @@ fn transcribe_timestamped(
                 advance = (last - tb) as usize * FRAMES_PER_TIMESTAMP;
             }
         }
-        if opts.word_timestamps && segments.len() > first_new {
+        if opts.word_timestamps && !window.is_empty() {
             let sot = timestamp_prompt(cfg, language.as_ref().map(|l| l.1), opts.translate);
             let lang = language.as_ref().map(|l| l.0.as_str());
-            add_words(model, tokenizer, cfg, &sot, lang, &mut segments[first_new..], size, offset)?;
+            add_words(model, tokenizer, cfg, &sot, lang, &mut window, size, offset, &mut last_speech)?;
+            // With words, a window that does not end on a lone timestamp resumes where its
+            // last word ends (openai-whisper's rule), not at its last timestamp.
+            let last_word_end = window.iter().rev().flat_map(|s| s.words.iter().rev()).next().map(|w| w.end);
+            if let Some(end) = last_word_end.or(window.last().map(|s| s.end)) {
+                if !single_ending && end > offset {
+                    advance = ((end * FRAMES_PER_SECOND).round() as usize).saturating_sub(seek);
+                }
+            }
+        }
+        // A segment that takes no time or holds no text is dropped, and is not previous
+        // text for the next window (openai-whisper and faster-whisper alike).
+        for s in window {
+            if s.start == s.end || s.text.trim().is_empty() {
+                continue;
+            }
+            previous.extend_from_slice(&s.tokens);
+            segments.push(s);
         }
         // A window always moves on (a first segment closed at 0.00 would not).
         seek += advance.clamp(1, size);
@@ -514,8 +551,10 @@ fn transcribe_timestamped(
 }
 
 /// Times the words of a window's kept segments `segs` (their text tokens aligned together,
-/// as openai-whisper's `add_word_timestamps` does), punctuation merged, each word given to
-/// the segment its tokens came from. `num_frames`: mel frames of the window's audio.
+/// as openai-whisper's `add_word_timestamps` does), long words clipped, punctuation merged,
+/// each word given to the segment its tokens came from, and the words' and segments' times
+/// reconciled ([`crate::words::reconcile`]). `num_frames`: mel frames of the window's audio;
+/// `last_speech`: where the speech before these segments ended, updated.
 #[allow(clippy::too_many_arguments)]
 fn add_words(
     model: &mut dyn WhisperModel,
@@ -526,11 +565,14 @@ fn add_words(
     segs: &mut [Segment],
     num_frames: usize,
     offset: f64,
+    last_speech: &mut f64,
 ) -> Result<(), TranscribeError> {
     let eot = cfg.special.eot;
     let text: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied().filter(|&t| t < eot)).collect();
     let mut words =
         crate::words::find_alignment(model, tokenizer, cfg, sot_sequence, language, &text, num_frames, offset)?;
+    let limits = crate::words::duration_limits(&words);
+    crate::words::clip_at_sentence_ends(&mut words, limits.1);
     crate::words::merge_punctuations(&mut words);
     let mut words = words.into_iter();
     for s in segs {
@@ -541,6 +583,7 @@ fn add_words(
             taken += w.tokens.len();
             s.words.push(w);
         }
+        *last_speech = crate::words::reconcile(&mut s.words, &mut s.start, &mut s.end, *last_speech, limits);
     }
     Ok(())
 }

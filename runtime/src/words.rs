@@ -285,6 +285,86 @@ fn split_to_word_tokens(
     Ok((words, word_tokens))
 }
 
+/// The median duration of an alignment's words that have one, at most 0.7 s, and twice it:
+/// the limits openai-whisper's `add_word_timestamps` holds long words to. `(0, 0)` when no
+/// word has a duration.
+pub fn duration_limits(words: &[Word]) -> (f64, f64) {
+    let mut d: Vec<f64> = words.iter().map(|w| w.end - w.start).filter(|&d| d != 0.0).collect();
+    if d.is_empty() {
+        return (0.0, 0.0);
+    }
+    d.sort_by(f64::total_cmp);
+    let n = d.len();
+    let median = if n % 2 == 1 { d[n / 2] } else { (d[n / 2 - 1] + d[n / 2]) / 2.0 };
+    let median = median.min(0.7);
+    (median, 2.0 * median)
+}
+
+/// Marks that end a sentence (openai-whisper's list).
+const SENTENCE_END_MARKS: &str = ".。!！?？";
+
+/// openai-whisper's fix for DTW stretching a word over the pause at a sentence boundary
+/// (before punctuation is merged): a sentence-ending mark longer than `max` is cut to `max`
+/// from its start, and a word after one is cut to `max` before its end. The first word is
+/// left alone. Substring tests, as Python's `in` on strings.
+pub fn clip_at_sentence_ends(words: &mut [Word], max: f64) {
+    for i in 1..words.len() {
+        if words[i].end - words[i].start > max {
+            if SENTENCE_END_MARKS.contains(words[i].word.as_str()) {
+                words[i].end = words[i].start + max;
+            } else if SENTENCE_END_MARKS.contains(words[i - 1].word.as_str()) {
+                words[i].start = words[i].end - max;
+            }
+        }
+    }
+}
+
+/// Times `words` (one segment's, punctuation merged, not empty) to the hundredth of a second
+/// and reconciles them with their segment's times `start..end`, as openai-whisper's
+/// `add_word_timestamps` does (faster-whisper's is the same):
+/// - after a pause (the first word ends more than 4 median durations after the last speech),
+///   a first word (or first two) stretched over the pause is cut to `max`;
+/// - a segment start more than 0.5 s after the first word's start wins over it (the word
+///   starts there, or `median` before its end); otherwise the segment starts with the word;
+/// - the same at the end, mirrored.
+///
+/// Returns the segment's end, the last speech for the next segment.
+pub fn reconcile(
+    words: &mut [Word],
+    start: &mut f64,
+    end: &mut f64,
+    last_speech: f64,
+    (median, max): (f64, f64),
+) -> f64 {
+    let round = |x: f64| (x * 100.0).round() / 100.0;
+    for w in words.iter_mut() {
+        w.start = round(w.start);
+        w.end = round(w.end);
+    }
+    let Some(last) = words.len().checked_sub(1) else { return last_speech };
+    let (first_long, second_long) =
+        (words[0].end - words[0].start > max, last >= 1 && words[1].end - words[0].start > max * 2.0);
+    if words[0].end - last_speech > median * 4.0 && (first_long || second_long) {
+        if last >= 1 && words[1].end - words[1].start > max {
+            let boundary = (words[1].end / 2.0).max(words[1].end - max);
+            words[0].end = boundary;
+            words[1].start = boundary;
+        }
+        words[0].start = (words[0].end - max).max(0.0);
+    }
+    if *start < words[0].end && *start - 0.5 > words[0].start {
+        words[0].start = (words[0].end - median).min(*start).max(0.0);
+    } else {
+        *start = words[0].start;
+    }
+    if *end > words[last].start && *end + 0.5 < words[last].end {
+        words[last].end = (words[last].start + median).max(*end);
+    } else {
+        *end = words[last].end;
+    }
+    *end
+}
+
 /// Joins punctuation to its word, as openai-whisper's `merge_punctuations`: an opening mark
 /// (`"`, `(`, ...) to the word after it, a closing one (`.`, `,`, ...) to the word before;
 /// the emptied entries are dropped.
@@ -325,6 +405,54 @@ pub fn merge_punctuations(words: &mut Vec<Word>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn w(word: &str, start: f64, end: f64) -> Word {
+        Word { word: word.into(), tokens: vec![1], start, end, probability: 1.0 }
+    }
+
+    #[test]
+    fn duration_limits_take_the_median_of_words_with_a_duration() {
+        let words = [w(" a", 0.0, 0.2), w(" b", 0.2, 0.2), w(" c", 0.2, 0.6), w(" d", 0.6, 1.2)];
+        let (median, max) = duration_limits(&words);
+        assert!((median - 0.4).abs() < 1e-12 && (max - 0.8).abs() < 1e-12);
+        // An even count averages the middle two; the median is capped at 0.7 s.
+        let (median, _) = duration_limits(&words[..3]);
+        assert!((median - 0.3).abs() < 1e-12);
+        assert_eq!(duration_limits(&[w(" a", 0.0, 1.0), w(" b", 1.0, 3.0)]), (0.7, 1.4));
+        assert_eq!(duration_limits(&[w(" a", 1.0, 1.0)]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn a_sentence_end_and_the_word_after_it_are_clipped() {
+        let mut words = vec![w(" Hello", 0.0, 0.2), w(".", 0.2, 2.0), w(" Then", 2.0, 3.5), w(" on", 3.5, 3.6)];
+        clip_at_sentence_ends(&mut words, 0.4);
+        let times: Vec<(f64, f64)> = words.iter().map(|w| (w.start, w.end)).collect();
+        let want = [(0.0, 0.2), (0.2, 0.6000000000000001), (3.1, 3.5), (3.5, 3.6)];
+        assert_eq!(times, want);
+    }
+
+    #[test]
+    fn a_first_word_stretched_over_a_pause_is_cut_and_the_segment_follows_its_words() {
+        // After a pause (ends 7 s after the last speech, over 4 medians), the 2 s first word
+        // is cut to `max` before its end, and the segment starts with it.
+        let mut words = vec![w(" A", 5.0, 7.0), w(" B", 7.0, 7.2)];
+        let (mut start, mut end) = (4.0, 7.3);
+        let last = reconcile(&mut words, &mut start, &mut end, 0.0, (0.3, 0.6));
+        assert_eq!((words[0].start, words[0].end), (6.4, 7.0));
+        assert_eq!((start, end, last), (6.4, 7.2, 7.2));
+        // No pause: a segment start 0.5 s past a long first word's start wins over it, and
+        // a segment end 0.5 s before a long last word's end wins too.
+        let mut words = vec![w(" A", 1.0, 3.0), w(" B", 3.0, 6.0)];
+        let (mut start, mut end) = (2.0, 4.5);
+        let last = reconcile(&mut words, &mut start, &mut end, 2.9, (0.3, 0.6));
+        assert_eq!((words[0].start, words[1].end), (2.0, 4.5));
+        assert_eq!((start, end, last), (2.0, 4.5, 4.5));
+        // Times are kept to the hundredth of a second.
+        let mut words = vec![w(" A", 1.004, 1.496)];
+        let (mut start, mut end) = (1.0, 1.5);
+        reconcile(&mut words, &mut start, &mut end, 1.0, (0.3, 0.6));
+        assert_eq!((words[0].start, words[0].end, start, end), (1.0, 1.5, 1.0, 1.5));
+    }
 
     #[test]
     fn median_filter_reflects_at_the_edges() {
