@@ -105,6 +105,10 @@ impl Decoder for InterpretedModel<'_> {
         ];
         self.run_step("decoder_step", fed, "logits")
     }
+
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(), String> {
+        wcc_runtime::decode::prefill_by_steps(self, tokens, start)
+    }
 }
 
 impl BeamDecoder for InterpretedModel<'_> {
@@ -125,5 +129,10 @@ impl BeamDecoder for InterpretedModel<'_> {
             (format!("beam{n}.origin"), ids(origin)),
         ];
         self.run_step(&format!("decoder_beam{n}"), fed, &format!("beam{n}.logits"))
+    }
+
+    fn beam_prefill(&mut self, width: usize, prompt: &[u32]) -> Result<(), String> {
+        // The interpreter runs `wcc transcribe --interpret` (built without prompt blocks).
+        wcc_runtime::decode::beam_prefill_by_steps(self, width, prompt)
     }
 }

@@ -194,6 +194,10 @@ pub fn calibrate(
             (self.seen)(self.m.decoder_outputs());
             Ok(&self.logits)
         }
+        // Every token is a step: each one's outputs are observed.
+        fn prefill(&mut self, tokens: &[u32], start: usize) -> std::result::Result<(), String> {
+            decode::prefill_by_steps(self, tokens, start)
+        }
     }
     let cfg = m.header().generation.clone();
     for (name, mel) in &audio {
@@ -319,6 +323,10 @@ pub struct Stats {
     pub encodes: usize,
     pub step_s: f64,
     pub steps: usize,
+    /// Prompt tokens fed without logits ([`wcc_runtime::decode::Decoder::prefill`]), and
+    /// the time it took.
+    pub prefill_s: f64,
+    pub prefilled: usize,
 }
 
 /// Wraps any model to time its encoder runs and decoder steps.
@@ -341,6 +349,13 @@ impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::Decoder for 
         self.stats.steps += 1;
         r
     }
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> std::result::Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let r = self.model.prefill(tokens, start);
+        self.stats.prefill_s += t0.elapsed().as_secs_f64();
+        self.stats.prefilled += tokens.len();
+        r
+    }
 }
 
 impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::BeamDecoder for Timed<'_, M> {
@@ -353,6 +368,14 @@ impl<M: wcc_runtime::transcribe::WhisperModel> wcc_runtime::decode::BeamDecoder 
         let r = self.model.beam_step(tokens, origin, position);
         self.stats.step_s += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
+        r
+    }
+    /// Counted as prefill, however the model feeds it.
+    fn beam_prefill(&mut self, width: usize, prompt: &[u32]) -> std::result::Result<(), String> {
+        let t0 = std::time::Instant::now();
+        let r = self.model.beam_prefill(width, prompt);
+        self.stats.prefill_s += t0.elapsed().as_secs_f64();
+        self.stats.prefilled += prompt.len();
         r
     }
 }

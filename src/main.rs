@@ -327,6 +327,14 @@ enum Command {
         /// each other size adds a decoder step for that many hypotheses).
         #[arg(long, value_delimiter = ',', default_value = "1,5")]
         beam_sizes: Vec<usize>,
+        /// Prompt blocks fed at once (each size adds a prefill graph): a window's prompt, the
+        /// previous text included, is fed in blocks of these many tokens instead of one
+        /// decoder step per token.
+        #[arg(long, value_delimiter = ',', default_value = "8,64")]
+        prefill_sizes: Vec<usize>,
+        /// Build no prefill graph: prompts are fed one decoder step per token.
+        #[arg(long, conflicts_with = "prefill_sizes")]
+        no_prefill: bool,
         #[command(flatten)]
         quant: QuantArgs,
     },
@@ -531,7 +539,8 @@ fn run(cli: Cli) -> Result<()> {
                 let tmp = tempfile::tempdir().context("creating a temporary directory")?;
                 let wbin = tmp.path().join("model.wbin");
                 let beam_sizes = opts.beam.map(|b| vec![b.width]).unwrap_or_default();
-                let lowering = LowerOptions { alignment: opts.word_timestamps, beam_sizes };
+                let prefill_sizes = wcc_frontend::lower::DEFAULT_PREFILL_SIZES.to_vec();
+                let lowering = LowerOptions { alignment: opts.word_timestamps, beam_sizes, prefill_sizes };
                 let dumps = wcc::Dumps::default();
                 let report = wcc::compile(&model, &lowering, "host", &pipeline, &options, &dumps, &wbin, &|_, _| {})?;
                 for w in &report.warnings {
@@ -556,11 +565,17 @@ fn run(cli: Cli) -> Result<()> {
             dump_kernels,
             word_timestamps,
             beam_sizes,
+            prefill_sizes,
+            no_prefill,
             quant,
         } => {
             if let Some(n) = beam_sizes.iter().find(|&&n| n == 0 || n > 64) {
                 bail!("--beam-sizes: {n} is not a beam size (1 to 64)");
             }
+            if let Some(n) = prefill_sizes.iter().find(|&&n| n == 0 || n > 256) {
+                bail!("--prefill-sizes: {n} is not a prompt block (1 to 256 tokens)");
+            }
+            let prefill_sizes = if no_prefill { vec![] } else { prefill_sizes };
             let passes: Vec<&str> = match passes.as_slice() {
                 [] => wcc_passes::default_pipeline(),
                 [none] if none == "none" => vec![],
@@ -583,7 +598,7 @@ fn run(cli: Cli) -> Result<()> {
                 indicatif::ProgressStyle::with_template("compiling kernels {bar:30} {pos}/{len} {elapsed}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let lowering = LowerOptions { alignment: word_timestamps, beam_sizes };
+            let lowering = LowerOptions { alignment: word_timestamps, beam_sizes, prefill_sizes };
             let report =
                 wcc::compile(&model, &lowering, &target, &passes, &options, &dumps, &output, &|done, total| {
                     bar.set_length(total as u64);

@@ -71,6 +71,7 @@ pub fn json(out: &Transcript, t: &Timings) -> serde_json::Value {
         "timings": {
             "load_s": t.load_s, "transcribe_s": t.transcribe_s,
             "encode_s": t.stats.encode_s, "decoder_steps": t.stats.steps, "decoder_s": t.stats.step_s,
+            "prefilled_tokens": t.stats.prefilled, "prefill_s": t.stats.prefill_s,
         },
     })
 }

@@ -342,3 +342,64 @@ fn initial_prompt_tokens_equal_ctranslate2() {
         assert!(said.contains("what you can do for your country"), "{model}: {said}");
     }
 }
+
+/// A build's prompt blocks (`decoder_prefill{8,64}`, and `beam_init5` for the beam) leave
+/// the caches as one decoder step per token does: the same logits after a 75-token previous
+/// text (one 64-block, then 11 tokens in two 8-blocks, the last padded), the same greedy and
+/// beam tokens, against a build compiled with `--no-prefill`.
+#[test]
+fn prompt_blocks_leave_the_caches_one_step_per_token_leaves() {
+    use wcc_runtime::decode::{beam_search, BeamDecoder, BeamOptions, Decoder};
+    let tmp = tempfile::tempdir().unwrap();
+    for flags in [&["--int8"][..], &[][..]] {
+        let build = |name: &str, extra: &[&str]| {
+            let wbin = tmp.path().join(format!("{}-{name}", flags.len()));
+            let mut args = vec!["compile", "--model", "tiny.en", "-o", p(&wbin)];
+            args.extend_from_slice(flags);
+            args.extend_from_slice(extra);
+            wcc_ok(&args);
+            CompiledModel::load(&wbin, 2).unwrap()
+        };
+        let (mut blocks, mut steps) = (build("blocks.wbin", &[]), build("steps.wbin", &["--no-prefill"]));
+        let cfg = blocks.header().generation.clone();
+        let tok = blocks.tokenizer().unwrap();
+        let samples = wcc_runtime::audio::load_audio(&jfk()).unwrap();
+        let (_, frames) = blocks.input_shape();
+        let mel = wcc_runtime::mel::log_mel_spectrogram_with(&samples, &blocks.mel_filters(), frames);
+        let text = " The quick brown fox jumps over the lazy dog while the orchestra tunes its many \
+                    instruments, and the conductor, a patient woman from Lisbon, waits for silence \
+                    before raising her baton to begin the long evening's programme.";
+        let mut previous = tok.encode(&text.repeat(2)).unwrap();
+        previous.truncate(75);
+        assert_eq!(previous.len(), 75);
+        let mut prompt = vec![cfg.special.sot_prev.unwrap()];
+        prompt.extend(&previous);
+        let fed = prompt.len();
+        prompt.extend(transcribe_prompt(&cfg, None, false));
+        let mut logits = vec![];
+        for m in [&mut blocks, &mut steps] {
+            m.encode(&mel).unwrap();
+            m.prefill(&prompt[..fed], 0).unwrap();
+            let mut last = vec![];
+            for (i, &t) in prompt.iter().enumerate().skip(fed) {
+                last = m.step(t, i).unwrap().to_vec();
+            }
+            logits.push(last);
+        }
+        let scale = logits[1].iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let worst = logits[0].iter().zip(&logits[1]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        eprintln!("{flags:?}: logits after the prompt differ by {worst:.2e} (largest {scale:.1})");
+        assert!(worst <= 1e-4 * scale, "{flags:?}: logits differ by {worst} of {scale}");
+        let a = greedy_scored(&mut blocks, &cfg, &prompt).unwrap();
+        let b = greedy_scored(&mut steps, &cfg, &prompt).unwrap();
+        assert_eq!(a.tokens, b.tokens, "{flags:?}: greedy");
+        assert!((a.avg_logprob - b.avg_logprob).abs() < 1e-4, "{flags:?}: greedy log-probability");
+        assert!(!a.tokens.is_empty());
+        let opts = BeamOptions { width: 5, patience: 1.0, length_penalty: 1.0 };
+        assert_eq!(blocks.beam_widths(), vec![5]);
+        let a = beam_search(&mut blocks, &cfg, &prompt, opts).unwrap();
+        let b = beam_search(&mut steps, &cfg, &prompt, opts).unwrap();
+        assert_eq!(a.tokens, b.tokens, "{flags:?}: beam");
+        assert!((a.avg_logprob - b.avg_logprob).abs() < 1e-4, "{flags:?}: beam log-probability");
+    }
+}

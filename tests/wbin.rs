@@ -34,8 +34,13 @@ fn written_program_and_weights_are_what_the_compiler_built() {
     let tmp = tempfile::tempdir().unwrap();
     let path = compile_tiny(tmp.path());
     let f = WbinFile::open(&path).unwrap();
-    // `wcc compile`'s default build: the beam step of 5 beside the plain one.
-    let opts = wcc_frontend::lower::LowerOptions { beam_sizes: vec![1, 5], ..Default::default() };
+    // `wcc compile`'s default build: the beam step of 5 beside the plain one, and the
+    // prompt blocks.
+    let opts = wcc_frontend::lower::LowerOptions {
+        beam_sizes: vec![1, 5],
+        prefill_sizes: wcc_frontend::lower::DEFAULT_PREFILL_SIZES.to_vec(),
+        ..Default::default()
+    };
     let loaded = wcc_frontend::load_with(&model_dir("tiny.en"), &opts).unwrap();
     let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
     let program = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();

@@ -1671,43 +1671,45 @@ pub fn lower_op(
         }
         Op::ScatterRow if inputs.len() == 4 => beam_scatter_row(&inputs[0].shape, in_place),
         Op::ScatterRow => {
+            // Rows `pos..pos + m` of the cache become `rows` (m = 1 for a step, more for a
+            // prefilled prompt); the index is clamped so the rows always fit.
             let (s, d) = (inputs[0].shape[0], inputs[0].shape[1]);
+            let m = inputs[2].shape[0];
+            let (m_, d_) = (m as i64, d as i64);
+            let name = |what: &str| if m == 1 { format!("{what}_{s}x{d}") } else { format!("{what}_{m}x{s}x{d}") };
+            let buffers = vec![buf("cache", s * d), ibuf("index", 1), buf("row", m * d), buf("out", s * d)];
             let mut vars = Vars::new();
             let (r, pos) = (vars.next(), vars.next());
-            let pos_e = min(max(load_i(1, int(0)), int(0)), int(s as i64 - 1));
+            let pos_e = min(max(load_i(1, int(0)), int(0)), int((s - m) as i64));
             if in_place {
-                let row = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
-                    let x = if vv { load4(2, j.clone()) } else { load(2, j.clone()) };
-                    vec![store(3, add(mul(var(pos), int(d as i64)), j), x)]
+                let i = vars.next();
+                let row = vec_loop(&mut vars, int(0), int(d_), &|j, vv, _| {
+                    let from = add(mul(var(i), int(d_)), j.clone());
+                    let x = if vv { load4(2, from) } else { load(2, from) };
+                    vec![store(3, add(mul(add(var(pos), var(i)), int(d_)), j), x)]
                 });
-                let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], row].concat())];
-                let k = kernel(
-                    format!("scatter_row_in_place_{s}x{d}"),
-                    vec![buf("cache", s * d), ibuf("index", 1), buf("row", d), buf("out", s * d)],
-                    1,
-                    0,
-                    body,
-                    vars,
-                );
+                let rows = vec![for_(i, int(0), int(m_), 1, row)];
+                let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], rows].concat())];
+                let k = kernel(name("scatter_row_in_place"), buffers, 1, 0, body, vars);
                 return one(k, ins(3));
             }
-            let copy = vec_loop(&mut vars, int(0), int(d as i64), &|j, vv, _| {
-                let (new, old) = if vv {
-                    (load4(2, j.clone()), load4(0, add(mul(var(r), int(d as i64)), j.clone())))
-                } else {
-                    (load(2, j.clone()), load(0, add(mul(var(r), int(d as i64)), j.clone())))
-                };
-                vec![store(3, add(mul(var(r), int(d as i64)), j), select(CmpOp::Eq, var(r), var(pos), new, old))]
+            // Row r of the result: rows[r - pos] if that is a row of `rows` (its index clamped
+            // into them equals it), else the cache's own row r.
+            let (off, idx) = (vars.next(), vars.next());
+            let copy = vec_loop(&mut vars, int(0), int(d_), &|j, vv, _| {
+                let new_at = add(mul(var(idx), int(d_)), j.clone());
+                let old_at = add(mul(var(r), int(d_)), j.clone());
+                let (new, old) =
+                    if vv { (load4(2, new_at), load4(0, old_at)) } else { (load(2, new_at), load(0, old_at)) };
+                vec![store(3, add(mul(var(r), int(d_)), j), select(CmpOp::Eq, var(off), var(idx), new, old))]
             });
-            let body = vec![for_(r, var(START), var(END), 1, [vec![let_(pos, pos_e)], copy].concat())];
-            let k = kernel(
-                format!("scatter_row_{s}x{d}"),
-                vec![buf("cache", s * d), ibuf("index", 1), buf("row", d), buf("out", s * d)],
-                s,
-                0,
-                body,
-                vars,
-            );
+            let head = vec![
+                let_(pos, pos_e),
+                let_(off, sub(var(r), var(pos))),
+                let_(idx, min(max(var(off), int(0)), int(m_ - 1))),
+            ];
+            let body = vec![for_(r, var(START), var(END), 1, [head, copy].concat())];
+            let k = kernel(name("scatter_row"), buffers, s, 0, body, vars);
             one(k, ins(3))
         }
         Op::CacheAttention { heads } if inputs[1].rank() == 3 => {

@@ -287,3 +287,31 @@ fn im2col_gives_the_convolution_columns_exactly() {
         assert!(rel_err(a, c) < 1e-5, "im2col·w vs conv1d: {}", rel_err(a, c));
     }
 }
+
+#[test]
+fn a_prefilled_prompt_writes_its_rows_and_nothing_else() {
+    // `scatter_row` of several rows (a prompt block): at the first and last positions that
+    // fit and between, a block as long as the cache included, in place and not, against the
+    // interpreter and against a copy made here.
+    for (s, d, m, pos) in [(9, 6, 3, 0), (9, 6, 3, 6), (9, 5, 4, 2), (448, 384, 64, 100), (10, 8, 10, 0)] {
+        let cache = Tensor::f32([s, d], noise(s * d, 40));
+        let rows = Tensor::f32([m, d], noise(m * d, 41));
+        let p = Tensor::i32([1], vec![pos as i32]);
+        let args = [&cache, &p, &rows];
+        let want = eval(&Op::ScatterRow, &args).unwrap();
+        let (w, old, new) = (want.as_f32().unwrap(), cache.as_f32().unwrap(), rows.as_f32().unwrap());
+        for t in 0..s {
+            let row = &w[t * d..(t + 1) * d];
+            if (pos..pos + m).contains(&t) {
+                assert_eq!(row, &new[(t - pos) * d..(t - pos + 1) * d]);
+            } else {
+                assert_eq!(row, &old[t * d..(t + 1) * d]);
+            }
+        }
+        for in_place in [false, true] {
+            let got =
+                wcc_backend::jit::run_op(&Op::ScatterRow, &args, &wcc_ir::TensorType::f32([s, d]), in_place).unwrap();
+            assert_eq!(got, want, "scatter of {m} rows into {s}x{d} at {pos}, in place: {in_place}");
+        }
+    }
+}

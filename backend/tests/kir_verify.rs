@@ -240,6 +240,7 @@ fn kernels_of_odd_shapes_pass_the_verifier() {
         (Op::Slice { axis: 1, start: 2, end: 7 }, vec![f(&[3, 9])], f(&[3, 5])),
         (Op::Gather, vec![f(&[10, 6]), t(DType::I32, &[3])], f(&[3, 6])),
         (Op::ScatterRow, vec![f(&[5, 6]), t(DType::I32, &[1]), f(&[1, 6])], f(&[5, 6])),
+        (Op::ScatterRow, vec![f(&[7, 6]), t(DType::I32, &[1]), f(&[3, 6])], f(&[7, 6])),
         (Op::ScatterRow, vec![f(&[3, 5, 6]), t(DType::I32, &[1]), f(&[3, 6]), t(DType::I32, &[3])], f(&[3, 5, 6])),
         (
             Op::CacheAttention { heads: 2 },

@@ -73,6 +73,30 @@ pub struct LowerOptions {
     /// Beam widths to build a batched decoder step for (`decoder_beam{N}`, see
     /// [`beam_graph`]); 1 is the plain `decoder_step`, always built.
     pub beam_sizes: Vec<usize>,
+    /// Prompt blocks to build a prefill graph for ([`prefill_graph`]), and with them, for
+    /// each beam, the graph that starts its hypotheses from the prefilled caches
+    /// ([`beam_init_graph`]). None: prompts are fed one step at a time.
+    pub prefill_sizes: Vec<usize>,
+}
+
+/// The prompt block sizes `wcc compile` builds by default: a long block for the previous
+/// text a window is conditioned on, a short one for the rest (padded).
+pub const DEFAULT_PREFILL_SIZES: [usize; 2] = [8, 64];
+
+/// The name of the graph that feeds `m` prompt tokens at once (`decoder_prefill{m}`): the
+/// decoder step over `m` rows at positions `p..p + m`, causal among them, writing their K
+/// and V into the plain step's caches (`self_k.{i}`, `self_v.{i}`: the same values, by
+/// name) and computing no logits. Its own inputs: `prefill{m}.tokens` i32[m],
+/// `prefill{m}.positions` i32[m] (`p..p + m`) and `prefill{m}.position` i32[1] (`p`).
+pub fn prefill_graph(m: usize) -> String {
+    format!("decoder_prefill{m}")
+}
+
+/// The name of the graph that gives every hypothesis of a beam of `n` the plain step's
+/// caches (`beam_init{n}`: outputs `beam{n}.self_k.{i}`, ... each `n` copies of
+/// `self_k.{i}`), so a beam starts from a prompt prefilled once.
+pub fn beam_init_graph(n: usize) -> String {
+    format!("beam_init{n}")
 }
 
 /// The name of the decoder step of a beam of `n` hypotheses. Its own inputs and outputs
@@ -129,6 +153,24 @@ pub fn lower_with(ck: &Checkpoint, opts: &LowerOptions) -> Result<Module, Fronte
         }
         let g = decoder_beam(&mut lw, n)?;
         lw.m.graphs.push(g);
+    }
+    let mut blocks = opts.prefill_sizes.clone();
+    blocks.sort_unstable();
+    blocks.dedup();
+    for &m in &blocks {
+        if m == 0 || m > dims.n_text_ctx {
+            return Err(
+                ck.error(format!("a prompt block of {m} tokens does not fit the {}-token context", dims.n_text_ctx))
+            );
+        }
+        let g = decoder_prefill(&mut lw, m)?;
+        lw.m.graphs.push(g);
+    }
+    if !blocks.is_empty() {
+        for n in opts.beam_sizes.iter().copied().filter(|&n| n > 1).collect::<std::collections::BTreeSet<_>>() {
+            let g = beam_init(&mut lw, n)?;
+            lw.m.graphs.push(g);
+        }
     }
     for g in &mut lw.m.graphs {
         g.canonicalize();
@@ -386,6 +428,80 @@ fn decoder_beam(lw: &mut Lowering, n: usize) -> Result<Graph, FrontendError> {
     let logits = node(&mut g, io("logits"), Op::Linear, &[h, emb])?;
     g.outputs.push(logits);
     g.outputs.extend(new_caches);
+    Ok(g)
+}
+
+/// The prompt block of `m` tokens ([`prefill_graph`]): `decoder_step`'s layers over `m` rows,
+/// its self-attention written as `cache_attention` directly (row `r` sees the cache up to
+/// position `p + r`, its own block's earlier rows included, which `scatter_row` has just
+/// written), its cross-attention as in `decoder_step`. What only the logits need (the last
+/// layer's cross-attention and feed-forward, the final norm) is removed as dead. The node
+/// names are `decoder_step`'s, so the cross-attention K/V hoisted into the encoder are the
+/// same values.
+fn decoder_prefill(lw: &mut Lowering, m: usize) -> Result<Graph, FrontendError> {
+    let dims = lw.ck.dims.clone();
+    let (d, n_ctx, heads) = (dims.n_text_state, dims.n_text_ctx, dims.n_text_head);
+    let io = |s: &str| format!("prefill{m}.{s}");
+    let mut g = Graph::new(prefill_graph(m));
+    let tokens = g.add_input(io("tokens"), TensorType::new(DType::I32, [m]));
+    let positions = g.add_input(io("positions"), TensorType::new(DType::I32, [m]));
+    let position = g.add_input(io("position"), TensorType::new(DType::I32, [1]));
+    let caches: Vec<(ValueId, ValueId)> = (0..dims.n_text_layer)
+        .map(|i| {
+            (
+                g.add_input(format!("self_k.{i}"), TensorType::f32([n_ctx, d])),
+                g.add_input(format!("self_v.{i}"), TensorType::f32([n_ctx, d])),
+            )
+        })
+        .collect();
+    let audio = g.add_input("audio_features", TensorType::f32([dims.n_audio_ctx, d]));
+
+    let emb = lw.weight(&mut g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
+    let pos_table = lw.weight(&mut g, "decoder.embed_positions.weight", &[n_ctx, d])?;
+    let tok = node(&mut g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
+    let pos = node(&mut g, "dec.position".into(), Op::Gather, &[pos_table, positions])?;
+    let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
+    for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
+        let (w, p) = (format!("decoder.layers.{i}"), format!("dec.l{i}"));
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.self_attn_layer_norm"), format!("{p}.attn_ln"), d)?;
+        let (q, k, v) = qkv(lw, &mut g, (h, h), &format!("{w}.self_attn"), &format!("{p}.attn"), d, heads)?;
+        let k_all = node(&mut g, format!("self_k.{i}.next"), Op::ScatterRow, &[k_cache, position, k])?;
+        let v_all = node(&mut g, format!("self_v.{i}.next"), Op::ScatterRow, &[v_cache, position, v])?;
+        g.outputs.extend([k_all, v_all]);
+        let a = node(&mut g, format!("{p}.attn.ctx"), Op::CacheAttention { heads }, &[q, k_all, v_all, position])?;
+        let a = linear(lw, &mut g, a, &format!("{w}.self_attn.out_proj"), format!("{p}.attn_proj"), (d, d), true)?;
+        x = node(&mut g, format!("{p}.attn_out"), Op::Add, &[x, a])?;
+        let h = layer_norm(lw, &mut g, x, &format!("{w}.encoder_attn_layer_norm"), format!("{p}.xattn_ln"), d)?;
+        let proj = qkv(lw, &mut g, (h, audio), &format!("{w}.encoder_attn"), &format!("{p}.xattn"), d, heads)?;
+        let (a, _) = attention(&mut g, &format!("{p}.xattn"), proj, heads, None)?;
+        let a = linear(lw, &mut g, a, &format!("{w}.encoder_attn.out_proj"), format!("{p}.xattn_proj"), (d, d), true)?;
+        x = node(&mut g, format!("{p}.xattn_out"), Op::Add, &[x, a])?;
+        x = ffn(lw, &mut g, x, &w, &p, (d, dims.n_text_ffn))?;
+    }
+    g.remove_dead_nodes();
+    Ok(g)
+}
+
+/// The start of a beam of `n` from a prefilled prompt ([`beam_init_graph`]): each of the
+/// beam's caches is `n` copies of the plain step's (rows after the prompt included; no step
+/// reads a row before writing it). A copy is a `gather` of row 0 of the cache seen as a
+/// one-row table `[1, S·D]`, `n` times: the input `beam_init{n}.source` i32[n] is all zeros
+/// (the runtime writes it).
+fn beam_init(lw: &mut Lowering, n: usize) -> Result<Graph, FrontendError> {
+    let dims = lw.ck.dims.clone();
+    let (d, n_ctx) = (dims.n_text_state, dims.n_text_ctx);
+    let mut g = Graph::new(beam_init_graph(n));
+    let source = g.add_input(format!("beam_init{n}.source"), TensorType::new(DType::I32, [n]));
+    for i in 0..dims.n_text_layer {
+        for kv in ["self_k", "self_v"] {
+            let cache = g.add_input(format!("{kv}.{i}"), TensorType::f32([n_ctx, d]));
+            let p = format!("beam_init{n}.{kv}.{i}");
+            let table = node(&mut g, format!("{p}.table"), Op::Reshape { shape: vec![1, n_ctx * d] }, &[cache])?;
+            let rows = node(&mut g, format!("{p}.copies"), Op::Gather, &[table, source])?;
+            let all = node(&mut g, format!("beam{n}.{kv}.{i}"), Op::Reshape { shape: vec![n, n_ctx, d] }, &[rows])?;
+            g.outputs.push(all);
+        }
+    }
     Ok(g)
 }
 

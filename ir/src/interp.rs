@@ -728,11 +728,12 @@ fn gather(table: &Tensor, ids: &[i32]) -> Result<Tensor, InterpError> {
     Ok(Tensor::f32([ids.len(), d], out))
 }
 
-fn scatter_row(cache: &Tensor, index: &[i32], row: &[f32]) -> Result<Tensor, InterpError> {
+fn scatter_row(cache: &Tensor, index: &[i32], rows: &[f32]) -> Result<Tensor, InterpError> {
     let (s, d) = (cache.shape[0], cache.shape[1]);
-    let i = position(index, s)?;
+    let m = rows.len() / d;
+    let i = position(index, s + 1 - m)?;
     let mut out = cache.as_f32()?.to_vec();
-    out[i * d..(i + 1) * d].copy_from_slice(row);
+    out[i * d..(i + m) * d].copy_from_slice(rows);
     Ok(Tensor::f32([s, d], out))
 }
 

@@ -46,7 +46,9 @@ pub enum Op {
     /// `table i8[V, D], ids i32[N], scales f32[V] -> f32[N, D]` with each row dequantized
     /// (`table[id, d] · scales[id]`).
     Gather,
-    /// `cache[S, D], index i32[1], row[1, D] -> [S, D]`: the cache with row `index` replaced.
+    /// `cache[S, D], index i32[1], rows[M, D] -> [S, D]`: the cache with rows
+    /// `index..index + M` replaced by `rows` (`M = 1`: one decoding step's row; more: a
+    /// prompt prefilled at once). `index + M` must be at most `S`.
     ///
     /// The batched form is one decoding step of a beam: `cache[B, S, D], index i32[1],
     /// rows[B, D], origin i32[B] -> [B, S, D]`, where hypothesis `b` continues hypothesis
@@ -583,7 +585,8 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 }
                 return Ok(TensorType::f32(cache.shape.clone()));
             }
-            if cache.rank() != 2 || row.shape != [1, cache.shape[1]] {
+            let fits = row.rank() == 2 && row.shape[0] >= 1 && row.shape[0] <= cache.shape[0];
+            if cache.rank() != 2 || !fits || row.shape[1] != cache.shape[1] {
                 return Err(shape_err());
             }
             Ok(TensorType::f32(cache.shape.clone()))

@@ -94,6 +94,15 @@ fn data_movement() {
     let row = Tensor::f32([1, 3], vec![9., 9., 9.]);
     let at = Tensor::i32([1], vec![0]);
     assert_eq!(f(&eval(&Op::ScatterRow, &[&x, &at, &row]).unwrap()), vec![9., 9., 9., 3., 4., 5.]);
+    // Several rows from `index` on (a prompt prefilled at once); they must fit in the cache.
+    let c = Tensor::f32([4, 2], (0..8).map(|v| v as f32).collect());
+    let rows = Tensor::f32([2, 2], vec![7., 7., 8., 8.]);
+    let at1 = Tensor::i32([1], vec![1]);
+    assert_eq!(f(&eval(&Op::ScatterRow, &[&c, &at1, &rows]).unwrap()), vec![0., 1., 7., 7., 8., 8., 6., 7.]);
+    let at2 = Tensor::i32([1], vec![2]);
+    assert_eq!(f(&eval(&Op::ScatterRow, &[&c, &at2, &rows]).unwrap()), vec![0., 1., 2., 3., 7., 7., 8., 8.]);
+    let at3 = Tensor::i32([1], vec![3]);
+    assert!(eval(&Op::ScatterRow, &[&c, &at3, &rows]).is_err());
     let oob = Tensor::i32([1], vec![5]);
     assert!(eval(&Op::Gather, &[&x, &oob]).is_err());
 }

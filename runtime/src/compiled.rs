@@ -30,6 +30,16 @@ struct Beam {
     logits: IoSlot,
 }
 
+/// The prompt block of `m` tokens (graph `decoder_prefill{m}`, its own inputs named
+/// `prefill{m}.*`), writing into the plain step's caches.
+struct Prefill {
+    m: usize,
+    graph: PreparedGraph,
+    tokens: IoSlot,
+    positions: IoSlot,
+    position: IoSlot,
+}
+
 struct PreparedGraph {
     launches: Vec<Launch>,
     inputs: Vec<IoSlot>,
@@ -55,6 +65,11 @@ pub struct CompiledModel {
     alignment_outputs: Vec<IoSlot>,
     /// The decoder steps of beams, by width.
     beams: Vec<Beam>,
+    /// The prompt blocks, by size, smallest first.
+    prefills: Vec<Prefill>,
+    /// The graphs that start a beam from the plain step's caches, by width, with their
+    /// `source` input (all zeros: every hypothesis copies the one plain cache).
+    beam_inits: Vec<(usize, PreparedGraph, IoSlot)>,
     /// Seconds and calls per kernel, when profiling.
     profile: Option<std::cell::RefCell<Vec<(f64, u64)>>>,
 }
@@ -137,6 +152,12 @@ impl CompiledModel {
                 logits,
             })
             .collect();
+        let prefills = plan
+            .prefills
+            .into_iter()
+            .map(|(m, g, [tokens, positions, position])| Prefill { m, graph: prepare(g), tokens, positions, position })
+            .collect();
+        let beam_inits = plan.beam_inits.into_iter().map(|(n, g, source)| (n, prepare(g), source)).collect();
         let team = if threads > 1 {
             Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
@@ -153,6 +174,8 @@ impl CompiledModel {
             alignment,
             alignment_outputs,
             beams,
+            prefills,
+            beam_inits,
             profile: None,
         })
     }
@@ -268,6 +291,11 @@ struct Plan {
     alignment: (Vec<(usize, usize)>, Vec<IoSlot>),
     /// Per beam width: its step and its tokens, position, origin and logits slots.
     beams: Vec<(usize, GraphPlan, [IoSlot; 4])>,
+    /// Per prompt block size: its graph and its tokens, positions and position slots.
+    prefills: Vec<(usize, GraphPlan, [IoSlot; 3])>,
+    /// Per beam width: the graph that starts the beam from the plain step's caches, and its
+    /// `source` slot.
+    beam_inits: Vec<(usize, GraphPlan, IoSlot)>,
 }
 
 /// Checks a `.wbin`'s program against its own sections, as [`CompiledModel::load`] does
@@ -387,15 +415,7 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
             return Err(format!("the decoder's `{}` input is not one i32", i.name));
         }
     }
-    for o in &decoder.outputs {
-        if let Some(state) = o.name.strip_suffix(".next") {
-            if let Some(i) = decoder.inputs.iter().find(|i| i.name == state) {
-                if slot_bytes(i) != slot_bytes(o) {
-                    return Err(format!("`{}` and `{state}` differ in size", o.name));
-                }
-            }
-        }
-    }
+    states_fit(&decoder)?;
     let logits =
         decoder.outputs.iter().find(|o| o.name == "logits").cloned().ok_or("the decoder has no logits output")?;
     if logits.dtype != "f32" {
@@ -441,18 +461,59 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
         let position = slot(&plan.inputs, "position", "i32", 1)?;
         let origin = slot(&plan.inputs, "origin", "i32", w)?;
         let logits = slot(&plan.outputs, "logits", "f32", w * n_vocab)?;
-        for o in &plan.outputs {
-            if let Some(state) = o.name.strip_suffix(".next") {
-                if let Some(i) = plan.inputs.iter().find(|i| i.name == state) {
-                    if slot_bytes(i) != slot_bytes(o) {
-                        return Err(format!("`{}` and `{state}` differ in size", o.name));
-                    }
+        states_fit(&plan)?;
+        beams.push((width, plan, [tokens, position, origin, logits]));
+    }
+    let n_ctx = gen.max_text_ctx as u64;
+    let mut prefills = Vec::new();
+    let mut beam_inits = Vec::new();
+    for g in &h.graphs {
+        if let Some(m) = g.name.strip_prefix("decoder_prefill") {
+            let m: u64 = match m.parse() {
+                Ok(m) if m >= 1 && m <= n_ctx => m,
+                _ => return Err(format!("`{}` is no prompt block (1 to {n_ctx} tokens)", g.name)),
+            };
+            let plan = graph(&g.name)?;
+            let slot = |what: &str, len: u64| -> Result<IoSlot, String> {
+                let name = format!("prefill{m}.{what}");
+                match plan.inputs.iter().find(|s| s.name == name) {
+                    Some(s) if s.dtype == "i32" && slot_bytes(s) == Some(4 * len) => Ok(s.clone()),
+                    _ => Err(format!("`{}` has no i32[{len}] `{name}`", g.name)),
+                }
+            };
+            let io = [slot("tokens", m)?, slot("positions", m)?, slot("position", 1)?];
+            states_fit(&plan)?;
+            prefills.push((m as usize, plan, io));
+        } else if let Some(n) = g.name.strip_prefix("beam_init") {
+            let n: usize = match n.parse() {
+                Ok(n) if beams.iter().any(|b| b.0 == n) => n,
+                _ => return Err(format!("`{}` starts no beam this file has", g.name)),
+            };
+            let plan = graph(&g.name)?;
+            let name = format!("beam_init{n}.source");
+            let source = match plan.inputs.iter().find(|s| s.name == name) {
+                Some(s) if s.dtype == "i32" && slot_bytes(s) == Some(4 * n as u64) => s.clone(),
+                _ => return Err(format!("`{}` has no i32[{n}] `{name}`", g.name)),
+            };
+            beam_inits.push((n, plan, source));
+        }
+    }
+    prefills.sort_by_key(|p| p.0);
+    Ok(Plan { encoder, decoder, logits, alignment, beams, prefills, beam_inits })
+}
+
+/// Each output `X.next` of a graph is as large as its input `X`.
+fn states_fit(plan: &GraphPlan) -> Result<(), String> {
+    for o in &plan.outputs {
+        if let Some(state) = o.name.strip_suffix(".next") {
+            if let Some(i) = plan.inputs.iter().find(|i| i.name == state) {
+                if slot_bytes(i) != slot_bytes(o) {
+                    return Err(format!("`{}` and `{state}` differ in size", o.name));
                 }
             }
         }
-        beams.push((width, plan, [tokens, position, origin, logits]));
     }
-    Ok(Plan { encoder, decoder, logits, alignment, beams })
+    Ok(())
 }
 
 /// The alignment heads of a build with word timestamps: each decoder output
@@ -587,6 +648,23 @@ impl BeamDecoder for CompiledModel {
         self.beams.iter().map(|b| b.width).collect()
     }
 
+    /// With a `beam_init{width}` graph: the prompt goes through the plain step's caches
+    /// ([`Decoder::prefill`], in blocks where the build has them), which that graph then
+    /// copies to every hypothesis. Else one beam step per token.
+    fn beam_prefill(&mut self, width: usize, prompt: &[u32]) -> Result<(), String> {
+        let Some(i) = self.beam_inits.iter().position(|b| b.0 == width) else {
+            return crate::decode::beam_prefill_by_steps(self, width, prompt);
+        };
+        if prompt.is_empty() {
+            return Ok(());
+        }
+        self.prefill(prompt, 0)?;
+        let (at, len) = (self.beam_inits[i].2.offset as usize, self.beam_inits[i].2.bytes() as usize);
+        self.arena_bytes_mut()[at..at + len].fill(0);
+        self.run(&self.beam_inits[i].1);
+        Ok(())
+    }
+
     fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String> {
         let n = tokens.len();
         let i = self.beams.iter().position(|b| b.width == n).ok_or_else(|| {
@@ -653,5 +731,55 @@ impl Decoder for CompiledModel {
         // SAFETY: the logits slot is inside the arena (checked at load) and 4-byte aligned
         // (arena offsets are multiples of 64); f32 has no invalid bit patterns.
         Ok(unsafe { std::slice::from_raw_parts(self.arena.as_ptr().cast::<u8>().add(at).cast::<f32>(), n) })
+    }
+
+    /// Feeds the tokens in prompt blocks: the largest block that the tokens left fill, and
+    /// the rest in the smallest block, padded with repeats of the last token. The padding
+    /// rows land in cache rows after the prompt, which every later step overwrites before
+    /// any step reads them. Without blocks, or where a padded block would run past the
+    /// context, one step per token.
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(), String> {
+        let n_vocab = self.logits.bytes() / 4;
+        if let Some(t) = tokens.iter().find(|&&t| u64::from(t) >= n_vocab) {
+            return Err(format!("token {t} is outside the vocabulary (0..{n_vocab})"));
+        }
+        let n_ctx = self.file.header.generation.max_text_ctx;
+        if start + tokens.len() > n_ctx {
+            return Err(format!(
+                "a prompt to position {} is outside the text context (0..{n_ctx})",
+                start + tokens.len()
+            ));
+        }
+        let mut done = 0;
+        while done < tokens.len() {
+            let left = tokens.len() - done;
+            let at = start + done;
+            let block = self.prefills.iter().rev().position(|p| p.m <= left).map(|i| self.prefills.len() - 1 - i);
+            let block = block.or_else(|| (!self.prefills.is_empty() && at + self.prefills[0].m <= n_ctx).then_some(0));
+            let Some(i) = block else {
+                for (k, &t) in tokens[done..].iter().enumerate() {
+                    self.step(t, at + k)?;
+                }
+                return Ok(());
+            };
+            let m = self.prefills[i].m;
+            let (t_at, ps_at, p_at) = {
+                let p = &self.prefills[i];
+                (p.tokens.offset as usize, p.positions.offset as usize, p.position.offset as usize)
+            };
+            let last = tokens[tokens.len() - 1];
+            let arena = self.arena_bytes_mut();
+            for k in 0..m {
+                let t = tokens.get(done + k).copied().unwrap_or(last);
+                arena[t_at + 4 * k..t_at + 4 * k + 4].copy_from_slice(&(t as i32).to_le_bytes());
+                arena[ps_at + 4 * k..ps_at + 4 * k + 4].copy_from_slice(&((at + k) as i32).to_le_bytes());
+            }
+            arena[p_at..p_at + 4].copy_from_slice(&(at as i32).to_le_bytes());
+            self.run(&self.prefills[i].graph);
+            let copies = state_copies(&self.prefills[i].graph);
+            self.copy_states(&copies);
+            done += m.min(left);
+        }
+        Ok(())
     }
 }

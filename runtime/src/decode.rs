@@ -7,6 +7,20 @@ use crate::tokenizer::GenerationConfig;
 /// position 0 again starts a new sequence (the cache is overwritten position by position).
 pub trait Decoder {
     fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String>;
+    /// Feeds `tokens` at positions `start..start + tokens.len()` for what they leave in the
+    /// decoder's caches, without logits: a prompt's previous text. A build with prompt
+    /// blocks feeds them a block at a time; [`prefill_by_steps`] steps through them. No
+    /// default, as for [`BeamDecoder`]: a wrapper that forgot to forward it would silently
+    /// lose the blocks.
+    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(), String>;
+}
+
+/// [`Decoder::prefill`] one step per token (for decoders without prompt blocks).
+pub fn prefill_by_steps(dec: &mut dyn Decoder, tokens: &[u32], start: usize) -> Result<(), String> {
+    for (i, &t) in tokens.iter().enumerate() {
+        dec.step(t, start + i)?;
+    }
+    Ok(())
 }
 
 /// A decoder that can also step a beam of hypotheses at once (a build's `decoder_beam{N}`
@@ -20,6 +34,28 @@ pub trait BeamDecoder {
     /// `position` becomes that one's) and takes `tokens[b]`. Returns the logits, one row of
     /// the vocabulary per hypothesis. Feeding position 0 starts a new sequence.
     fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String>;
+    /// Starts a beam of `width` hypotheses on `prompt` (positions `0..prompt.len()`), every
+    /// hypothesis with the same caches, without logits. [`beam_prefill_by_steps`] does it
+    /// with beam steps.
+    fn beam_prefill(&mut self, width: usize, prompt: &[u32]) -> Result<(), String>;
+}
+
+/// [`BeamDecoder::beam_prefill`] one beam step per token, every hypothesis taking the same
+/// token (for decoders without a faster way).
+pub fn beam_prefill_by_steps(dec: &mut dyn BeamDecoder, width: usize, prompt: &[u32]) -> Result<(), String> {
+    let identity: Vec<u32> = (0..width as u32).collect();
+    for (pos, &t) in prompt.iter().enumerate() {
+        dec.beam_step(&vec![t; width], &identity, pos)?;
+    }
+    Ok(())
+}
+
+/// Where a prompt's stepped part starts: at start-of-transcript (whose logits give the
+/// no-speech probability, and from which every token's logits matter). What comes before
+/// it, the previous text, only fills the caches: [`Decoder::prefill`]. A prompt without
+/// start-of-transcript steps its last token only.
+fn prompt_split(prompt: &[u32], cfg: &GenerationConfig) -> usize {
+    prompt.iter().position(|&t| t == cfg.special.sot).unwrap_or(prompt.len().saturating_sub(1))
 }
 
 /// Beam search settings, as faster-whisper's and CTranslate2's.
@@ -228,7 +264,9 @@ pub fn sample_scored(
     }
     let mut logits = Vec::new();
     let mut no_speech_prob = 0.0;
-    for (pos, &t) in prompt.iter().enumerate() {
+    let fed = prompt_split(prompt, cfg);
+    dec.prefill(&prompt[..fed], 0).map_err(|msg| DecodeError::Step { position: 0, msg })?;
+    for (pos, &t) in prompt.iter().enumerate().skip(fed) {
         step(dec, t, pos, &mut logits)?;
         if t == cfg.special.sot {
             if let Some(ns) = cfg.special.no_speech.filter(|&ns| (ns as usize) < logits.len()) {
@@ -312,7 +350,9 @@ pub fn beam_search(
     let mut logits: Vec<f32> = Vec::new();
     let mut no_speech_prob = 0.0;
     let mut v = 0;
-    for (pos, &t) in prompt.iter().enumerate() {
+    let fed = prompt_split(prompt, cfg);
+    dec.beam_prefill(b, &prompt[..fed]).map_err(fail(0))?;
+    for (pos, &t) in prompt.iter().enumerate().skip(fed) {
         let out = dec.beam_step(&vec![t; b], &identity, pos).map_err(fail(pos))?;
         v = out.len() / b;
         logits.clear();
@@ -477,6 +517,9 @@ mod tests {
             self.logits[7] = 4.0; // the runner-up everywhere
             Ok(&self.logits)
         }
+        fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(), String> {
+            prefill_by_steps(self, tokens, start)
+        }
     }
 
     fn cfg() -> GenerationConfig {
@@ -555,6 +598,9 @@ mod tests {
         fn beam_widths(&self) -> Vec<usize> {
             vec![3]
         }
+        fn beam_prefill(&mut self, width: usize, prompt: &[u32]) -> Result<(), String> {
+            beam_prefill_by_steps(self, width, prompt)
+        }
         fn beam_step(&mut self, tokens: &[u32], origin: &[u32], position: usize) -> Result<&[f32], String> {
             if position < 2 {
                 // The prompt: every hypothesis the same, nothing generated yet.
@@ -599,6 +645,9 @@ mod tests {
         fn step(&mut self, token: u32, position: usize) -> Result<&[f32], String> {
             self.logits = (0..10).map(|i| ((i * 7 + token as usize * 3 + position) % 5) as f32 * 0.3).collect();
             Ok(&self.logits)
+        }
+        fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(), String> {
+            prefill_by_steps(self, tokens, start)
         }
     }
 

@@ -20,8 +20,12 @@ pub fn model_dir(name: &str) -> std::path::PathBuf {
 }
 
 /// A fetched model lowered as `wcc compile` builds it by default: with the decoder step of a
-/// beam of 5 beside the plain one.
+/// beam of 5 beside the plain one, and the prompt blocks.
 pub fn load_default_build(name: &str) -> wcc_frontend::LoadedModel {
-    let opts = wcc_frontend::lower::LowerOptions { beam_sizes: vec![1, 5], ..Default::default() };
+    let opts = wcc_frontend::lower::LowerOptions {
+        beam_sizes: vec![1, 5],
+        prefill_sizes: wcc_frontend::lower::DEFAULT_PREFILL_SIZES.to_vec(),
+        ..Default::default()
+    };
     wcc_frontend::load_with(&model_dir(name), &opts).unwrap()
 }
