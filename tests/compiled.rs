@@ -344,9 +344,9 @@ fn initial_prompt_tokens_equal_ctranslate2() {
 }
 
 /// A build's prompt blocks (`decoder_prefill{8,64}`, and `beam_init5` for the beam) leave
-/// the caches as one decoder step per token does: the same logits after a 75-token previous
-/// text (one 64-block, then 11 tokens in two 8-blocks, the last padded), the same greedy and
-/// beam tokens, against a build compiled with `--no-prefill`.
+/// the caches as one decoder step per token does: the same logits after `<|startofprev|>` and
+/// 75 tokens of previous text (76 tokens: one 64-block, then 12 in two 8-blocks, the last
+/// padded), the same greedy and beam tokens, against a build compiled with `--no-prefill`.
 #[test]
 fn prompt_blocks_leave_the_caches_one_step_per_token_leaves() {
     use wcc_runtime::decode::{beam_search, BeamDecoder, BeamOptions, Decoder};

@@ -45,7 +45,8 @@ fn written_program_and_weights_are_what_the_compiler_built() {
     let module = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
     let program = wcc_backend::program::build(&module, &loaded.checkpoint, &wcc_targets::host().unwrap()).unwrap();
     let names: Vec<&str> = f.header.graphs.iter().map(|g| g.name.as_str()).collect();
-    assert_eq!(names, ["encoder", "decoder_step", "decoder_beam5"]);
+    let want = ["encoder", "decoder_step", "decoder_beam5", "decoder_prefill8", "decoder_prefill64", "beam_init5"];
+    assert_eq!(names, want);
     assert_eq!(f.header.graphs, program.graphs);
     assert_eq!(f.header.arena_bytes, program.arena_bytes);
     assert!(f.sections().weights == &program.weights[..]);

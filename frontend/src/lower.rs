@@ -434,8 +434,8 @@ fn decoder_beam(lw: &mut Lowering, n: usize) -> Result<Graph, FrontendError> {
 /// The prompt block of `m` tokens ([`prefill_graph`]): `decoder_step`'s layers over `m` rows,
 /// its self-attention written as `cache_attention` directly (row `r` sees the cache up to
 /// position `p + r`, its own block's earlier rows included, which `scatter_row` has just
-/// written), its cross-attention as in `decoder_step`. What only the logits need (the last
-/// layer's cross-attention and feed-forward, the final norm) is removed as dead. The node
+/// written), its cross-attention as in `decoder_step`. What only the logits need (after the
+/// last layer's K and V: the rest of that layer, the final norm) is removed as dead. The node
 /// names are `decoder_step`'s, so the cross-attention K/V hoisted into the encoder are the
 /// same values.
 fn decoder_prefill(lw: &mut Lowering, m: usize) -> Result<Graph, FrontendError> {

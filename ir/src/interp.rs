@@ -338,7 +338,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
         }
         Op::Gather => gather(args[0], args[1].as_i32()?)?,
         Op::ScatterRow if args.len() == 4 => beam_scatter_row(args[0], args[1].as_i32()?, f(2)?, args[3].as_i32()?)?,
-        Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, f(2)?)?,
+        Op::ScatterRow => scatter_row(args[0], args[1].as_i32()?, args[2])?,
         Op::CacheAttention { heads } if args[1].shape.len() == 3 => {
             beam_cache_attention(args[0], f(1)?, f(2)?, args[3].as_i32()?, *heads)?
         }
@@ -728,10 +728,10 @@ fn gather(table: &Tensor, ids: &[i32]) -> Result<Tensor, InterpError> {
     Ok(Tensor::f32([ids.len(), d], out))
 }
 
-fn scatter_row(cache: &Tensor, index: &[i32], rows: &[f32]) -> Result<Tensor, InterpError> {
-    let (s, d) = (cache.shape[0], cache.shape[1]);
-    let m = rows.len() / d;
-    let i = position(index, s + 1 - m)?;
+fn scatter_row(cache: &Tensor, index: &[i32], rows: &Tensor) -> Result<Tensor, InterpError> {
+    let (s, d, m) = (cache.shape[0], cache.shape[1], rows.shape[0]);
+    let rows = rows.as_f32()?;
+    let i = position(index, (s + 1).saturating_sub(m))?;
     let mut out = cache.as_f32()?.to_vec();
     out[i * d..(i + m) * d].copy_from_slice(rows);
     Ok(Tensor::f32([s, d], out))

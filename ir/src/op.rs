@@ -585,8 +585,10 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 }
                 return Ok(TensorType::f32(cache.shape.clone()));
             }
-            let fits = row.rank() == 2 && row.shape[0] >= 1 && row.shape[0] <= cache.shape[0];
-            if cache.rank() != 2 || !fits || row.shape[1] != cache.shape[1] {
+            if cache.rank() != 2 || row.rank() != 2 {
+                return Err(shape_err());
+            }
+            if row.shape[0] == 0 || row.shape[0] > cache.shape[0] || row.shape[1] != cache.shape[1] {
                 return Err(shape_err());
             }
             Ok(TensorType::f32(cache.shape.clone()))

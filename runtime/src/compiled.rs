@@ -251,6 +251,15 @@ impl CompiledModel {
         }
     }
 
+    /// Writes `values` as little-endian i32 from byte `at` of the arena (a slot the loader
+    /// checked to hold them).
+    fn write_i32s(&mut self, at: usize, values: impl IntoIterator<Item = i32>) {
+        let arena = self.arena_bytes_mut();
+        for (k, v) in values.into_iter().enumerate() {
+            arena[at + 4 * k..at + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
     fn run(&self, g: &PreparedGraph) {
         let mut profile = self.profile.as_ref().map(|p| p.borrow_mut());
         let profile = profile.as_deref_mut().map(|v| v.as_mut_slice());
@@ -449,12 +458,8 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
             _ => return Err(format!("`{}` is no beam width (2 to 64)", g.name)),
         };
         let plan = graph(&g.name)?;
-        let slot = |list: &[IoSlot], what: &str, dtype: &str, len: u64| -> Result<IoSlot, String> {
-            let name = format!("beam{width}.{what}");
-            match list.iter().find(|s| s.name == name) {
-                Some(s) if s.dtype == dtype && slot_bytes(s) == Some(4 * len) => Ok(s.clone()),
-                _ => Err(format!("`{}` has no {dtype}[{len}] `{name}`", g.name)),
-            }
+        let slot = |list: &[IoSlot], what: &str, dtype: &str, len: u64| {
+            io_slot(&g.name, list, &format!("beam{width}.{what}"), dtype, len)
         };
         let w = width as u64;
         let tokens = slot(&plan.inputs, "tokens", "i32", w)?;
@@ -474,13 +479,7 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
                 _ => return Err(format!("`{}` is no prompt block (1 to {n_ctx} tokens)", g.name)),
             };
             let plan = graph(&g.name)?;
-            let slot = |what: &str, len: u64| -> Result<IoSlot, String> {
-                let name = format!("prefill{m}.{what}");
-                match plan.inputs.iter().find(|s| s.name == name) {
-                    Some(s) if s.dtype == "i32" && slot_bytes(s) == Some(4 * len) => Ok(s.clone()),
-                    _ => Err(format!("`{}` has no i32[{len}] `{name}`", g.name)),
-                }
-            };
+            let slot = |what: &str, len: u64| io_slot(&g.name, &plan.inputs, &format!("prefill{m}.{what}"), "i32", len);
             let io = [slot("tokens", m)?, slot("positions", m)?, slot("position", 1)?];
             states_fit(&plan)?;
             prefills.push((m as usize, plan, io));
@@ -490,16 +489,21 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
                 _ => return Err(format!("`{}` starts no beam this file has", g.name)),
             };
             let plan = graph(&g.name)?;
-            let name = format!("beam_init{n}.source");
-            let source = match plan.inputs.iter().find(|s| s.name == name) {
-                Some(s) if s.dtype == "i32" && slot_bytes(s) == Some(4 * n as u64) => s.clone(),
-                _ => return Err(format!("`{}` has no i32[{n}] `{name}`", g.name)),
-            };
+            let source = io_slot(&g.name, &plan.inputs, &format!("beam_init{n}.source"), "i32", n as u64)?;
             beam_inits.push((n, plan, source));
         }
     }
     prefills.sort_by_key(|p| p.0);
     Ok(Plan { encoder, decoder, logits, alignment, beams, prefills, beam_inits })
+}
+
+/// The slot `name` of `list` (graph `graph`'s inputs or outputs), which the runtime writes or
+/// reads as `len` elements of `dtype` (4 bytes each: i32 or f32).
+fn io_slot(graph: &str, list: &[IoSlot], name: &str, dtype: &str, len: u64) -> Result<IoSlot, String> {
+    match list.iter().find(|s| s.name == name) {
+        Some(s) if s.dtype == dtype && slot_bytes(s) == Some(4 * len) => Ok(s.clone()),
+        _ => Err(format!("`{graph}` has no {dtype}[{len}] `{name}`")),
+    }
 }
 
 /// Each output `X.next` of a graph is as large as its input `X`.
@@ -685,12 +689,9 @@ impl BeamDecoder for CompiledModel {
             let b = &self.beams[i];
             (b.tokens.offset as usize, b.position.offset as usize, b.origin.offset as usize)
         };
-        let arena = self.arena_bytes_mut();
-        for (k, (&t, &o)) in tokens.iter().zip(origin).enumerate() {
-            arena[t_at + 4 * k..t_at + 4 * k + 4].copy_from_slice(&(t as i32).to_le_bytes());
-            arena[o_at + 4 * k..o_at + 4 * k + 4].copy_from_slice(&(o as i32).to_le_bytes());
-        }
-        arena[p_at..p_at + 4].copy_from_slice(&(position as i32).to_le_bytes());
+        self.write_i32s(t_at, tokens.iter().map(|&t| t as i32));
+        self.write_i32s(o_at, origin.iter().map(|&o| o as i32));
+        self.write_i32s(p_at, [position as i32]);
         self.run(&self.beams[i].graph);
         let copies = state_copies(&self.beams[i].graph);
         self.copy_states(&copies);
@@ -722,7 +723,7 @@ impl Decoder for CompiledModel {
                 "position" => position as i32,
                 _ => continue,
             };
-            self.arena_bytes_mut()[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            self.write_i32s(at, [v]);
         }
         self.run(&self.decoder);
         let copies = state_copies(&self.decoder);
@@ -768,13 +769,9 @@ impl Decoder for CompiledModel {
                 (p.tokens.offset as usize, p.positions.offset as usize, p.position.offset as usize)
             };
             let last = tokens[tokens.len() - 1];
-            let arena = self.arena_bytes_mut();
-            for k in 0..m {
-                let t = tokens.get(done + k).copied().unwrap_or(last);
-                arena[t_at + 4 * k..t_at + 4 * k + 4].copy_from_slice(&(t as i32).to_le_bytes());
-                arena[ps_at + 4 * k..ps_at + 4 * k + 4].copy_from_slice(&((at + k) as i32).to_le_bytes());
-            }
-            arena[p_at..p_at + 4].copy_from_slice(&(at as i32).to_le_bytes());
+            self.write_i32s(t_at, (0..m).map(|k| tokens.get(done + k).copied().unwrap_or(last) as i32));
+            self.write_i32s(ps_at, (0..m).map(|k| (at + k) as i32));
+            self.write_i32s(p_at, [at as i32]);
             self.run(&self.prefills[i].graph);
             let copies = state_copies(&self.prefills[i].graph);
             self.copy_states(&copies);

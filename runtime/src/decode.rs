@@ -473,6 +473,12 @@ pub fn detect_language(dec: &mut dyn Decoder, cfg: &GenerationConfig) -> Result<
         .ok_or(DecodeError::NoLanguages)
 }
 
+/// The summed log-probability of `d` (end-of-text counted) over its tokens (end-of-text
+/// not counted): what [`best_of`] ranks by.
+fn per_token_logprob(d: &Decoded) -> f64 {
+    d.avg_logprob as f64 * (d.tokens.len() + 1) as f64 / d.tokens.len().max(1) as f64
+}
+
 /// `n` samples at `temperature`, drawn one after the other from `rng`; the one with the
 /// highest summed log-probability per token wins (openai-whisper's ranking without a length
 /// penalty; the sum counts end-of-text, the length does not), the first of equals.
@@ -484,11 +490,10 @@ pub fn best_of(
     n: usize,
     rng: &mut Rng,
 ) -> Result<Decoded, DecodeError> {
-    let score = |d: &Decoded| d.avg_logprob as f64 * (d.tokens.len() + 1) as f64 / d.tokens.len().max(1) as f64;
     let mut best: Option<(f64, Decoded)> = None;
     for _ in 0..n.max(1) {
         let d = sample_scored(dec, cfg, prompt, temperature, rng)?;
-        let s = score(&d);
+        let s = per_token_logprob(&d);
         if best.as_ref().is_none_or(|(b, _)| s > *b) {
             best = Some((s, d));
         }
@@ -655,7 +660,7 @@ mod tests {
     fn best_of_keeps_the_likeliest_of_the_draws_per_token() {
         let mut c = cfg();
         c.suppress.clear();
-        let per_token = |d: &Decoded| d.avg_logprob as f64 * (d.tokens.len() + 1) as f64 / d.tokens.len().max(1) as f64;
+        let per_token = per_token_logprob;
         let mut d = Flat { logits: vec![] };
         let mut distinct = 0;
         for seed in 0..20 {

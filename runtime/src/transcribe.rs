@@ -133,7 +133,7 @@ fn decode_window(
     rng: &mut Rng,
 ) -> Result<(Decoded, String, f32), TranscribeError> {
     let temperatures: &[f32] = if opts.temperatures.is_empty() { &[0.0] } else { &opts.temperatures };
-    let mut last = None;
+    let mut tried: Vec<(Decoded, String, bool)> = Vec::new();
     for &t in temperatures {
         let d = match opts.beam.filter(|b| b.width > 1) {
             Some(beam) if t == 0.0 => beam_search(model, cfg, prompt, beam)?,
@@ -146,12 +146,23 @@ fn decode_window(
         // measure it.
         let repeats = compression_ratio(text.trim()) > COMPRESSION_RATIO_THRESHOLD;
         let failed = repeats || d.avg_logprob < LOGPROB_THRESHOLD;
-        last = Some((d, text, t, repeats));
         if silent || !failed {
-            break;
+            return Ok((d, text, t));
         }
+        tried.push((d, text, repeats));
     }
-    let (mut d, mut text, t, repeats) = last.expect("at least one temperature");
+    // Every temperature failed: the likeliest result (highest mean log-probability, the
+    // first of equals) among those that do not repeat themselves, else among all, reported
+    // at the last temperature tried (faster-whisper's choice; the last temperature decides
+    // the prompt reset).
+    let t = *temperatures.last().expect("at least one temperature");
+    let pool: Vec<usize> = match (0..tried.len()).filter(|&i| !tried[i].2).collect::<Vec<_>>() {
+        v if v.is_empty() => (0..tried.len()).collect(),
+        v => v,
+    };
+    let best =
+        pool.iter().copied().fold(pool[0], |b, i| if tried[i].0.avg_logprob > tried[b].0.avg_logprob { i } else { b });
+    let (mut d, mut text, repeats) = tried.swap_remove(best);
     // Every temperature failed and the text still repeats itself: cut the runaway.
     if !opts.keep_repeats && repeats {
         let keep = runaway_cut(&d.tokens, cfg.special.timestamp_begin);
@@ -521,9 +532,10 @@ fn transcribe_timestamped(
             let lang = language.as_ref().map(|l| l.0.as_str());
             add_words(model, tokenizer, cfg, &sot, lang, &mut window, size, offset, &mut last_speech)?;
             // With words, a window that does not end on a lone timestamp resumes where its
-            // last word ends (openai-whisper's rule), not at its last timestamp.
-            let last_word_end = window.iter().rev().flat_map(|s| s.words.iter().rev()).next().map(|w| w.end);
-            if let Some(end) = last_word_end.or(window.last().map(|s| s.end)) {
+            // last word ends (openai-whisper's rule), not at its last timestamp. (Kept within
+            // the window below, where faster-whisper would follow a last word stretched past
+            // it.)
+            if let Some(end) = last_word_end(&window) {
                 if !single_ending && end > offset {
                     advance = ((end * FRAMES_PER_SECOND).round() as usize).saturating_sub(seek);
                 }
@@ -569,13 +581,17 @@ fn add_words(
 ) -> Result<(), TranscribeError> {
     let eot = cfg.special.eot;
     let text: Vec<u32> = segs.iter().flat_map(|s| s.tokens.iter().copied().filter(|&t| t < eot)).collect();
+    // Aligned, measured and clipped in the window's own time (as faster-whisper does: the
+    // `>` tests on durations then see the same rounding); the offset comes in `reconcile`.
     let mut words =
-        crate::words::find_alignment(model, tokenizer, cfg, sot_sequence, language, &text, num_frames, offset)?;
+        crate::words::find_alignment(model, tokenizer, cfg, sot_sequence, language, &text, num_frames, 0.0)?;
     let limits = crate::words::duration_limits(&words);
     crate::words::clip_at_sentence_ends(&mut words, limits.1);
     crate::words::merge_punctuations(&mut words);
     let mut words = words.into_iter();
-    for s in segs {
+    // Within the window, each segment's end is the next one's last speech.
+    let mut last = *last_speech;
+    for s in segs.iter_mut() {
         let n = s.tokens.iter().filter(|&&t| t < eot).count();
         let mut taken = 0;
         while taken < n {
@@ -583,9 +599,20 @@ fn add_words(
             taken += w.tokens.len();
             s.words.push(w);
         }
-        *last_speech = crate::words::reconcile(&mut s.words, &mut s.start, &mut s.end, *last_speech, limits);
+        last = crate::words::reconcile(&mut s.words, (&mut s.start, &mut s.end), offset, last, limits);
+    }
+    // After it, the last word's end, or the last segment's if no word was found
+    // (faster-whisper's `get_end`).
+    if let Some(end) = last_word_end(segs) {
+        *last_speech = end;
     }
     Ok(())
+}
+
+/// The end of the last word of `segs`, else of the last segment (openai-whisper's and
+/// faster-whisper's `get_end`).
+fn last_word_end(segs: &[Segment]) -> Option<f64> {
+    segs.iter().rev().flat_map(|s| s.words.iter().rev()).next().map(|w| w.end).or(segs.last().map(|s| s.end))
 }
 
 #[cfg(test)]

@@ -319,27 +319,29 @@ pub fn clip_at_sentence_ends(words: &mut [Word], max: f64) {
     }
 }
 
-/// Times `words` (one segment's, punctuation merged, not empty) to the hundredth of a second
-/// and reconciles them with their segment's times `start..end`, as openai-whisper's
-/// `add_word_timestamps` does (faster-whisper's is the same):
+/// Times `words` (one segment's, punctuation merged, in the window's time) as `offset` +
+/// their time, to the hundredth of a second, and reconciles them with their segment's times
+/// `start..end`, as openai-whisper's `add_word_timestamps` does (faster-whisper's is the
+/// same):
 /// - after a pause (the first word ends more than 4 median durations after the last speech),
 ///   a first word (or first two) stretched over the pause is cut to `max`;
 /// - a segment start more than 0.5 s after the first word's start wins over it (the word
 ///   starts there, or `median` before its end); otherwise the segment starts with the word;
 /// - the same at the end, mirrored.
 ///
-/// Returns the segment's end, the last speech for the next segment.
+/// Returns the segment's end, the last speech for the next segment; with no words,
+/// `last_speech` unchanged.
 pub fn reconcile(
     words: &mut [Word],
-    start: &mut f64,
-    end: &mut f64,
+    (start, end): (&mut f64, &mut f64),
+    offset: f64,
     last_speech: f64,
     (median, max): (f64, f64),
 ) -> f64 {
     let round = |x: f64| (x * 100.0).round() / 100.0;
     for w in words.iter_mut() {
-        w.start = round(w.start);
-        w.end = round(w.end);
+        w.start = round(offset + w.start);
+        w.end = round(offset + w.end);
     }
     let Some(last) = words.len().checked_sub(1) else { return last_speech };
     let (first_long, second_long) =
@@ -437,20 +439,20 @@ mod tests {
         // is cut to `max` before its end, and the segment starts with it.
         let mut words = vec![w(" A", 5.0, 7.0), w(" B", 7.0, 7.2)];
         let (mut start, mut end) = (4.0, 7.3);
-        let last = reconcile(&mut words, &mut start, &mut end, 0.0, (0.3, 0.6));
+        let last = reconcile(&mut words, (&mut start, &mut end), 0.0, 0.0, (0.3, 0.6));
         assert_eq!((words[0].start, words[0].end), (6.4, 7.0));
         assert_eq!((start, end, last), (6.4, 7.2, 7.2));
         // No pause: a segment start 0.5 s past a long first word's start wins over it, and
         // a segment end 0.5 s before a long last word's end wins too.
         let mut words = vec![w(" A", 1.0, 3.0), w(" B", 3.0, 6.0)];
         let (mut start, mut end) = (2.0, 4.5);
-        let last = reconcile(&mut words, &mut start, &mut end, 2.9, (0.3, 0.6));
+        let last = reconcile(&mut words, (&mut start, &mut end), 0.0, 2.9, (0.3, 0.6));
         assert_eq!((words[0].start, words[1].end), (2.0, 4.5));
         assert_eq!((start, end, last), (2.0, 4.5, 4.5));
-        // Times are kept to the hundredth of a second.
-        let mut words = vec![w(" A", 1.004, 1.496)];
+        // Times are the window's offset plus the word's, kept to the hundredth of a second.
+        let mut words = vec![w(" A", 0.004, 0.496)];
         let (mut start, mut end) = (1.0, 1.5);
-        reconcile(&mut words, &mut start, &mut end, 1.0, (0.3, 0.6));
+        reconcile(&mut words, (&mut start, &mut end), 1.0, 1.0, (0.3, 0.6));
         assert_eq!((words[0].start, words[0].end, start, end), (1.0, 1.5, 1.0, 1.5));
     }
 
