@@ -309,27 +309,51 @@ fn encoder(lw: &mut Lowering) -> Result<Graph, FrontendError> {
     Ok(g)
 }
 
+/// The decoder's per-layer self-attention caches as graph inputs, `(K, V)` per layer, named
+/// by `name("self_k" | "self_v", layer)`.
+fn cache_inputs(
+    g: &mut Graph,
+    layers: usize,
+    name: &dyn Fn(&str, usize) -> String,
+    shape: &[usize],
+) -> Vec<(ValueId, ValueId)> {
+    (0..layers)
+        .map(|i| {
+            (
+                g.add_input(name("self_k", i), TensorType::f32(shape.to_vec())),
+                g.add_input(name("self_v", i), TensorType::f32(shape.to_vec())),
+            )
+        })
+        .collect()
+}
+
+/// The token embedding of `tokens` plus the positional embedding at `positions`; returns the
+/// token embedding table too (the logits reuse it) and the sum.
+fn embed(
+    lw: &mut Lowering,
+    g: &mut Graph,
+    tokens: ValueId,
+    positions: ValueId,
+) -> Result<(ValueId, ValueId), FrontendError> {
+    let dims = lw.ck.dims.clone();
+    let (d, n_ctx) = (dims.n_text_state, dims.n_text_ctx);
+    let emb = lw.weight(g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
+    let pos_table = lw.weight(g, "decoder.embed_positions.weight", &[n_ctx, d])?;
+    let tok = node(g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
+    let pos = node(g, "dec.position".into(), Op::Gather, &[pos_table, positions])?;
+    Ok((emb, node(g, "dec.embedded".into(), Op::Add, &[tok, pos])?))
+}
+
 fn decoder_step(lw: &mut Lowering, opts: &LowerOptions) -> Result<Graph, FrontendError> {
     let dims = lw.ck.dims.clone();
     let (d, n_ctx, heads) = (dims.n_text_state, dims.n_text_ctx, dims.n_text_head);
     let mut g = Graph::new("decoder_step");
     let tokens = g.add_input("tokens", TensorType::new(DType::I32, [1]));
     let position = g.add_input("position", TensorType::new(DType::I32, [1]));
-    let caches: Vec<(ValueId, ValueId)> = (0..dims.n_text_layer)
-        .map(|i| {
-            (
-                g.add_input(format!("self_k.{i}"), TensorType::f32([n_ctx, d])),
-                g.add_input(format!("self_v.{i}"), TensorType::f32([n_ctx, d])),
-            )
-        })
-        .collect();
+    let caches = cache_inputs(&mut g, dims.n_text_layer, &|kv, i| format!("{kv}.{i}"), &[n_ctx, d]);
     let audio = g.add_input("audio_features", TensorType::f32([dims.n_audio_ctx, d]));
 
-    let emb = lw.weight(&mut g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
-    let pos_table = lw.weight(&mut g, "decoder.embed_positions.weight", &[n_ctx, d])?;
-    let tok = node(&mut g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
-    let pos = node(&mut g, "dec.position".into(), Op::Gather, &[pos_table, position])?;
-    let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
+    let (emb, mut x) = embed(lw, &mut g, tokens, position)?;
     let mask = node(&mut g, "dec.causal_mask".into(), Op::CausalMask { len: n_ctx }, &[position])?;
     let mut new_caches = Vec::new();
     let mut cross_scores = Vec::new();
@@ -389,21 +413,10 @@ fn decoder_beam(lw: &mut Lowering, n: usize) -> Result<Graph, FrontendError> {
     let tokens = g.add_input(io("tokens"), TensorType::new(DType::I32, [n]));
     let position = g.add_input(io("position"), TensorType::new(DType::I32, [1]));
     let origin = g.add_input(io("origin"), TensorType::new(DType::I32, [n]));
-    let caches: Vec<(ValueId, ValueId)> = (0..dims.n_text_layer)
-        .map(|i| {
-            (
-                g.add_input(io(&format!("self_k.{i}")), TensorType::f32([n, n_ctx, d])),
-                g.add_input(io(&format!("self_v.{i}")), TensorType::f32([n, n_ctx, d])),
-            )
-        })
-        .collect();
+    let caches = cache_inputs(&mut g, dims.n_text_layer, &|kv, i| io(&format!("{kv}.{i}")), &[n, n_ctx, d]);
     let audio = g.add_input("audio_features", TensorType::f32([dims.n_audio_ctx, d]));
 
-    let emb = lw.weight(&mut g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
-    let pos_table = lw.weight(&mut g, "decoder.embed_positions.weight", &[n_ctx, d])?;
-    let tok = node(&mut g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
-    let pos = node(&mut g, "dec.position".into(), Op::Gather, &[pos_table, position])?;
-    let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
+    let (emb, mut x) = embed(lw, &mut g, tokens, position)?;
     let mut new_caches = Vec::new();
     for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
         // The node names are `decoder_step`'s: the cross-attention values hoisted into the
@@ -446,21 +459,10 @@ fn decoder_prefill(lw: &mut Lowering, m: usize) -> Result<Graph, FrontendError> 
     let tokens = g.add_input(io("tokens"), TensorType::new(DType::I32, [m]));
     let positions = g.add_input(io("positions"), TensorType::new(DType::I32, [m]));
     let position = g.add_input(io("position"), TensorType::new(DType::I32, [1]));
-    let caches: Vec<(ValueId, ValueId)> = (0..dims.n_text_layer)
-        .map(|i| {
-            (
-                g.add_input(format!("self_k.{i}"), TensorType::f32([n_ctx, d])),
-                g.add_input(format!("self_v.{i}"), TensorType::f32([n_ctx, d])),
-            )
-        })
-        .collect();
+    let caches = cache_inputs(&mut g, dims.n_text_layer, &|kv, i| format!("{kv}.{i}"), &[n_ctx, d]);
     let audio = g.add_input("audio_features", TensorType::f32([dims.n_audio_ctx, d]));
 
-    let emb = lw.weight(&mut g, "decoder.embed_tokens.weight", &[dims.n_vocab, d])?;
-    let pos_table = lw.weight(&mut g, "decoder.embed_positions.weight", &[n_ctx, d])?;
-    let tok = node(&mut g, "dec.token".into(), Op::Gather, &[emb, tokens])?;
-    let pos = node(&mut g, "dec.position".into(), Op::Gather, &[pos_table, positions])?;
-    let mut x = node(&mut g, "dec.embedded".into(), Op::Add, &[tok, pos])?;
+    let (_, mut x) = embed(lw, &mut g, tokens, positions)?;
     for (i, &(k_cache, v_cache)) in caches.iter().enumerate() {
         let (w, p) = (format!("decoder.layers.{i}"), format!("dec.l{i}"));
         let h = layer_norm(lw, &mut g, x, &format!("{w}.self_attn_layer_norm"), format!("{p}.attn_ln"), d)?;
