@@ -320,6 +320,8 @@ pub fn peak_kernel(int8: bool) -> Kernel {
         flops: 0,
         body: vec![for_(p, var(START), var(END), 1, body)],
         vars: 6 + ACCS as u32,
+        launch: None,
+        shared: vec![],
     }
 }
 

@@ -259,20 +259,43 @@ pub fn compile(
             std::fs::write(&path, k.to_string()).with_context(|| format!("writing {}", path.display()))?;
         }
     }
-    let isa = wcc_backend::cranelift::isa(&target)?;
     let mut code = Vec::new();
     let mut kernels = Vec::new();
+    // A GPU target's code is one PTX module; a CPU target's, each kernel's machine code.
+    let gpu = target.gpu();
+    let isa = if gpu.is_none() { Some(wcc_backend::cranelift::isa(&target)?) } else { None };
+    if let Some(gpu) = gpu {
+        progress(0, program.kernels.len());
+        code = wcc_backend::ptx::module(&program.kernels, gpu)?.into_bytes();
+    }
     for (i, k) in program.kernels.iter().enumerate() {
-        progress(i, program.kernels.len());
-        let bytes = wcc_backend::cranelift::compile(k, &*isa)?;
-        let offset = code.len().div_ceil(16) * 16;
-        code.resize(offset, 0);
-        code.extend_from_slice(&bytes);
+        let (offset, len, launch) = match (&isa, k.launch) {
+            (Some(isa), _) => {
+                progress(i, program.kernels.len());
+                let bytes = wcc_backend::cranelift::compile(k, &**isa)?;
+                let offset = code.len().div_ceil(16) * 16;
+                code.resize(offset, 0);
+                code.extend_from_slice(&bytes);
+                (offset, bytes.len(), None)
+            }
+            (None, Some(l)) => (
+                0,
+                code.len(),
+                Some(wbin::GpuLaunchDesc {
+                    entry: wcc_backend::ptx::entry_name(i, k),
+                    grid: l.grid,
+                    block: l.block,
+                    shared_bytes: k.shared_bytes() as u32,
+                }),
+            ),
+            (None, None) => anyhow::bail!("kernel {} has no GPU launch shape", k.name),
+        };
         kernels.push(wbin::KernelEntry {
             name: k.name.clone(),
             offset: offset as u64,
-            len: bytes.len() as u64,
-            kind: "cpu".into(),
+            len: len as u64,
+            kind: if launch.is_some() { "ptx".into() } else { "cpu".into() },
+            gpu: launch,
             buffers: k
                 .buffers
                 .iter()

@@ -65,6 +65,7 @@ fn mini_wbin() -> Vec<u8> {
             ],
             parallel_extent: 2,
             flops: 16,
+            gpu: None,
         },
         KernelEntry {
             name: "dec".into(),
@@ -80,6 +81,7 @@ fn mini_wbin() -> Vec<u8> {
             ],
             parallel_extent: 1,
             flops: 8,
+            gpu: None,
         },
     ];
     let arena = |offset, len| BufRef::Arena { offset, len };

@@ -245,6 +245,7 @@ impl Emitter<'_> {
 
     fn stmt(&mut self, s: &Stmt) -> Result<(), BackendError> {
         match s {
+            Stmt::If { .. } | Stmt::Barrier => return self.err("`if` and barriers are for GPU kernels"),
             Stmt::Let { var, value } => {
                 let level = self.level(value);
                 self.set_level(*var, level);
@@ -508,11 +509,11 @@ impl Emitter<'_> {
     fn erf(&mut self, ty: Ty, x: Value) -> Value {
         let a = self.b.ins().fabs(x);
         let one = self.fconst(ty, 1.0);
-        let p = self.fconst(ty, 0.327_591_1);
+        let p = self.fconst(ty, crate::math::ERF_P);
         let d = self.fma(p, a, one);
         let t = self.b.ins().fdiv(one, d);
-        let mut poly = self.fconst(ty, 1.061_405_4);
-        for c in [-1.453_152, 1.421_413_7, -0.284_496_72, 0.254_829_6] {
+        let mut poly = self.fconst(ty, crate::math::ERF_A[0]);
+        for &c in &crate::math::ERF_A[1..] {
             let cv = self.fconst(ty, c);
             poly = self.fma(poly, t, cv);
         }
@@ -532,6 +533,7 @@ impl Emitter<'_> {
 
     fn expr(&mut self, e: &Expr) -> Result<(Value, Ty), BackendError> {
         Ok(match e {
+            Expr::Gpu(_) | Expr::ShflXor(..) => return self.err("thread indices and shuffles are for GPU kernels"),
             Expr::Int(v) => (self.b.ins().iconst(I64, *v), Ty::I64),
             Expr::F32(v) => (self.b.ins().f32const(*v), Ty::F32),
             Expr::Var(v) => match self.vars.get(*v as usize).copied().flatten() {

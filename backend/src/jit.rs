@@ -91,15 +91,30 @@ pub fn run_op_for(
     in_place: bool,
     target: Option<&wcc_targets::Target>,
 ) -> Result<wcc_ir::interp::Tensor, BackendError> {
-    use wcc_ir::interp::{Data, Tensor};
-
-    use crate::lower::{lower_op, Slot};
     let tys: Vec<wcc_ir::TensorType> =
         inputs.iter().map(|t| wcc_ir::TensorType::new(t.dtype(), t.shape.clone())).collect();
     let ty_refs: Vec<&wcc_ir::TensorType> = tys.iter().collect();
     let host = wcc_targets::host().map_err(|e| BackendError(e.to_string()))?;
     let target = target.unwrap_or(&host);
-    let lowered = lower_op(op, &ty_refs, out, in_place, target)?;
+    let lowered = crate::lower::lower_op(op, &ty_refs, out, in_place, target)?;
+    run_launches(op, &lowered, inputs, out, in_place, &mut |k, bufs| compile_for(k, target)?.run(bufs))
+}
+
+/// Runs the launches of one lowered op on host tensors with `run` (a JIT-compiled kernel,
+/// or the GPU simulator): the operands, the result and the scratch buffers as byte
+/// buffers, each launch handed its slots. `in_place`: a `ScatterRow`'s result starts as a
+/// copy of the cache.
+pub fn run_launches(
+    op: &wcc_ir::Op,
+    lowered: &crate::lower::OpKernels,
+    inputs: &[&wcc_ir::interp::Tensor],
+    out: &wcc_ir::TensorType,
+    in_place: bool,
+    run: &mut dyn FnMut(&crate::kir::Kernel, &mut [&mut [u8]]) -> Result<(), BackendError>,
+) -> Result<wcc_ir::interp::Tensor, BackendError> {
+    use wcc_ir::interp::{Data, Tensor};
+
+    use crate::lower::Slot;
     if matches!(op, wcc_ir::Op::Reshape { .. }) {
         return Ok(Tensor { shape: out.shape.clone(), data: inputs[0].data.clone() });
     }
@@ -108,7 +123,6 @@ pub fn run_op_for(
         if matches!(op, wcc_ir::Op::ScatterRow) && in_place { ins[0].clone() } else { vec![0u8; out.size_bytes()] };
     let mut scratch: Vec<Vec<u8>> = lowered.scratch.iter().map(|&n| vec![0u8; n]).collect();
     for (k, slots) in &lowered.launches {
-        let jk = compile_for(k, target)?;
         // Each slot is borrowed mutably once per launch: take the buffers out, put them back.
         let mut taken: Vec<Vec<u8>> = slots
             .iter()
@@ -120,7 +134,7 @@ pub fn run_op_for(
             .collect();
         {
             let mut bufs: Vec<&mut [u8]> = taken.iter_mut().map(|v| v.as_mut_slice()).collect();
-            jk.run(&mut bufs)?;
+            run(k, &mut bufs)?;
         }
         for (s, v) in slots.iter().zip(taken) {
             match *s {

@@ -186,7 +186,31 @@ pub enum Expr {
         then: Box<Expr>,
         otherwise: Box<Expr>,
     },
+    /// GPU kernels only: the thread's index in its block, or the block's index in the grid
+    /// (`i64`, from 0).
+    Gpu(GpuIdx),
+    /// GPU kernels only: the `f32` value of the thread whose lane in the warp is this
+    /// thread's lane XOR `mask` (a butterfly exchange; every lane of the warp takes part).
+    ShflXor(Box<Expr>, u32),
 }
+
+/// The indices a GPU thread knows itself by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GpuIdx {
+    Thread,
+    Block,
+}
+
+/// How a GPU kernel is launched: `grid` blocks of `block` threads (one dimension each).
+/// The block size is a multiple of the warp (32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpuLaunch {
+    pub grid: u32,
+    pub block: u32,
+}
+
+/// Lanes of a warp: the unit of `ShflXor`.
+pub const WARP: u32 = 32;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
@@ -212,6 +236,17 @@ pub enum Stmt {
         step: i64,
         body: Vec<Stmt>,
     },
+    /// GPU kernels only: `if a <op> b (i64) { then }`.
+    If {
+        op: CmpOp,
+        a: Expr,
+        b: Expr,
+        then: Vec<Stmt>,
+    },
+    /// GPU kernels only: every thread of the block waits here until all have arrived, and
+    /// the shared-memory writes before it are visible to all after it. Reached by every
+    /// thread of the block or by none (never under a condition that differs by thread).
+    Barrier,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -262,6 +297,12 @@ impl Kernel {
                         expr(end, read);
                         stmts(body, read, written);
                     }
+                    Stmt::If { a, b, then, .. } => {
+                        expr(a, read);
+                        expr(b, read);
+                        stmts(then, read, written);
+                    }
+                    Stmt::Barrier => {}
                 }
             }
         }
@@ -282,8 +323,9 @@ impl Expr {
     pub fn visit(&self, f: &mut dyn FnMut(&Expr)) {
         f(self);
         match self {
-            Expr::Int(_) | Expr::F32(_) | Expr::Var(_) => {}
+            Expr::Int(_) | Expr::F32(_) | Expr::Var(_) | Expr::Gpu(_) => {}
             Expr::Load { index, .. } => index.visit(f),
+            Expr::ShflXor(a, _) => a.visit(f),
             Expr::Bin(_, a, b) | Expr::PairAdd(a, b) => {
                 a.visit(f);
                 b.visit(f);
@@ -323,6 +365,25 @@ pub struct Kernel {
     pub body: Vec<Stmt>,
     /// Number of variables used (ids `0..vars`).
     pub vars: u32,
+    /// `Some` for a GPU kernel: its grid and block. `start` and `end` then begin as `0` and
+    /// `parallel_extent` in every thread; the body maps the threads onto the work itself.
+    pub launch: Option<GpuLaunch>,
+    /// GPU kernels only: per-block shared memory. Buffer index `buffers.len() + i` is
+    /// `shared[i]`; each block has its own, uninitialised at the start.
+    pub shared: Vec<Buffer>,
+}
+
+impl Kernel {
+    /// The buffer with index `buf`: an argument, or (past them) a shared-memory buffer.
+    pub fn buffer(&self, buf: u32) -> Option<&Buffer> {
+        let b = buf as usize;
+        self.buffers.get(b).or_else(|| self.shared.get(b.checked_sub(self.buffers.len())?))
+    }
+
+    /// Bytes of shared memory one block uses.
+    pub fn shared_bytes(&self) -> usize {
+        self.shared.iter().map(Buffer::bytes).sum()
+    }
 }
 
 /// Shorthand constructors for building kernel bodies.
@@ -419,6 +480,18 @@ pub mod build {
     }
     pub fn for_(var: Var, start: Expr, end: Expr, step: i64, body: Vec<Stmt>) -> Stmt {
         Stmt::For { var, start, end, step, body }
+    }
+    pub fn if_(op: CmpOp, a: Expr, b: Expr, then: Vec<Stmt>) -> Stmt {
+        Stmt::If { op, a, b, then }
+    }
+    pub fn thread() -> Expr {
+        Expr::Gpu(GpuIdx::Thread)
+    }
+    pub fn block() -> Expr {
+        Expr::Gpu(GpuIdx::Block)
+    }
+    pub fn shfl_xor(a: Expr, mask: u32) -> Expr {
+        Expr::ShflXor(Box::new(a), mask)
     }
 }
 
@@ -533,6 +606,8 @@ impl Expr {
                 let (x, y) = (t(then)?, t(otherwise)?);
                 (x == y).then_some(x)?
             }
+            Expr::Gpu(_) => Ty::I64,
+            Expr::ShflXor(a, _) => (t(a)? == Ty::F32).then_some(Ty::F32)?,
         })
     }
 
@@ -584,6 +659,14 @@ impl Stmt {
                 }
                 out.push_str(" {");
             }
+            Stmt::If { op, a, b, .. } => {
+                out.push_str("if ");
+                p.expr(&mut out, a, 0);
+                out.push_str(&format!(" {} ", op.symbol()));
+                p.expr(&mut out, b, 0);
+                out.push_str(" {");
+            }
+            Stmt::Barrier => out.push_str("barrier"),
         }
         out
     }
@@ -674,6 +757,13 @@ impl Printer<'_> {
                 self.expr(out, otherwise, 0);
                 out.push(')');
             }
+            Expr::Gpu(GpuIdx::Thread) => out.push_str("thread"),
+            Expr::Gpu(GpuIdx::Block) => out.push_str("block"),
+            Expr::ShflXor(a, m) => {
+                out.push_str("shfl_xor(");
+                self.expr(out, a, 0);
+                out.push_str(&format!(", {m})"));
+            }
         }
         if paren {
             out.push(')');
@@ -709,9 +799,19 @@ impl Printer<'_> {
 /// ```
 impl fmt::Display for Kernel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "kernel {} (parallel 0..{}) {{", self.name, self.parallel_extent)?;
+        match self.launch {
+            None => writeln!(f, "kernel {} (parallel 0..{}) {{", self.name, self.parallel_extent)?,
+            Some(l) => writeln!(
+                f,
+                "kernel {} (parallel 0..{}, grid {}, block {}) {{",
+                self.name, self.parallel_extent, l.grid, l.block
+            )?,
+        }
         for ((i, b), a) in self.buffers.iter().enumerate().zip(self.access()) {
             writeln!(f, "  buf{i} {}: {}[{}] {}", b.name, b.elem.name(), b.len, a.name())?;
+        }
+        for (i, b) in self.shared.iter().enumerate() {
+            writeln!(f, "  buf{} {}: {}[{}] shared", self.buffers.len() + i, b.name, b.elem.name(), b.len)?;
         }
         // Variable types as declared so far (like the emitter: a declaration stays visible
         // after its block, for printing).
@@ -736,6 +836,10 @@ impl fmt::Display for Kernel {
                     Stmt::For { var, body, .. } => {
                         types.insert(*var, Ty::I64);
                         stmts(f, body, depth + 1, types)?;
+                        writeln!(f, "{pad}}}")?;
+                    }
+                    Stmt::If { then, .. } => {
+                        stmts(f, then, depth + 1, types)?;
                         writeln!(f, "{pad}}}")?;
                     }
                     _ => {}

@@ -41,6 +41,10 @@ pub enum KernelError {
     UnboundVar { kernel: String, var: Var, at: String },
     /// A `Set` of a variable with no declaration in scope.
     UndeclaredSet { kernel: String, var: Var, at: String },
+    /// A GPU-only construct (thread or block index, shuffle, `if`, barrier, shared memory,
+    /// a launch shape): this verifier proves CPU kernels; GPU kernels are checked by the
+    /// simulating interpreter (`gpusim`).
+    GpuConstruct { kernel: String, at: String },
     /// A `Set` of a loop variable, `start` or `end`.
     AssignToLoopVar { kernel: String, var: Var, at: String },
     /// A variable declared with an id not below [`Kernel::vars`].
@@ -74,7 +78,8 @@ impl KernelError {
             | KernelError::BadStep { kernel, .. }
             | KernelError::OutOfBounds { kernel, .. }
             | KernelError::UnslicedStore { kernel, .. }
-            | KernelError::StoreOutsideSlice { kernel, .. } => kernel,
+            | KernelError::StoreOutsideSlice { kernel, .. }
+            | KernelError::GpuConstruct { kernel, .. } => kernel,
         }
     }
 }
@@ -100,6 +105,9 @@ impl fmt::Display for KernelError {
                 write!(f, "{} is declared but the kernel has only {vars} variables, in `{at}`", var_name(*var))
             }
             KernelError::TypeMismatch { what, at, .. } => write!(f, "type mismatch: {what}, in `{at}`"),
+            KernelError::GpuConstruct { at, .. } => {
+                write!(f, "a GPU-only construct in `{at}` (this verifier proves CPU kernels)")
+            }
             KernelError::BadBuffer { buf, buffers, at, .. } => {
                 write!(f, "buffer {buf} does not exist (the kernel has {buffers}), in `{at}`")
             }
@@ -126,6 +134,9 @@ impl fmt::Display for KernelError {
 /// Checks a kernel's types, scopes, bounds and parallel slices (see the module's
 /// documentation); the first problem found is the error.
 pub fn verify(k: &Kernel) -> Result<(), KernelError> {
+    if k.launch.is_some() || !k.shared.is_empty() {
+        return Err(KernelError::GpuConstruct { kernel: k.name.clone(), at: "the kernel's launch shape".into() });
+    }
     Walker::new(k, None).run()?;
     check_slices(k)
 }
@@ -518,6 +529,9 @@ impl<'k> Walker<'k> {
     fn stmt(&mut self, s: &'k Stmt, top: bool) -> Result<(), KernelError> {
         self.stmt = Some(s);
         match s {
+            Stmt::If { .. } | Stmt::Barrier => {
+                return Err(KernelError::GpuConstruct { kernel: self.name(), at: self.at() });
+            }
             Stmt::Let { var, value } => {
                 let (ty, sym) = self.expr(value)?;
                 self.stmt = Some(s);
@@ -636,6 +650,9 @@ impl<'k> Walker<'k> {
 
     fn expr(&mut self, e: &'k Expr) -> Result<(Ty, Option<Sym>), KernelError> {
         Ok(match e {
+            Expr::Gpu(_) | Expr::ShflXor(..) => {
+                return Err(KernelError::GpuConstruct { kernel: self.name(), at: self.at() });
+            }
             Expr::Int(v) => (Ty::I64, Some(Sym::constant(*v))),
             Expr::F32(_) => (Ty::F32, None),
             Expr::Var(v) => match self.env.get(v) {

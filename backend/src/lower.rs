@@ -427,7 +427,16 @@ fn quantize_kernel(rows: usize, k: usize, row_scales: bool, dtype: DType) -> Ker
 }
 
 fn kernel(name: String, buffers: Vec<Buffer>, extent: usize, flops: usize, body: Vec<Stmt>, vars: Vars) -> Kernel {
-    Kernel { name, buffers, parallel_extent: extent as u64, flops: flops as u64, body, vars: vars.0 }
+    Kernel {
+        name,
+        buffers,
+        parallel_extent: extent as u64,
+        flops: flops as u64,
+        body,
+        vars: vars.0,
+        launch: None,
+        shared: vec![],
+    }
 }
 
 fn shape_name(s: &[usize]) -> String {

@@ -236,7 +236,12 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                 continue;
             }
             let tys: Vec<&wcc_ir::TensorType> = node.inputs.iter().map(|&i| g.ty(i)).collect();
-            let ok = lower_op(&node.op, &tys, g.ty(node.output), in_place[n], target).map_err(|e| {
+            let lowered = if target.gpu().is_some() {
+                crate::gpu::lower_op_gpu(&node.op, &tys, g.ty(node.output), in_place[n], target)
+            } else {
+                lower_op(&node.op, &tys, g.ty(node.output), in_place[n], target)
+            };
+            let ok = lowered.map_err(|e| {
                 BackendError(format!("graph `{}`, %{} ({}): {e}", g.name, g.value(node.output).name, node.op.name()))
             })?;
             let scratch: Vec<usize> = ok

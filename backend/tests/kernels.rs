@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::{model_dir, noise};
 
 use wcc_ir::interp::{eval, Data, Tensor};
-use wcc_ir::{DType, Op};
+use wcc_ir::Op;
 
 /// Max |a-b| / max(1, max|b|).
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -20,51 +18,17 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn every_kernel_of_tiny_en_and_base_matches_the_interpreter() {
     // One representative node per (op, operand shapes): the same kernel serves the others.
-    let mut cases: BTreeMap<String, (Op, Vec<wcc_ir::TensorType>, wcc_ir::TensorType)> = BTreeMap::new();
+    let mut modules = vec![];
     for name in ["tiny.en", "base"] {
         let loaded = common::load_default_build(name);
         // Unfused ops, and the folded and fused ones of the default pipeline.
-        let plain = wcc_passes::run(loaded.module.clone(), &["hoist-cross-kv"]).unwrap();
-        let full = wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap();
-        for g in plain.graphs.iter().chain(&full.graphs) {
-            // Values computed from weights alone are folded at compile time: no kernel.
-            let mut konst: Vec<bool> = g.values.iter().map(|v| matches!(v.def, wcc_ir::ValueDef::Weight(_))).collect();
-            for n in &g.nodes {
-                konst[n.output.index()] = n.inputs.iter().all(|i| konst[i.index()]);
-                if konst[n.output.index()] {
-                    continue;
-                }
-                let tys: Vec<_> = n.inputs.iter().map(|&i| g.ty(i).clone()).collect();
-                let key = format!(
-                    "{} {:?} {:?}",
-                    n.op.name(),
-                    n.op.attrs(),
-                    tys.iter().map(|t| t.shape.clone()).collect::<Vec<_>>()
-                );
-                cases.entry(key).or_insert((n.op.clone(), tys, g.ty(n.output).clone()));
-            }
-        }
+        modules.push(wcc_passes::run(loaded.module.clone(), &["hoist-cross-kv"]).unwrap());
+        modules.push(wcc_passes::run(loaded.module, &wcc_passes::default_pipeline()).unwrap());
     }
+    let cases = common::op_cases(&modules.iter().collect::<Vec<_>>());
     let mut worst = 0f32;
     for (key, (op, tys, out)) in &cases {
-        let inputs: Vec<Tensor> = tys
-            .iter()
-            .enumerate()
-            .map(|(k, t)| match t.dtype {
-                DType::I32 if matches!(op, Op::ScatterRow) && k == 3 => {
-                    // A beam's origins: hypotheses swapped, repeated and kept.
-                    let b = t.shape[0] as i32;
-                    Tensor::i32(t.shape.clone(), (0..b).map(|j| (j * 3 + 2) % b).collect())
-                }
-                DType::I32 => {
-                    // ids: a token or a position inside every table/cache used with them (a
-                    // beam start gathers from a one-row table: row 0).
-                    let id = if matches!(op, Op::Gather) { 5 % tys[0].shape[0] as i32 } else { 5 };
-                    Tensor::i32(t.shape.clone(), vec![id; t.numel()])
-                }
-                _ => Tensor::f32(t.shape.clone(), noise(t.numel(), k as u64 + 1).iter().map(|v| v * 2.0).collect()),
-            })
-            .collect();
+        let inputs = common::case_inputs(op, tys);
         let refs: Vec<&Tensor> = inputs.iter().collect();
         let want = eval(op, &refs).unwrap();
         let variants: &[bool] = if matches!(op, Op::ScatterRow) { &[false, true] } else { &[false] };

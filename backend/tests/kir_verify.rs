@@ -15,6 +15,8 @@ fn kernel(name: &str, buffers: &[(&str, Elem, usize)], extent: u64, body: Vec<St
         flops: 0,
         body,
         vars: 32,
+        launch: None,
+        shared: vec![],
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use memmap2::{Mmap, MmapMut};
 
+use crate::cuda::{Cuda, DeviceBuffer, Function, Module as CudaModule};
 use crate::decode::{BeamDecoder, Decoder};
 use crate::tokenizer::WhisperTokenizer;
 use crate::transcribe::WhisperModel;
@@ -42,8 +43,29 @@ struct Prefill {
 
 struct PreparedGraph {
     launches: Vec<Launch>,
+    /// On a CUDA build, the launches instead: function, grid, block, device pointers.
+    gpu_launches: Vec<(Function, u32, u32, Vec<u64>)>,
+    /// On a CUDA build, the outputs the host reads after a run (`(offset, bytes)` in the
+    /// arena): every decoder output but the caches (`*.next`), which stay on the device.
+    fetch: Vec<(usize, usize)>,
     inputs: Vec<IoSlot>,
     outputs: Vec<IoSlot>,
+}
+
+/// A `.wbin` built for a CUDA target: the driver, the module, and the device copies of the
+/// arena (same offsets as the host's) and of the weights (copied once, at load).
+struct Gpu {
+    cuda: Cuda,
+    _module: CudaModule,
+    arena: DeviceBuffer,
+    _weights: DeviceBuffer,
+    /// The host arena's base: outputs are downloaded there (see `CompiledModel::run`).
+    host_arena: *mut u8,
+}
+
+/// Whether the file was built for a GPU (its kernels are PTX).
+fn is_gpu(h: &Header) -> bool {
+    h.target.arch == "nvptx64"
 }
 
 /// A loaded `.wbin`.
@@ -72,6 +94,8 @@ pub struct CompiledModel {
     beam_inits: Vec<(usize, PreparedGraph, IoSlot)>,
     /// Seconds and calls per kernel, when profiling.
     profile: Option<std::cell::RefCell<Vec<(f64, u64)>>>,
+    /// A CUDA build's device state (`None` on the CPU).
+    gpu: Option<Gpu>,
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> WbinError {
@@ -83,69 +107,120 @@ impl CompiledModel {
     pub fn load(path: &Path, threads: usize) -> Result<CompiledModel, WbinError> {
         let file = WbinFile::open(path)?;
         let h = &file.header;
-        check_host(h).map_err(|m| invalid(path, m))?;
+        let gpu_build = is_gpu(h);
+        if !gpu_build {
+            check_host(h).map_err(|m| invalid(path, m))?;
+        }
         // Every check of the program against the file, before any code is made executable.
         let plan = plan(&file, threads).map_err(|m| invalid(path, m))?;
         let s = file.sections();
-        // Code: copied into fresh anonymous memory, then made read+execute (W^X: it is
-        // never writable and executable at once).
-        let mut code =
-            MmapMut::map_anon(s.code.len().max(1)).map_err(|e| invalid(path, format!("code memory: {e}")))?;
-        code[..s.code.len()].copy_from_slice(s.code);
-        let code = code.make_exec().map_err(|e| invalid(path, format!("making code executable: {e}")))?;
-        let fns: Vec<KernelFn> = h
-            .kernels
-            .iter()
-            .map(|k| {
-                // SAFETY: the offset is inside the code section (checked by `plan`) and is the
-                // entry of a function compiled by wcc with the KernelFn signature for this
-                // target, whose features the host has (checked above). That the bytes are what
-                // wcc wrote is a matter of trust, as for a shared library: the CRC catches
-                // accidents, not a forged file (FORMAT.md).
-                unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) }
-            })
-            .collect();
         let arena_bytes = h.arena_bytes as usize;
         let mut arena =
             MmapMut::map_anon(arena_bytes.max(1)).map_err(|e| invalid(path, format!("arena memory: {e}")))?;
         let arena_ptr = arena.as_mut_ptr();
+        let gpu = if gpu_build { Some(open_gpu(h, &s, arena_ptr).map_err(|m| invalid(path, m))?) } else { None };
+        // Code: copied into fresh anonymous memory, then made read+execute (W^X: it is
+        // never writable and executable at once). A CUDA build's code is the PTX, which the
+        // driver compiled above: nothing here is executable.
+        let code_len = if gpu_build { 0 } else { s.code.len() };
+        let mut code = MmapMut::map_anon(code_len.max(1)).map_err(|e| invalid(path, format!("code memory: {e}")))?;
+        code[..code_len].copy_from_slice(&s.code[..code_len]);
+        let code = code.make_exec().map_err(|e| invalid(path, format!("making code executable: {e}")))?;
+        let fns: Vec<KernelFn> = if gpu_build {
+            vec![]
+        } else {
+            h.kernels
+                .iter()
+                .map(|k| {
+                    // SAFETY: the offset is inside the code section (checked by `plan`) and is
+                    // the entry of a function compiled by wcc with the KernelFn signature for
+                    // this target, whose features the host has (checked above). That the bytes
+                    // are what wcc wrote is a matter of trust, as for a shared library: the CRC
+                    // catches accidents, not a forged file (FORMAT.md).
+                    unsafe { std::mem::transmute::<*const u8, KernelFn>(code.as_ptr().add(k.offset as usize)) }
+                })
+                .collect()
+        };
+        let gpu_fns: Vec<Function> = match &gpu {
+            Some(g) => h
+                .kernels
+                .iter()
+                .map(|k| {
+                    let entry = k.gpu.as_ref().map(|d| d.entry.as_str()).unwrap_or_default();
+                    g._module.function(entry).map_err(|e| invalid(path, format!("kernel {}: {e}", k.name)))
+                })
+                .collect::<Result<_, _>>()?,
+            None => vec![],
+        };
         // Never written through: `plan` refused any launch that writes the weights.
         let weights_ptr = s.weights.as_ptr() as *mut u8;
-        let prepare = |g: GraphPlan| PreparedGraph {
-            launches: g
-                .launches
-                .into_iter()
-                .map(|l| Launch {
-                    kernel: l.kernel,
-                    f: fns[l.kernel],
-                    ptrs: l
-                        .args
-                        .iter()
-                        .map(|&(region, offset)| {
-                            let base = match region {
-                                Region::Arena => arena_ptr,
-                                Region::Weights => weights_ptr,
-                            };
-                            // SAFETY: `plan` checked that the buffer lies inside its region.
-                            unsafe { base.add(offset) }
-                        })
-                        .collect(),
-                    extent: l.extent,
-                    split: l.split,
-                    ranges: l.ranges,
-                })
-                .collect(),
+        let device_bases = gpu.as_ref().map(|g| (g.arena.ptr(), g._weights.ptr()));
+        let prepare = |g: GraphPlan, decoder_side: bool| PreparedGraph {
+            gpu_launches: match device_bases {
+                Some((arena_dev, weights_dev)) => g
+                    .launches
+                    .iter()
+                    .map(|l| {
+                        let d = h.kernels[l.kernel].gpu.as_ref().expect("checked by plan");
+                        let ptrs = l
+                            .args
+                            .iter()
+                            .map(|&(region, offset)| match region {
+                                Region::Arena => arena_dev + offset as u64,
+                                Region::Weights => weights_dev + offset as u64,
+                            })
+                            .collect();
+                        (gpu_fns[l.kernel], d.grid, d.block, ptrs)
+                    })
+                    .collect(),
+                None => vec![],
+            },
+            fetch: if decoder_side && gpu_build {
+                g.outputs
+                    .iter()
+                    .filter(|o| !o.name.ends_with(".next"))
+                    .map(|o| (o.offset as usize, o.bytes() as usize))
+                    .collect()
+            } else {
+                vec![]
+            },
+            launches: if gpu_build {
+                vec![]
+            } else {
+                g.launches
+                    .into_iter()
+                    .map(|l| Launch {
+                        kernel: l.kernel,
+                        f: fns[l.kernel],
+                        ptrs: l
+                            .args
+                            .iter()
+                            .map(|&(region, offset)| {
+                                let base = match region {
+                                    Region::Arena => arena_ptr,
+                                    Region::Weights => weights_ptr,
+                                };
+                                // SAFETY: `plan` checked that the buffer lies inside its region.
+                                unsafe { base.add(offset) }
+                            })
+                            .collect(),
+                        extent: l.extent,
+                        split: l.split,
+                        ranges: l.ranges,
+                    })
+                    .collect()
+            },
             inputs: g.inputs,
             outputs: g.outputs,
         };
-        let (encoder, decoder, logits) = (prepare(plan.encoder), prepare(plan.decoder), plan.logits);
+        let (encoder, decoder, logits) = (prepare(plan.encoder, false), prepare(plan.decoder, true), plan.logits);
         let (alignment, alignment_outputs) = plan.alignment;
         let beams = plan
             .beams
             .into_iter()
             .map(|(width, g, [tokens, position, origin, logits])| Beam {
                 width,
-                graph: prepare(g),
+                graph: prepare(g, true),
                 tokens,
                 position,
                 origin,
@@ -155,10 +230,16 @@ impl CompiledModel {
         let prefills = plan
             .prefills
             .into_iter()
-            .map(|(m, g, [tokens, positions, position])| Prefill { m, graph: prepare(g), tokens, positions, position })
+            .map(|(m, g, [tokens, positions, position])| Prefill {
+                m,
+                graph: prepare(g, true),
+                tokens,
+                positions,
+                position,
+            })
             .collect();
-        let beam_inits = plan.beam_inits.into_iter().map(|(n, g, source)| (n, prepare(g), source)).collect();
-        let team = if threads > 1 {
+        let beam_inits = plan.beam_inits.into_iter().map(|(n, g, source)| (n, prepare(g, true), source)).collect();
+        let team = if threads > 1 && !gpu_build {
             Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
             None
@@ -177,6 +258,7 @@ impl CompiledModel {
             prefills,
             beam_inits,
             profile: None,
+            gpu,
         })
     }
 
@@ -237,10 +319,30 @@ impl CompiledModel {
             .iter()
             .filter(|o| o.dtype == "f32")
             .map(|o| {
-                let b = &arena[o.offset as usize..(o.offset + o.bytes()) as usize];
-                (o.name.clone(), b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+                let range = o.offset as usize..(o.offset + o.bytes()) as usize;
+                let mut bytes = arena[range.clone()].to_vec();
+                if let Some(gpu) = &self.gpu {
+                    // On the device the outputs are current; the host copy may not be.
+                    if let Err(e) = gpu.arena.download(range.start, &mut bytes) {
+                        eprintln!("warning: reading {} from the GPU: {e}", o.name);
+                    }
+                }
+                (o.name.clone(), bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
             })
             .collect()
+    }
+
+    /// Copies bytes `at..at + len` of the host arena to the device's (a CUDA build): what the
+    /// host wrote there (tokens, positions, features, cleared caches).
+    fn upload(&self, at: usize, len: usize) {
+        if let Some(gpu) = &self.gpu {
+            // SAFETY: the range lies inside the arena (the callers write it first, checked
+            // slots), which holds `arena_bytes` initialised bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(self.arena.as_ptr().add(at), len) };
+            if let Err(e) = gpu.arena.upload(at, bytes) {
+                panic!("copying {len} bytes to the GPU: {e}");
+            }
+        }
     }
 
     fn write_f32(&mut self, slot: &IoSlot, data: &[f32]) {
@@ -249,18 +351,31 @@ impl CompiledModel {
         for (d, v) in dst.chunks_exact_mut(4).zip(data) {
             d.copy_from_slice(&v.to_le_bytes());
         }
+        self.upload(at, 4 * data.len());
+    }
+
+    /// Zeroes bytes `at..at + len` of the arena (on the device too, for a CUDA build).
+    fn clear(&mut self, at: usize, len: usize) {
+        self.arena_bytes_mut()[at..at + len].fill(0);
+        self.upload(at, len);
     }
 
     /// Writes `values` as little-endian i32 from byte `at` of the arena (a slot the loader
     /// checked to hold them).
     fn write_i32s(&mut self, at: usize, values: impl IntoIterator<Item = i32>) {
         let arena = self.arena_bytes_mut();
+        let mut n = 0;
         for (k, v) in values.into_iter().enumerate() {
             arena[at + 4 * k..at + 4 * k + 4].copy_from_slice(&v.to_le_bytes());
+            n = k + 1;
         }
+        self.upload(at, 4 * n);
     }
 
     fn run(&self, g: &PreparedGraph) {
+        if let Some(gpu) = &self.gpu {
+            return run_gpu(gpu, g).unwrap_or_else(|e| panic!("running on the GPU: {e}"));
+        }
         let mut profile = self.profile.as_ref().map(|p| p.borrow_mut());
         let profile = profile.as_deref_mut().map(|v| v.as_mut_slice());
         match &self.team {
@@ -268,6 +383,45 @@ impl CompiledModel {
             None => run_alone(&g.launches, profile),
         }
     }
+}
+
+/// Opens the GPU of a CUDA build: the driver, the PTX module (compiled by the driver for
+/// this device), the device arena (zeroed) and the weights, copied once.
+fn open_gpu(h: &Header, s: &crate::wbin::Sections<'_>, host_arena: *mut u8) -> Result<Gpu, String> {
+    let target = h.target.features.first().cloned().unwrap_or_default();
+    let cuda = Cuda::open().map_err(|e| format!("built for a CUDA GPU ({target}), and {e}"))?;
+    let (major, minor) = cuda.compute_capability();
+    let want: u32 = target.trim_start_matches("sm_").parse().unwrap_or(0);
+    if ((major * 10 + minor) as u32) < want {
+        return Err(format!(
+            "built for {target}; this GPU ({}) is sm_{major}{minor}: recompile with --target cuda-sm{major}{minor}",
+            cuda.device_name()
+        ));
+    }
+    let ptx = std::str::from_utf8(s.code).map_err(|_| "the PTX module is not text".to_string())?;
+    let module = cuda.load_module(ptx).map_err(|e| e.to_string())?;
+    let arena = cuda.alloc(h.arena_bytes as usize).map_err(|e| format!("the arena on the GPU: {e}"))?;
+    let weights = cuda.alloc(s.weights.len()).map_err(|e| format!("the weights on the GPU: {e}"))?;
+    weights.upload(0, s.weights).map_err(|e| format!("copying the weights to the GPU: {e}"))?;
+    Ok(Gpu { cuda, _module: module, arena, _weights: weights, host_arena })
+}
+
+/// Launches a graph's kernels in order on the GPU, waits, and downloads the outputs the
+/// host reads into the host arena.
+fn run_gpu(gpu: &Gpu, g: &PreparedGraph) -> Result<(), crate::cuda::CudaError> {
+    for (f, grid, block, ptrs) in &g.gpu_launches {
+        gpu.cuda.launch(*f, *grid, *block, 0, ptrs)?;
+    }
+    gpu.cuda.synchronize()?;
+    for &(at, len) in &g.fetch {
+        // SAFETY: `plan` checked every output slot lies inside the arena. As with the CPU
+        // kernels, which write the arena through pointers taken at load, no Rust reference to
+        // these bytes is alive during a run (the logits a step returns borrow the model
+        // mutably, so they end before the next run).
+        let out = unsafe { std::slice::from_raw_parts_mut(gpu.host_arena.add(at), len) };
+        gpu.arena.download(at, out)?;
+    }
+    Ok(())
 }
 
 /// Which memory a kernel argument points into.
@@ -339,8 +493,15 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
         if k.offset.checked_add(k.len).is_none_or(|e| e > s.code.len() as u64) || k.len == 0 {
             return Err(format!("kernel {} lies outside the code section", k.name));
         }
-        if k.kind != "cpu" {
-            return Err(format!("kernel {} is a `{}` kernel, not CPU code", k.name, k.kind));
+        let want = if is_gpu(h) { "ptx" } else { "cpu" };
+        if k.kind != want {
+            return Err(format!("kernel {} is a `{}` kernel in a file of `{want}` kernels", k.name, k.kind));
+        }
+        if want == "ptx" {
+            match &k.gpu {
+                Some(g) if g.grid >= 1 && (1..=1024).contains(&g.block) && !g.entry.is_empty() => {}
+                _ => return Err(format!("kernel {} has no valid GPU launch shape", k.name)),
+            }
         }
     }
     let arena_bytes = h.arena_bytes;
@@ -616,8 +777,7 @@ impl WhisperModel for CompiledModel {
             .cloned()
             .collect();
         for s in state {
-            let at = s.offset as usize;
-            self.arena_bytes_mut()[at..at + s.bytes() as usize].fill(0);
+            self.clear(s.offset as usize, s.bytes() as usize);
         }
         self.run(&self.encoder);
         Ok(())
@@ -643,6 +803,11 @@ impl CompiledModel {
     fn copy_states(&mut self, copies: &[(usize, usize, usize)]) {
         for &(a, b, len) in copies {
             self.arena_bytes_mut().copy_within(a..a + len, b);
+            if let Some(gpu) = &self.gpu {
+                if let Err(e) = gpu.arena.copy_within(a, b, len) {
+                    panic!("copying a cache on the GPU: {e}");
+                }
+            }
         }
     }
 }
@@ -664,7 +829,7 @@ impl BeamDecoder for CompiledModel {
         }
         self.prefill(prompt, 0)?;
         let (at, len) = (self.beam_inits[i].2.offset as usize, self.beam_inits[i].2.bytes() as usize);
-        self.arena_bytes_mut()[at..at + len].fill(0);
+        self.clear(at, len);
         self.run(&self.beam_inits[i].1);
         Ok(())
     }

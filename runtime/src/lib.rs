@@ -7,6 +7,7 @@
 
 pub mod audio;
 pub mod compiled;
+pub mod cuda;
 pub mod decode;
 pub mod mel;
 pub mod npy;

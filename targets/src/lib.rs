@@ -50,7 +50,10 @@ pub struct Target {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("unknown target `{0}` (targets: host, x86_64-v2, x86_64-v3, x86_64-v4, aarch64, aarch64-i8mm)")]
+    #[error(
+        "unknown target `{0}` (targets: host, x86_64-v2, x86_64-v3, x86_64-v4, aarch64, aarch64-i8mm, cuda-sm80, \
+         cuda-sm89, cuda-sm90)"
+    )]
     Unknown(String),
     #[error("the host architecture `{0}` is not supported (x86_64 and aarch64 are)")]
     UnsupportedHost(String),
@@ -83,7 +86,10 @@ impl Target {
             "aarch64" => arm(&["neon"]),
             // Armv8.6 (Neoverse V1/N2, Apple M2 and later): the mixed-sign `usdot`.
             "aarch64-i8mm" => arm(&AARCH64_FEATURES),
-            other => return Err(TargetError::Unknown(other.into())),
+            other => match GPUS.iter().find(|g| g.name == other) {
+                Some(g) => Target { arch: "nvptx64".into(), features: vec![format!("sm_{}", g.sm)] },
+                None => return Err(TargetError::Unknown(other.into())),
+            },
         };
         if t.arch == "x86_64" && !t.has("sse4.1") {
             return Err(TargetError::TooOld);
@@ -91,6 +97,81 @@ impl Target {
         Ok(t)
     }
 }
+
+impl Target {
+    /// The GPU this target names, if it is one.
+    pub fn gpu(&self) -> Option<&'static GpuSpec> {
+        if self.arch != "nvptx64" {
+            return None;
+        }
+        GPUS.iter().find(|g| self.has(&format!("sm_{}", g.sm)))
+    }
+
+    /// The name `named` resolves to this target, for GPUs (`cuda-sm80`); `None` for CPUs.
+    pub fn gpu_name(&self) -> Option<&'static str> {
+        self.gpu().map(|g| g.name)
+    }
+}
+
+/// What GPU schedules need to know of an NVIDIA GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuSpec {
+    pub name: &'static str,
+    /// Compute capability ×10 (`80` for sm_80): the PTX `.target`.
+    pub sm: u32,
+    /// The PTX ISA version the emitted module declares (major, minor).
+    pub ptx_isa: (u32, u32),
+    pub warp: u32,
+    /// Static shared memory per block (the 48 KiB a kernel may declare without opting in).
+    pub shared_bytes: u32,
+    /// Shared memory per multiprocessor, for choosing how many blocks fit at once.
+    pub shared_per_sm: u32,
+    pub max_threads_per_block: u32,
+    pub multiprocessors: u32,
+    /// Tensor-core `mma.sync` shapes (m, n, k) for f16/bf16 and for int8 operands.
+    pub mma_f16: (u32, u32, u32),
+    pub mma_i8: (u32, u32, u32),
+}
+
+/// The GPUs `Target::named` knows: A100 (sm_80), Ada (sm_89), H100 (sm_90).
+pub const GPUS: [GpuSpec; 3] = [
+    GpuSpec {
+        name: "cuda-sm80",
+        sm: 80,
+        ptx_isa: (7, 0),
+        warp: 32,
+        shared_bytes: 48 * 1024,
+        shared_per_sm: 164 * 1024,
+        max_threads_per_block: 1024,
+        multiprocessors: 108,
+        mma_f16: (16, 8, 16),
+        mma_i8: (16, 8, 32),
+    },
+    GpuSpec {
+        name: "cuda-sm89",
+        sm: 89,
+        ptx_isa: (7, 8),
+        warp: 32,
+        shared_bytes: 48 * 1024,
+        shared_per_sm: 100 * 1024,
+        max_threads_per_block: 1024,
+        multiprocessors: 128,
+        mma_f16: (16, 8, 16),
+        mma_i8: (16, 8, 32),
+    },
+    GpuSpec {
+        name: "cuda-sm90",
+        sm: 90,
+        ptx_isa: (7, 8),
+        warp: 32,
+        shared_bytes: 48 * 1024,
+        shared_per_sm: 228 * 1024,
+        max_threads_per_block: 1024,
+        multiprocessors: 132,
+        mma_f16: (16, 8, 16),
+        mma_i8: (16, 8, 32),
+    },
+];
 
 /// The aarch64 features wcc knows by name: NEON (required), the signed dot product
 /// (FEAT_DotProd, `sdot`) and the int8 matrix extension (FEAT_I8MM, whose `usdot` multiplies
@@ -147,6 +228,12 @@ mod tests {
         assert!(v2.features.iter().all(|f| v3.has(f)));
         assert!(v3.has("avx2") && !v2.has("avx2"));
         assert!(Target::named("pentium").is_err());
+        for name in ["cuda-sm80", "cuda-sm89", "cuda-sm90"] {
+            let t = Target::named(name).unwrap();
+            assert_eq!(t.gpu_name(), Some(name));
+            assert_eq!(t.gpu().unwrap().warp, 32);
+        }
+        assert!(v3.gpu().is_none());
         let h = host().unwrap();
         assert!(h.features.iter().all(|f| host_has(f)));
     }

@@ -46,12 +46,26 @@ pub struct KernelEntry {
     /// Byte range of the machine code inside the code section.
     pub offset: u64,
     pub len: u64,
-    /// Where the code runs: `cpu` (machine code for `target`).
+    /// Where the code runs: `cpu` (machine code for `target`), or `ptx` (an entry of the
+    /// PTX module that is the whole code section, for a CUDA target).
     pub kind: String,
     /// Each buffer argument, in order: what it holds and how the kernel uses it.
     pub buffers: Vec<BufferDesc>,
     pub parallel_extent: u64,
     pub flops: u64,
+    /// For `ptx` kernels: the entry's name and its launch shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuLaunchDesc>,
+}
+
+/// How a `ptx` kernel is launched: `grid` blocks of `block` threads, `shared_bytes` of static
+/// shared memory per block (declared in the PTX; recorded to check the device has it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuLaunchDesc {
+    pub entry: String,
+    pub grid: u32,
+    pub block: u32,
+    pub shared_bytes: u32,
 }
 
 /// How a kernel uses a buffer argument.

@@ -1,0 +1,149 @@
+//! The CUDA path end to end. Without a GPU (CI): a CUDA `.wbin` compiles, and running it is
+//! one clear error, while a CPU `.wbin` is unaffected. With a GPU (`Cuda::open` succeeds):
+//! every GPU kernel class runs on the device against the graph interpreter, and tiny.en's
+//! tokens on jfk.wav equal the CPU build's; without one those two say they were skipped.
+
+mod common;
+
+use common::{jfk, p, wcc_err, wcc_ok};
+use wcc_ir::interp::{eval, Data, Tensor};
+use wcc_ir::{DType, Op, TensorType};
+use wcc_runtime::cuda::Cuda;
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * 2.0
+        })
+        .collect()
+}
+
+fn tokens_of(json: &str) -> Vec<i64> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_cuda_build_runs_on_a_gpu_or_says_plainly_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = dir.path().join("tiny-cuda.wbin");
+    let cpu = dir.path().join("tiny-cpu.wbin");
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "--target", "cuda-sm80", "-o", p(&gpu)]);
+    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&cpu)]);
+    let args = |w: &std::path::Path| {
+        vec![
+            "run".to_string(),
+            p(w).to_string(),
+            p(&jfk()).to_string(),
+            "--json".into(),
+            "--beam-size".into(),
+            "1".into(),
+        ]
+    };
+    let run = |w: &std::path::Path| {
+        let a = args(w);
+        wcc_ok(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let cpu_tokens = tokens_of(&run(&cpu));
+    assert!(!cpu_tokens.is_empty());
+    match Cuda::open() {
+        Err(e) => {
+            eprintln!("no GPU here ({e}): checking the error a CUDA build gives instead");
+            let a = args(&gpu);
+            let msg = wcc_err(&a.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(msg.contains("CUDA"), "{msg}");
+            assert!(msg.contains("tiny-cuda.wbin"), "the error names the file: {msg}");
+        }
+        Ok(cuda) => {
+            eprintln!("running on {}", cuda.device_name());
+            drop(cuda);
+            assert_eq!(tokens_of(&run(&gpu)), cpu_tokens, "the GPU build's tokens differ from the CPU build's");
+        }
+    }
+}
+
+/// One case per GPU kernel class, at shapes that are not multiples of the tiles and blocks.
+fn cases() -> Vec<(Op, Vec<TensorType>, TensorType)> {
+    let f = |s: &[usize]| TensorType::new(DType::F32, s.to_vec());
+    vec![
+        (Op::Linear, vec![f(&[37, 70]), f(&[45, 70]), f(&[45])], f(&[37, 45])),
+        (
+            Op::FusedLinear { gelu: true, residual: true },
+            vec![f(&[19, 33]), f(&[21, 33]), f(&[21]), f(&[19, 21])],
+            f(&[19, 21]),
+        ),
+        (Op::MatMul { transpose_b: true }, vec![f(&[3, 17, 40]), f(&[3, 23, 40])], f(&[3, 17, 23])),
+        (Op::MatMul { transpose_b: false }, vec![f(&[3, 17, 23]), f(&[3, 23, 40])], f(&[3, 17, 40])),
+        (Op::Softmax, vec![f(&[5, 301])], f(&[5, 301])),
+        (Op::MaskedSoftmax, vec![f(&[4, 7, 77]), f(&[1, 1, 77])], f(&[4, 7, 77])),
+        (Op::LayerNorm { eps: 1e-5 }, vec![f(&[6, 387]), f(&[387]), f(&[387])], f(&[6, 387])),
+        (Op::Gelu, vec![f(&[1001])], f(&[1001])),
+        (Op::Add, vec![f(&[9, 130]), f(&[130])], f(&[9, 130])),
+    ]
+}
+
+#[test]
+fn every_gpu_kernel_class_matches_the_interpreter_on_the_device() {
+    let cuda = match Cuda::open() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipped: no GPU here ({e})");
+            return;
+        }
+    };
+    let (major, minor) = cuda.compute_capability();
+    let target = wcc_targets::Target::named(if major >= 9 { "cuda-sm90" } else { "cuda-sm80" }).unwrap();
+    eprintln!("{} (sm_{major}{minor}), kernels for {}", cuda.device_name(), target.gpu_name().unwrap());
+    for (op, tys, out) in cases() {
+        let refs: Vec<&TensorType> = tys.iter().collect();
+        let inputs: Vec<Tensor> =
+            tys.iter().enumerate().map(|(k, t)| Tensor::f32(t.shape.clone(), noise(t.numel(), k as u64 + 1))).collect();
+        let want = eval(&op, &inputs.iter().collect::<Vec<_>>()).unwrap();
+        let lowered = wcc_backend::gpu::lower_op_gpu(&op, &refs, &out, false, &target).unwrap();
+        let kernels: Vec<_> = lowered.launches.iter().map(|(k, _)| k.clone()).collect();
+        let ptx = wcc_backend::ptx::module(&kernels, target.gpu().unwrap()).unwrap();
+        let module = cuda.load_module(&ptx).unwrap();
+        let ins: Vec<_> = inputs
+            .iter()
+            .map(|t| {
+                let bytes = t.data.to_le_bytes();
+                let b = cuda.alloc(bytes.len()).unwrap();
+                b.upload(0, &bytes).unwrap();
+                b
+            })
+            .collect();
+        let result = cuda.alloc(out.size_bytes()).unwrap();
+        let scratch: Vec<_> = lowered.scratch.iter().map(|&n| cuda.alloc(n).unwrap()).collect();
+        for (i, (k, slots)) in lowered.launches.iter().enumerate() {
+            let f = module.function(&wcc_backend::ptx::entry_name(i, k)).unwrap();
+            let args: Vec<u64> = slots
+                .iter()
+                .map(|s| match *s {
+                    wcc_backend::lower::Slot::Input(j) => ins[j].ptr(),
+                    wcc_backend::lower::Slot::Scratch(j) => scratch[j].ptr(),
+                    wcc_backend::lower::Slot::Output => result.ptr(),
+                })
+                .collect();
+            let l = k.launch.unwrap();
+            cuda.launch(f, l.grid, l.block, 0, &args).unwrap();
+        }
+        cuda.synchronize().unwrap();
+        let mut bytes = vec![0u8; out.size_bytes()];
+        result.download(0, &mut bytes).unwrap();
+        let Some(Data::F32(got)) = Data::from_le_bytes(DType::F32, &bytes) else { panic!() };
+        let Data::F32(w) = &want.data else { panic!() };
+        let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+        eprintln!("{} {:?}: max relative error {err:.2e}", op.name(), out.shape);
+        assert!(err < 2e-5, "{} {:?}: relative error {err}", op.name(), out.shape);
+    }
+}
