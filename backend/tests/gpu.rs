@@ -104,3 +104,157 @@ fn every_gpu_kernel_of_tiny_en_and_base_is_accepted_by_ptxas_for_every_cuda_targ
         eprintln!("{name}: {} kernels assembled, {} bytes of PTX", kernels.len(), module.len());
     }
 }
+
+/// The PTX of one matrix product and one softmax, reviewable and stable: a change to the
+/// emitter or to these schedules shows here as a diff.
+#[test]
+fn ptx_of_a_matrix_product_and_a_softmax() {
+    use wcc_ir::{DType, Op, TensorType};
+    let target = Target::named("cuda-sm80").unwrap();
+    let f = |s: &[usize]| TensorType::new(DType::F32, s.to_vec());
+    let linear =
+        lower_op_gpu(&Op::Linear, &[&f(&[20, 24]), &f(&[18, 24]), &f(&[18])], &f(&[20, 18]), false, &target).unwrap();
+    let softmax = lower_op_gpu(&Op::Softmax, &[&f(&[3, 200])], &f(&[3, 200]), false, &target).unwrap();
+    let kernels: Vec<Kernel> = linear.launches.into_iter().chain(softmax.launches).map(|(k, _)| k).collect();
+    let kir: String = kernels.iter().map(|k| k.to_string()).collect::<Vec<_>>().join("\n");
+    insta::assert_snapshot!("gpu_kernels_kir", kir);
+    insta::assert_snapshot!("gpu_kernels_ptx", wcc_backend::ptx::module(&kernels, target.gpu().unwrap()).unwrap());
+}
+
+/// Runs one op's GPU kernels in the simulator on host tensors.
+fn simulate(
+    op: &wcc_ir::Op,
+    inputs: &[&wcc_ir::interp::Tensor],
+    tys: &[&wcc_ir::TensorType],
+    out: &wcc_ir::TensorType,
+    in_place: bool,
+    target: &Target,
+) -> Result<wcc_ir::interp::Tensor, wcc_backend::BackendError> {
+    let lowered = lower_op_gpu(op, tys, out, in_place, target)?;
+    wcc_backend::jit::run_launches(op, &lowered, inputs, out, in_place, &mut |k, bufs| {
+        wcc_backend::gpusim::run(k, bufs).map_err(|e| wcc_backend::BackendError(e.to_string()))
+    })
+}
+
+#[test]
+fn every_gpu_kernel_of_tiny_en_and_base_matches_the_interpreter_in_the_simulator() {
+    use wcc_ir::interp::{eval, Data};
+    let target = Target::named("cuda-sm80").unwrap();
+    // Every op class and every width of both models, f32 and int8; the encoder at 128 mel
+    // frames (64 positions) so that the simulation stays short.
+    let mut modules = vec![];
+    for name in ["tiny.en", "base"] {
+        let loaded = common::load_default_build(name);
+        for int8 in [false, true] {
+            let opts = wcc_passes::PassOptions { int8, timesteps: Some(128), ..Default::default() };
+            let m = wcc_passes::run_observed(
+                loaded.module.clone(),
+                &wcc_passes::default_pipeline(),
+                &opts,
+                &mut |_, _, _| Ok(()),
+            )
+            .unwrap();
+            modules.push(m);
+        }
+    }
+    let cases = common::op_cases(&modules.iter().collect::<Vec<_>>());
+    let mut worst = 0f32;
+    for (key, (op, tys, out)) in &cases {
+        let inputs = common::case_inputs(op, tys);
+        let refs: Vec<_> = inputs.iter().collect();
+        let ty_refs: Vec<_> = tys.iter().collect();
+        let want = eval(op, &refs).unwrap();
+        let variants: &[bool] = if matches!(op, wcc_ir::Op::ScatterRow) { &[false, true] } else { &[false] };
+        for &in_place in variants {
+            let got = simulate(op, &refs, &ty_refs, out, in_place, &target).unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!(got.shape, want.shape, "{key}");
+            match (&got.data, &want.data) {
+                (Data::F32(g), Data::F32(w)) => {
+                    let scale = w.iter().fold(1f32, |m, v| if v.is_finite() { m.max(v.abs()) } else { m });
+                    let e = g.iter().zip(w).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max)
+                        / scale;
+                    worst = worst.max(e);
+                    assert!(e < 2e-5, "{key}: relative error {e}");
+                }
+                // Quantized results: a value on a rounding boundary may land one step over.
+                (g, w) => {
+                    let (g, w) = (g.to_le_bytes(), w.to_le_bytes());
+                    let off = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+                    assert!(off * 1000 <= w.len(), "{key}: {off} of {} bytes differ", w.len());
+                }
+            }
+        }
+    }
+    eprintln!("{} ops simulated, worst relative error {worst:.2e}", cases.len());
+}
+
+/// Removes the `n`-th barrier (in statement order) of a body.
+fn without_barrier(body: &[wcc_backend::kir::Stmt], n: &mut usize) -> Vec<wcc_backend::kir::Stmt> {
+    use wcc_backend::kir::Stmt;
+    let mut out = vec![];
+    for s in body {
+        match s {
+            Stmt::Barrier if *n == 0 => {
+                *n = usize::MAX;
+                continue;
+            }
+            Stmt::Barrier => *n = n.wrapping_sub(1),
+            Stmt::For { var, start, end, step, body } => {
+                out.push(Stmt::For {
+                    var: *var,
+                    start: start.clone(),
+                    end: end.clone(),
+                    step: *step,
+                    body: without_barrier(body, n),
+                });
+                continue;
+            }
+            Stmt::If { op, a, b, then } => {
+                out.push(Stmt::If { op: *op, a: a.clone(), b: b.clone(), then: without_barrier(then, n) });
+                continue;
+            }
+            _ => {}
+        }
+        out.push(s.clone());
+    }
+    out
+}
+
+#[test]
+fn a_kernel_with_a_barrier_removed_is_caught_by_the_simulator() {
+    use wcc_backend::gpusim::{run, SimError};
+    use wcc_ir::{DType, Op, TensorType};
+    let target = Target::named("cuda-sm80").unwrap();
+    let f = |s: &[usize]| TensorType::new(DType::F32, s.to_vec());
+    let cases = [
+        (Op::Linear, vec![f(&[20, 40]), f(&[18, 40]), f(&[18])], f(&[20, 18])),
+        (Op::Softmax, vec![f(&[3, 200])], f(&[3, 200])),
+        (Op::LayerNorm { eps: 1e-5 }, vec![f(&[3, 200]), f(&[200]), f(&[200])], f(&[3, 200])),
+    ];
+    for (op, tys, out) in cases {
+        let refs: Vec<_> = tys.iter().collect();
+        let lowered = lower_op_gpu(&op, &refs, &out, false, &target).unwrap();
+        let k = &lowered.launches[0].0;
+        let mut bufs: Vec<Vec<u8>> = k
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| common::noise(b.len, i as u64 + 1).iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        run(k, &mut views).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let barriers = k.to_string().matches("barrier").count();
+        assert!(barriers >= 2, "{}: {barriers} barriers", k.name);
+        for which in 0..barriers {
+            let mut broken = k.clone();
+            broken.body = without_barrier(&k.body, &mut { which });
+            let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+            match run(&broken, &mut views) {
+                Err(e @ (SimError::SharedRace { .. } | SimError::Uninit { .. })) => {
+                    eprintln!("{} without barrier {which}: {e}", k.name)
+                }
+                other => panic!("{} without barrier {which}: {other:?}", k.name),
+            }
+        }
+    }
+}

@@ -63,7 +63,7 @@ pub fn op_cases(
 /// position inside every table and cache used with them (a beam start gathers from a
 /// one-row table: row 0), and for a beam's origins the hypotheses swapped, repeated and kept.
 pub fn case_inputs(op: &wcc_ir::Op, tys: &[wcc_ir::TensorType]) -> Vec<wcc_ir::interp::Tensor> {
-    use wcc_ir::interp::Tensor;
+    use wcc_ir::interp::{Data, Tensor};
     use wcc_ir::{DType, Op};
     tys.iter()
         .enumerate()
@@ -76,6 +76,14 @@ pub fn case_inputs(op: &wcc_ir::Op, tys: &[wcc_ir::TensorType]) -> Vec<wcc_ir::i
                 let id = if matches!(op, Op::Gather) { 5 % tys[0].shape[0] as i32 } else { 5 };
                 Tensor::i32(t.shape.clone(), vec![id; t.numel()])
             }
+            DType::U8 => Tensor::new(
+                t.shape.clone(),
+                Data::U8(noise(t.numel(), k as u64 + 1).iter().map(|v| ((v + 1.0) * 127.99) as u8).collect()),
+            ),
+            DType::I8 => Tensor::new(
+                t.shape.clone(),
+                Data::I8(noise(t.numel(), k as u64 + 1).iter().map(|v| (v * 127.99) as i8).collect()),
+            ),
             _ => Tensor::f32(t.shape.clone(), noise(t.numel(), k as u64 + 1).iter().map(|v| v * 2.0).collect()),
         })
         .collect()
