@@ -544,6 +544,11 @@ fn arith<O: Arith>(x: Col, y: Col) -> Col {
     }
 }
 
+/// `x op c` of an `i64` column and a constant.
+fn with_const<O: Arith>(x: &mut [i64], c: i64) {
+    x.iter_mut().for_each(|p| *p = O::i(*p, c));
+}
+
 /// `a * b + c` rounded once, but for a rare last-bit difference: the product is exact in
 /// `f64`, the sum is rounded to `f64` and then to `f32`.
 fn fused(a: f32, b: f32, c: f32) -> f32 {
@@ -745,8 +750,8 @@ impl<'k> Sim<'k, '_> {
         loop {
             // While every thread of `act` is inside (the usual case), `act` itself runs.
             let all = match self.vars.get(var as usize) {
-                Some(Some(VarSlot { col: Col::I(x), def, .. })) => {
-                    let inside = |t: u32| def[t as usize] && x[t as usize] < ends[t as usize];
+                Some(Some(VarSlot { col: Col::I(x), def, undef })) => {
+                    let inside = |t: u32| (*undef == 0 || def[t as usize]) && x[t as usize] < ends[t as usize];
                     let all = act.iter().all(|&t| inside(t));
                     if !all {
                         inner.clear();
@@ -786,7 +791,16 @@ impl<'k> Sim<'k, '_> {
         let all_defined = slot.as_ref().is_some_and(|s| s.undef == 0);
         if act.len() == n && (declare || (same_ty && all_defined)) {
             // The whole block: the column is the new value (`act` is then `0..n`).
-            *slot = Some(VarSlot::full(c, n));
+            match slot {
+                Some(s) => {
+                    s.col = c;
+                    if s.undef > 0 {
+                        s.def.fill(true);
+                        s.undef = 0;
+                    }
+                }
+                None => *slot = Some(VarSlot::full(c, n)),
+            }
             return Ok(());
         }
         if declare && !same_ty {
@@ -969,6 +983,24 @@ impl<'k> Sim<'k, '_> {
                 let i = self.eval(index, act)?;
                 let i = self.ints(i, act, "a load index")?;
                 self.load(*buf, *ty, &i, act)?
+            }
+            // An `i64` operation with a constant on the right (`x * 16`, `x + 1`): in place.
+            Expr::Bin(op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Min | BinOp::Max), a, b)
+                if matches!(**b, Expr::Int(_)) =>
+            {
+                let Expr::Int(c) = **b else { unreachable!("matched above") };
+                let mut x = match self.eval(a, act)? {
+                    Col::I(x) => x,
+                    x => return Err(self.type_err(act, format!("{} of {} and i64", op.name(), x.ty().name()))),
+                };
+                match op {
+                    BinOp::Add => with_const::<OpAdd>(&mut x, c),
+                    BinOp::Sub => with_const::<OpSub>(&mut x, c),
+                    BinOp::Mul => with_const::<OpMul>(&mut x, c),
+                    BinOp::Min => with_const::<OpMin>(&mut x, c),
+                    _ => with_const::<OpMax>(&mut x, c),
+                }
+                Col::I(x)
             }
             Expr::Bin(op, a, b) => {
                 let x = self.eval(a, act)?;
