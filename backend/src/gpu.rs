@@ -12,14 +12,20 @@
 //!   [`ROW_BLOCK`] threads. Each thread walks the row with a stride of the block; partial
 //!   results are combined in the warp by butterfly shuffles, then across warps through a
 //!   shared array between two barriers.
-//! - **Everything else** (element-wise maps, copies, im2col, the int8 products, the cache
-//!   attention, gathers, scatters): the CPU schedule's parallel loop is mapped onto the grid,
-//!   one iteration per thread ([`map_threads`]). The CPU kernels already write only the
-//!   elements of their own parallel index (checked by the kernel verifier), which is what
-//!   makes one index per thread race-free; this is the correct-first schedule of those
-//!   classes, not a fast one (the note of this change says which classes it leaves slow).
+//! - **int8 products** (`qlinear`, `qmatmul`): the same tiling with bytes, `QK` bytes of the
+//!   reduction staged per step, four `dot4`s (`dp4a`) per thread and step, exact integer
+//!   sums, the CPU kernels' dequantizing epilogue.
+//! - **Cache attention** (the decoder's self-attention over its K/V cache): a block per
+//!   (query row or hypothesis, head), the scores in shared memory, block reductions for the
+//!   softmax, then the weighted sum of the value rows, threads over the head's columns.
+//! - **Everything else** (element-wise maps, copies, im2col, quantize, gathers, scatters):
+//!   the CPU schedule's parallel loop mapped onto the grid, one iteration per thread
+//!   ([`map_threads`]). The CPU kernels already write only the elements of their own
+//!   parallel index (checked by the kernel verifier), which is what makes one index per
+//!   thread race-free.
 //!
-//! Tensor-core (`mma.sync`) products and flash-style attention are not built yet.
+//! Not built yet: tensor-core (`mma.sync`) products and flash-style encoder attention (the
+//! encoder's attention is its products and softmax, each its own launch).
 
 use wcc_ir::{Op, TensorType};
 use wcc_targets::{GpuSpec, Target};
@@ -64,6 +70,47 @@ pub fn lower_op_gpu(
             let n = if *transpose_b { inputs[1].shape[1] } else { inputs[1].shape[2] };
             let g = Gemm { batch: b, m, n, k, b_transposed: *transpose_b, bias: false, gelu: false, residual: false };
             one(gemm_kernel(&g, gpu), ins(2))
+        }
+        Op::QLinear { gelu, residual } => {
+            let (n, k) = (inputs[2].shape[0], inputs[2].shape[1]);
+            let m = inputs[0].numel() / k;
+            let q = QGemm {
+                batch: 1,
+                m,
+                n,
+                k,
+                row_scales: inputs[1].numel() != 1,
+                bias: true,
+                gelu: *gelu,
+                residual: *residual,
+            };
+            one(qgemm_kernel(&q), ins(inputs.len()))
+        }
+        Op::QMatMul => {
+            let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
+            let n = inputs[2].shape[1];
+            let q = QGemm {
+                batch: b,
+                m,
+                n,
+                k,
+                row_scales: inputs[1].numel() != 1,
+                bias: false,
+                gelu: false,
+                residual: false,
+            };
+            one(qgemm_kernel(&q), ins(5))
+        }
+        Op::CacheAttention { heads } => {
+            let (b, m, s) = if inputs[1].rank() == 3 {
+                (inputs[1].shape[0], 1, inputs[1].shape[1])
+            } else {
+                (1, inputs[0].shape[0], inputs[1].shape[0])
+            };
+            let dh = inputs[0].shape[1] / heads;
+            let k = cache_attention_rows(b, m, s, *heads, dh);
+            let slots = [ins(4), vec![Slot::Scratch(0)]].concat();
+            Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![4] })
         }
         Op::Softmax | Op::MaskedSoftmax => {
             let d = *out.shape.last().unwrap_or(&1);
@@ -316,6 +363,318 @@ fn gemm_kernel(g: &Gemm, gpu: &GpuSpec) -> Kernel {
         g.m,
         g.n,
         g.k,
+        if g.bias { "_bias" } else { "" },
+        if g.gelu { "_gelu" } else { "" },
+        if g.residual { "_residual" } else { "" }
+    );
+    let grid = g.batch * tiles;
+    let mut kern = gpu_kernel(name, bufs, shared, grid, 2 * g.batch * g.m * g.n * g.k);
+    kern.body = body;
+    kern.vars = v.0;
+    kern.launch = Some(GpuLaunch { grid: grid.max(1) as u32, block: (TILE * TILE) as u32 });
+    kern
+}
+
+/// Attention of query rows over a key/value cache (`cache_attention`): a block per (row or
+/// hypothesis, head). Buffers as the CPU kernel's: q f32[rows, D], k and v f32[(B,) S, D],
+/// position i32[1], and a scratch buffer it does not use (the scores live in shared memory,
+/// `S` floats). Row `i` at position `p + i` sees cache rows `t ≤ p + i`: threads stride over
+/// them for the scores and their maximum, then the exponentials and their sum (block
+/// reductions), then over the head's columns for the probability-weighted sum of values.
+fn cache_attention_rows(batch: usize, m: usize, s: usize, heads: usize, dh: usize) -> Kernel {
+    let d = (heads * dh) as i64;
+    let (s_, dh_, b) = (s as i64, dh as i64, ROW_BLOCK as i64);
+    let rows = batch * m;
+    let bufs = vec![
+        fbuf("q", rows * heads * dh),
+        fbuf("k", batch * s * heads * dh),
+        fbuf("v", batch * s * heads * dh),
+        Buffer { name: "position".into(), elem: Elem::I32, len: 1 },
+        fbuf("out", rows * heads * dh),
+        fbuf("unused", 1),
+    ];
+    let (ob, red, sc) = (4u32, 6u32, 7u32);
+    let shared = vec![fbuf("partials", (ROW_BLOCK / WARP) as usize), fbuf("scores", s)];
+    let mut v = Vars::new();
+    let (r, h, i, qo, kvo, len, mx, t1, c1, dot, sum, t2, e, inv, j, acc, t3) = (
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+    );
+    let row_of = |e: Expr| if batch > 1 { int(0) } else { e };
+    let body = [
+        vec![
+            let_(r, div(block(), int(heads as i64))),
+            let_(h, sub(block(), mul(var(r), int(heads as i64)))),
+            let_(i, row_of(var(r))),
+            let_(qo, add(mul(var(r), int(d)), mul(var(h), int(dh_)))),
+            let_(kvo, add(mul(if batch > 1 { var(r) } else { int(0) }, int(s_ * d)), mul(var(h), int(dh_)))),
+            // The rows this query sees, clamped to the cache (the runtime refuses positions
+            // past it; the clamp keeps every index inside whatever it is given).
+            let_(len, min(add(add(load_i(3, int(0)), var(i)), int(1)), int(s_))),
+            let_(mx, f(f32::NEG_INFINITY)),
+            for_(
+                t1,
+                thread(),
+                var(len),
+                b,
+                vec![
+                    let_(dot, f(0.0)),
+                    for_(
+                        c1,
+                        int(0),
+                        int(dh_),
+                        1,
+                        vec![set(
+                            dot,
+                            fma(
+                                load(0, add(var(qo), var(c1))),
+                                load(1, add(add(var(kvo), mul(var(t1), int(d))), var(c1))),
+                                var(dot),
+                            ),
+                        )],
+                    ),
+                    store(sc, var(t1), var(dot)),
+                    set(mx, max(var(mx), var(dot))),
+                ],
+            ),
+        ],
+        block_reduce(&mut v, mx, BinOp::Max, red, true),
+        vec![
+            let_(sum, f(0.0)),
+            for_(
+                t2,
+                thread(),
+                var(len),
+                b,
+                vec![
+                    let_(e, un(UnOp::Exp, sub(load(sc, var(t2)), var(mx)))),
+                    store(sc, var(t2), var(e)),
+                    set(sum, add(var(sum), var(e))),
+                ],
+            ),
+        ],
+        block_reduce(&mut v, sum, BinOp::Add, red, false),
+        vec![
+            let_(inv, div(f(1.0), var(sum))),
+            for_(
+                j,
+                thread(),
+                int(dh_),
+                b,
+                vec![
+                    let_(acc, f(0.0)),
+                    for_(
+                        t3,
+                        int(0),
+                        var(len),
+                        1,
+                        vec![set(
+                            acc,
+                            add(
+                                var(acc),
+                                mul(
+                                    mul(load(sc, var(t3)), var(inv)),
+                                    load(2, add(add(var(kvo), mul(var(t3), int(d))), var(j))),
+                                ),
+                            ),
+                        )],
+                    ),
+                    store(ob, add(var(qo), var(j)), var(acc)),
+                ],
+            ),
+        ],
+    ]
+    .concat();
+    let grid = rows * heads;
+    let mut k = gpu_kernel(
+        format!("cache_attention_rows_{batch}x{m}x{s}x{heads}x{dh}"),
+        bufs,
+        shared,
+        grid,
+        4 * rows * s * heads * dh,
+    );
+    k.body = body;
+    k.vars = v.0;
+    k.launch = Some(GpuLaunch { grid: grid.max(1) as u32, block: ROW_BLOCK });
+    k
+}
+
+/// Bytes of the reduction one step of the int8 product stages in shared memory.
+const QK: usize = 64;
+
+/// The int8 product of `qlinear` (batch 1, bias) and `qmatmul` (batched):
+/// `y[b, i, j] = float(Σ_q xq[b,i,q]·wq[b,j,q] − 128·wsum[b·N+j]) · (xs[b·M+i]·ws[b·N+j])`
+/// (`+ bias[j]`, GELU, `+ residual`), the sum exact in integers. Buffers as the CPU kernel's:
+/// xq u8, xs f32 (rows, or one static scale), wq i8, ws f32, wsum i32, [bias], [residual],
+/// out. A block of `TILE²` threads computes a `TILE × TILE` tile, one output per thread;
+/// each step stages `QK` bytes of the reduction of `TILE` rows of each operand in shared
+/// memory (four bytes per thread and operand), then every thread takes four `dot4`s of 16
+/// bytes (`dp4a` on the GPU). Bytes past the matrix are staged as zeros, which add nothing.
+struct QGemm {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    row_scales: bool,
+    bias: bool,
+    gelu: bool,
+    residual: bool,
+}
+
+fn qgemm_kernel(g: &QGemm) -> Kernel {
+    use crate::kir::Ty;
+    let t = TILE as i64;
+    let qk = QK as i64;
+    let (m, n, k) = (g.m as i64, g.n as i64, g.k as i64);
+    let (tm, tn) = (g.m.div_ceil(TILE), g.n.div_ceil(TILE));
+    let tiles = tm * tn;
+    let (bm, bn) = (g.batch * g.m, g.batch * g.n);
+    let mut bufs = vec![
+        Buffer { name: "xq".into(), elem: Elem::U8, len: bm * g.k },
+        fbuf("xs", if g.row_scales { bm } else { 1 }),
+        Buffer { name: "wq".into(), elem: Elem::I8, len: bn * g.k },
+        fbuf("ws", bn),
+        Buffer { name: "wsum".into(), elem: Elem::I32, len: bn },
+    ];
+    if g.bias {
+        bufs.push(fbuf("bias", g.n));
+    }
+    let rb = bufs.len() as u32;
+    if g.residual {
+        bufs.push(fbuf("residual", bm * g.n));
+    }
+    let ob = bufs.len() as u32;
+    bufs.push(fbuf("out", bm * g.n));
+    let (sa, sb) = (ob + 1, ob + 2);
+    let shared = vec![
+        Buffer { name: "x_tile".into(), elem: Elem::U8, len: TILE * QK },
+        Buffer { name: "w_tile".into(), elem: Elem::I8, len: TILE * QK },
+    ];
+    let mut v = Vars::new();
+    let (bi, rem, ti, tj, ty, tx, row, col, acc, k0, q, xb, wb) = (
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+        v.next(),
+    );
+    let (sr, sq, grow, gcol, sum, c, scale, res) =
+        (v.next(), v.next(), v.next(), v.next(), v.next(), v.next(), v.next(), v.next());
+    // Staging: thread (sr, sq) copies bytes `4·sq .. 4·sq + 4` of the step's slice of row
+    // `sr` of each operand's tile.
+    let mut stage =
+        vec![let_(grow, add(mul(var(ti), int(t)), var(sr))), let_(gcol, add(mul(var(tj), int(t)), var(sr)))];
+    for b in 0..4i64 {
+        let kb = add(add(var(k0), mul(var(sq), int(4))), int(b));
+        let slot = add(add(mul(var(sr), int(qk)), mul(var(sq), int(4))), int(b));
+        let inside = |r: Var, hi: i64, base: Var, buf: u32| {
+            let at = add(var(base), add(mul(min(var(r), int(hi - 1)), int(k)), min(kb.clone(), int(k - 1))));
+            select(
+                CmpOp::Lt,
+                var(r),
+                int(hi),
+                select(CmpOp::Lt, kb.clone(), int(k), load_as(Ty::I64, buf, at), int(0)),
+                int(0),
+            )
+        };
+        stage.push(store(sa, slot.clone(), inside(grow, m, xb, 0)));
+        stage.push(store(sb, slot, inside(gcol, n, wb, 2)));
+    }
+    let xrow = add(mul(var(bi), int(m)), var(row));
+    let wcol = add(mul(var(bi), int(n)), var(col));
+    let sx = if g.row_scales { load(1, xrow.clone()) } else { load(1, int(0)) };
+    let mut y = mul(cvt(Ty::F32, var(c)), var(scale));
+    if g.bias {
+        y = add(y, load(5, var(col)));
+    }
+    if g.gelu {
+        y = gelu(y);
+    }
+    let out_at = add(mul(xrow, int(n)), var(col));
+    if g.residual {
+        y = add(y, load(rb, out_at.clone()));
+    }
+    let epilogue = vec![
+        let_(sum, add(add(lane(var(acc), 0), lane(var(acc), 1)), add(lane(var(acc), 2), lane(var(acc), 3)))),
+        let_(c, sub(var(sum), mul(int(128), load_as(Ty::I64, 4, wcol.clone())))),
+        let_(scale, mul(sx, load(3, wcol))),
+        let_(res, y),
+        store(ob, out_at, var(res)),
+    ];
+    let body = vec![
+        let_(bi, div(block(), int(tiles as i64))),
+        let_(rem, sub(block(), mul(var(bi), int(tiles as i64)))),
+        let_(ti, div(var(rem), int(tn as i64))),
+        let_(tj, sub(var(rem), mul(var(ti), int(tn as i64)))),
+        let_(ty, div(thread(), int(t))),
+        let_(tx, sub(thread(), mul(var(ty), int(t)))),
+        let_(sr, div(thread(), int(qk / 4))),
+        let_(sq, sub(thread(), mul(var(sr), int(qk / 4)))),
+        let_(row, add(mul(var(ti), int(t)), var(ty))),
+        let_(col, add(mul(var(tj), int(t)), var(tx))),
+        let_(xb, mul(var(bi), int(m * k))),
+        let_(wb, mul(var(bi), int(n * k))),
+        let_(acc, splat(int(0))),
+        for_(
+            k0,
+            int(0),
+            int(k),
+            qk,
+            [
+                stage,
+                vec![
+                    Stmt::Barrier,
+                    for_(
+                        q,
+                        int(0),
+                        int(qk),
+                        16,
+                        vec![set(
+                            acc,
+                            dot4(
+                                var(acc),
+                                load_as(Ty::I8x16, sb, add(mul(var(tx), int(qk)), var(q))),
+                                load_as(Ty::U8x16, sa, add(mul(var(ty), int(qk)), var(q))),
+                            ),
+                        )],
+                    ),
+                    Stmt::Barrier,
+                ],
+            ]
+            .concat(),
+        ),
+        if_(CmpOp::Lt, var(row), int(m), vec![if_(CmpOp::Lt, var(col), int(n), epilogue)]),
+    ];
+    let name = format!(
+        "qgemm_{}x{}x{}x{}{}{}{}{}",
+        g.batch,
+        g.m,
+        g.n,
+        g.k,
+        if g.row_scales { "" } else { "_static" },
         if g.bias { "_bias" } else { "" },
         if g.gelu { "_gelu" } else { "" },
         if g.residual { "_residual" } else { "" }

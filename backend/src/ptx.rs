@@ -65,6 +65,8 @@ pub fn kernel(index: usize, k: &Kernel, gpu: &GpuSpec) -> Result<String, Backend
         )));
     }
     let name = entry_name(index, k);
+    let mut assigned_vars = std::collections::HashSet::new();
+    assigned(&k.body, &mut assigned_vars);
     let mut e = Emitter {
         k,
         body: String::new(),
@@ -72,6 +74,8 @@ pub fn kernel(index: usize, k: &Kernel, gpu: &GpuSpec) -> Result<String, Backend
         labels: 0,
         vars: vec![None; k.vars as usize + 2],
         bases: vec![],
+        multiples: Default::default(),
+        assigned: assigned_vars,
     };
     let mut head = String::new();
     for (i, b) in k.shared.iter().enumerate() {
@@ -149,6 +153,34 @@ struct Emitter<'k> {
     vars: Vec<Option<Val>>,
     /// Each buffer's base address register (arguments, then shared arrays).
     bases: Vec<String>,
+    /// Integer variables known to be multiples of a power of two (never `Set`: a loop's
+    /// variable, or a `let` of such an expression), for aligned vector accesses.
+    multiples: std::collections::HashMap<u32, i64>,
+    /// The variables some `Set` assigns: never given a multiple.
+    assigned: std::collections::HashSet<u32>,
+}
+
+/// The variables assigned by a `Set` anywhere in `body`.
+fn assigned(body: &[Stmt], out: &mut std::collections::HashSet<u32>) {
+    for s in body {
+        match s {
+            Stmt::Set { var, .. } => {
+                out.insert(*var);
+            }
+            Stmt::For { body, .. } | Stmt::If { then: body, .. } => assigned(body, out),
+            _ => {}
+        }
+    }
+}
+
+/// The lowest set bit of `v` (a large power of two for 0).
+fn low_bit(v: i64) -> i64 {
+    if v == 0 {
+        1 << 40
+    } else {
+        let a = v.unsigned_abs();
+        (a & a.wrapping_neg()).min(1 << 40) as i64
+    }
 }
 
 fn hexf(v: f32) -> String {
@@ -225,6 +257,12 @@ impl Emitter<'_> {
     fn stmt(&mut self, s: &Stmt) -> Result<(), BackendError> {
         match s {
             Stmt::Let { var, value } => {
+                let mult = self.multiple(value);
+                if mult > 1 && !self.assigned.contains(var) {
+                    self.multiples.insert(*var, mult);
+                } else {
+                    self.multiples.remove(var);
+                }
                 let v = self.expr(value)?;
                 let home = self.home(&v);
                 self.mov(&home, &v);
@@ -245,8 +283,9 @@ impl Emitter<'_> {
             }
             Stmt::Store { buf, index, value } => {
                 let v = self.expr(value)?;
+                let vector = v.ty().lanes() > 1 && self.aligned16(index, self.elem(*buf)?.0);
                 let i = self.int(index)?;
-                self.store(*buf, &i, &v)?;
+                self.store(*buf, &i, &v, vector)?;
             }
             Stmt::For { var, start, end, step, body } => {
                 if *step <= 0 {
@@ -262,6 +301,8 @@ impl Emitter<'_> {
                 self.body.push_str(&format!("{head}:\n"));
                 self.line(format!("setp.ge.s64 {p}, {iv}, {ev};"));
                 self.line(format!("@{p} bra {done};"));
+                let mult = self.multiple(start).min(low_bit(*step));
+                self.multiples.insert(*var, mult);
                 let saved = self.vars.get(*var as usize).cloned().flatten();
                 if let Some(slot) = self.vars.get_mut(*var as usize) {
                     *slot = Some(Val::I(iv.clone()));
@@ -293,6 +334,25 @@ impl Emitter<'_> {
         Ok(())
     }
 
+    /// A power of two `e` is known to be a multiple of (1 when nothing is known).
+    fn multiple(&self, e: &Expr) -> i64 {
+        match e {
+            Expr::Int(v) => low_bit(*v),
+            Expr::Var(v) => self.multiples.get(v).copied().unwrap_or(1),
+            Expr::Bin(BinOp::Add | BinOp::Sub, a, b) => self.multiple(a).min(self.multiple(b)),
+            Expr::Bin(BinOp::Mul, a, b) => (self.multiple(a).saturating_mul(self.multiple(b))).min(1 << 40),
+            _ => 1,
+        }
+    }
+
+    /// Whether a vector access of 16 bytes at element `index` of `buf` is 16-byte aligned:
+    /// every buffer starts 16-byte aligned (shared arrays are declared so; the runtime
+    /// refuses a GPU launch whose buffers are not), so it is when the byte offset is a
+    /// multiple of 16.
+    fn aligned16(&self, index: &Expr, elem: Elem) -> bool {
+        self.multiple(index).saturating_mul(elem.size() as i64) % 16 == 0
+    }
+
     fn int(&mut self, e: &Expr) -> Result<String, BackendError> {
         match self.expr(e)? {
             Val::I(r) => Ok(r),
@@ -319,8 +379,22 @@ impl Emitter<'_> {
     fn load(&mut self, buf: u32, index: &Expr, ty: Ty) -> Result<Val, BackendError> {
         let (elem, shared) = self.elem(buf)?;
         let sp = if shared { "shared" } else { "global" };
+        let vector = ty.lanes() > 1 && self.aligned16(index, elem);
         let i = self.int(index)?;
         let a = self.address(buf, &i, elem);
+        if vector {
+            let (r, out): (R, fn([String; 4]) -> Val) = match (elem, ty) {
+                (Elem::F32, Ty::F32x4) => (R::F, Val::F4),
+                (Elem::I32, Ty::I32x4) => (R::W, Val::I4),
+                (Elem::I8, Ty::I8x16) => (R::W, |w| Val::B16(w, true)),
+                (Elem::U8, Ty::U8x16) => (R::W, |w| Val::B16(w, false)),
+                _ => return self.err(format!("a load of {} from a buffer of {}", ty.name(), elem.name())),
+            };
+            let rs = [self.reg(r), self.reg(r), self.reg(r), self.reg(r)];
+            let t = if matches!(r, R::F) { "f32" } else { "b32" };
+            self.line(format!("ld.{sp}.v4.{t} {{{}}}, [{a}];", rs.join(", ")));
+            return Ok(out(rs));
+        }
         Ok(match (elem, ty) {
             (Elem::F32, Ty::F32) => {
                 let r = self.reg(R::F);
@@ -368,10 +442,21 @@ impl Emitter<'_> {
         })
     }
 
-    fn store(&mut self, buf: u32, index: &str, v: &Val) -> Result<(), BackendError> {
+    fn store(&mut self, buf: u32, index: &str, v: &Val, vector: bool) -> Result<(), BackendError> {
         let (elem, shared) = self.elem(buf)?;
         let sp = if shared { "shared" } else { "global" };
         let a = self.address(buf, index, elem);
+        if vector {
+            let (t, rs) = match (elem, v) {
+                (Elem::F32, Val::F4(rs)) => ("f32", rs),
+                (Elem::I32, Val::I4(rs)) | (Elem::I8, Val::B16(rs, true)) | (Elem::U8, Val::B16(rs, false)) => {
+                    ("b32", rs)
+                }
+                _ => return self.err(format!("a store of {} to a buffer of {}", v.ty().name(), elem.name())),
+            };
+            self.line(format!("st.{sp}.v4.{t} [{a}], {{{}}};", rs.join(", ")));
+            return Ok(());
+        }
         match (elem, v) {
             (Elem::F32, Val::F(r)) => self.line(format!("st.{sp}.f32 [{a}], {r};")),
             (Elem::F32, Val::F4(rs)) => {

@@ -43,8 +43,9 @@ struct Prefill {
 
 struct PreparedGraph {
     launches: Vec<Launch>,
-    /// On a CUDA build, the launches instead: function, grid, block, device pointers.
-    gpu_launches: Vec<(Function, u32, u32, Vec<u64>)>,
+    /// On a CUDA build, the launches instead: kernel index, function, grid, block, device
+    /// pointers.
+    gpu_launches: Vec<(usize, Function, u32, u32, Vec<u64>)>,
     /// On a CUDA build, the outputs the host reads after a run (`(offset, bytes)` in the
     /// arena): every decoder output but the caches (`*.next`), which stay on the device.
     fetch: Vec<(usize, usize)>,
@@ -170,7 +171,7 @@ impl CompiledModel {
                                 Region::Weights => weights_dev + offset as u64,
                             })
                             .collect();
-                        (gpu_fns[l.kernel], d.grid, d.block, ptrs)
+                        (l.kernel, gpu_fns[l.kernel], d.grid, d.block, ptrs)
                     })
                     .collect(),
                 None => vec![],
@@ -373,10 +374,11 @@ impl CompiledModel {
     }
 
     fn run(&self, g: &PreparedGraph) {
-        if let Some(gpu) = &self.gpu {
-            return run_gpu(gpu, g).unwrap_or_else(|e| panic!("running on the GPU: {e}"));
-        }
         let mut profile = self.profile.as_ref().map(|p| p.borrow_mut());
+        if let Some(gpu) = &self.gpu {
+            let profile = profile.as_deref_mut().map(|v| v.as_mut_slice());
+            return run_gpu(gpu, g, profile).unwrap_or_else(|e| panic!("running on the GPU: {e}"));
+        }
         let profile = profile.as_deref_mut().map(|v| v.as_mut_slice());
         match &self.team {
             Some(team) => team.run(&g.launches, profile),
@@ -407,10 +409,16 @@ fn open_gpu(h: &Header, s: &crate::wbin::Sections<'_>, host_arena: *mut u8) -> R
 }
 
 /// Launches a graph's kernels in order on the GPU, waits, and downloads the outputs the
-/// host reads into the host arena.
-fn run_gpu(gpu: &Gpu, g: &PreparedGraph) -> Result<(), crate::cuda::CudaError> {
-    for (f, grid, block, ptrs) in &g.gpu_launches {
+/// host reads into the host arena. When profiling, each launch is waited for and timed.
+fn run_gpu(gpu: &Gpu, g: &PreparedGraph, mut profile: Option<&mut [(f64, u64)]>) -> Result<(), crate::cuda::CudaError> {
+    for (k, f, grid, block, ptrs) in &g.gpu_launches {
+        let t0 = profile.as_ref().map(|_| std::time::Instant::now());
         gpu.cuda.launch(*f, *grid, *block, 0, ptrs)?;
+        if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
+            gpu.cuda.synchronize()?;
+            p[*k].0 += t0.elapsed().as_secs_f64();
+            p[*k].1 += 1;
+        }
     }
     gpu.cuda.synchronize()?;
     for &(at, len) in &g.fetch {
@@ -541,6 +549,10 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
                 };
                 if len < need || offset.checked_add(len).is_none_or(|e| e > limit) || offset % elem != 0 {
                     return Err(format!("buffer {} of kernel {} is out of bounds", desc.name, entry.name));
+                }
+                // The PTX emitter's vector accesses assume every buffer starts 16-byte aligned.
+                if is_gpu(h) && offset % 16 != 0 {
+                    return Err(format!("buffer {} of kernel {} is not 16-byte aligned", desc.name, entry.name));
                 }
                 args.push((region, offset as usize));
             }
