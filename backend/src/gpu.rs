@@ -18,7 +18,9 @@
 //! - **Cache attention** (the decoder's self-attention over its K/V cache): a block per
 //!   (query row or hypothesis, head), the scores in shared memory, block reductions for the
 //!   softmax, then the weighted sum of the value rows, threads over the head's columns.
-//! - **Everything else** (element-wise maps, copies, im2col, quantize, gathers, scatters):
+//! - **Element-wise** (transposes, slices, broadcast add and multiply, quantize): a thread
+//!   per element of the result; `row_scale` a block per row.
+//! - **Everything else** (GELU and scaling maps, im2col, gathers, scatters, row sums):
 //!   the CPU schedule's parallel loop mapped onto the grid, one iteration per thread
 //!   ([`map_threads`]). The CPU kernels already write only the elements of their own
 //!   parallel index (checked by the kernel verifier), which is what makes one index per
@@ -111,6 +113,29 @@ pub fn lower_op_gpu(
             let k = cache_attention_rows(b, m, s, *heads, dh);
             let slots = [ins(4), vec![Slot::Scratch(0)]].concat();
             Ok(OpKernels { launches: vec![(k, slots)], scratch: vec![4] })
+        }
+        Op::Transpose { perm } => {
+            let st = row_major(&inputs[0].shape);
+            let src: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+            let name = format!("transpose_{}_{}", dims(&inputs[0].shape), dims(perm));
+            one(strided_copy(name, inputs[0].numel(), &out.shape, &src, 0), ins(1))
+        }
+        Op::Slice { axis, start, .. } => {
+            let st = row_major(&inputs[0].shape);
+            let name = format!("slice_{}_{axis}_{start}_{}", dims(&inputs[0].shape), dims(&out.shape));
+            one(strided_copy(name, inputs[0].numel(), &out.shape, &st, start * st[*axis]), ins(1))
+        }
+        Op::Add | Op::Mul => {
+            let op = if matches!(op, Op::Add) { BinOp::Add } else { BinOp::Mul };
+            one(broadcast(op, &inputs[0].shape, &inputs[1].shape, &out.shape), ins(2))
+        }
+        Op::Quantize { dtype } => {
+            let k = *inputs[0].shape.last().unwrap_or(&1);
+            one(quantize(n_out / k.max(1), k, inputs[1].numel() != 1, *dtype), ins(2))
+        }
+        Op::RowScale => {
+            let k = *inputs[0].shape.last().unwrap_or(&1);
+            one(row_scale_rows(n_out, k), ins(1))
         }
         Op::Softmax | Op::MaskedSoftmax => {
             let d = *out.shape.last().unwrap_or(&1);
@@ -373,6 +398,143 @@ fn gemm_kernel(g: &Gemm, gpu: &GpuSpec) -> Kernel {
     kern.vars = v.0;
     kern.launch = Some(GpuLaunch { grid: grid.max(1) as u32, block: (TILE * TILE) as u32 });
     kern
+}
+
+/// Threads per block of the element-wise kernels.
+const ELEMENT_BLOCK: u32 = 256;
+
+/// A kernel of one thread per element `e` of `0..n`: `body(e)` (a grid of `n / 256` blocks).
+fn elementwise(
+    name: String,
+    buffers: Vec<Buffer>,
+    n: usize,
+    flops: usize,
+    mut v: Vars,
+    body: &dyn Fn(Var, &mut Vars) -> Vec<Stmt>,
+) -> Kernel {
+    let (g, e) = (v.next(), v.next());
+    let inner = body(e, &mut v);
+    let mut k = gpu_kernel(name, buffers, vec![], n, flops);
+    k.body = vec![
+        let_(g, add(mul(block(), int(ELEMENT_BLOCK as i64)), thread())),
+        for_(e, var(g), min(add(var(g), int(1)), int(n as i64)), 1, inner),
+    ];
+    k.vars = v.0;
+    k.launch = Some(GpuLaunch { grid: n.div_ceil(ELEMENT_BLOCK as usize).max(1) as u32, block: ELEMENT_BLOCK });
+    k
+}
+
+fn row_major(shape: &[usize]) -> Vec<usize> {
+    (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect()
+}
+
+fn dims(s: &[usize]) -> String {
+    s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+}
+
+/// The offset `Σ_d coord_d · strides_d` of element `e` of a row-major `shape`, its
+/// coordinates peeled off by division from the last axis.
+fn offset_of(v: &mut Vars, e: Var, shape: &[usize], strides: &[usize], base: usize) -> (Vec<Stmt>, Expr) {
+    let mut stmts = vec![];
+    let mut rest = var(e);
+    let mut off = int(base as i64);
+    for d in (0..shape.len()).rev() {
+        let (q, c) = (v.next(), v.next());
+        stmts.push(let_(q, div(rest.clone(), int(shape[d].max(1) as i64))));
+        stmts.push(let_(c, sub(rest, mul(var(q), int(shape[d].max(1) as i64)))));
+        if strides[d] != 0 {
+            off = add(off, mul(var(c), int(strides[d] as i64)));
+        }
+        rest = var(q);
+    }
+    (stmts, off)
+}
+
+/// `out[e] = x[base + Σ_d coord_d(e) · strides_d]` (transposes and slices): a thread per
+/// element of the result.
+fn strided_copy(name: String, in_len: usize, out_shape: &[usize], strides: &[usize], base: usize) -> Kernel {
+    let n: usize = out_shape.iter().product();
+    elementwise(name, vec![fbuf("x", in_len), fbuf("out", n)], n, n, Vars::new(), &|e, v| {
+        let (mut s, src) = offset_of(v, e, out_shape, strides, base);
+        s.push(store(1, var(e), load(0, src)));
+        s
+    })
+}
+
+/// `out = a ⊕ b` with numpy broadcasting, a thread per element of the result.
+fn broadcast(op: BinOp, a: &[usize], b: &[usize], out: &[usize]) -> Kernel {
+    let n: usize = out.iter().product();
+    let r = out.len();
+    let pad = |s: &[usize]| -> Vec<usize> { [vec![1; r - s.len()], s.to_vec()].concat() };
+    let bstr = |s: &[usize]| -> Vec<usize> {
+        let p = pad(s);
+        let st = row_major(&p);
+        (0..r).map(|d| if p[d] == 1 { 0 } else { st[d] }).collect()
+    };
+    let (sa, sb) = (bstr(a), bstr(b));
+    let name = format!("{}_{}_{}_{}", op.name(), dims(a), dims(b), dims(out));
+    let bufs = vec![fbuf("a", a.iter().product()), fbuf("b", b.iter().product()), fbuf("out", n)];
+    elementwise(name, bufs, n, n, Vars::new(), &|e, v| {
+        let (mut s, oa) = offset_of(v, e, out, &sa, 0);
+        let (s2, ob) = offset_of(v, e, out, &sb, 0);
+        s.extend(s2);
+        s.push(store(2, var(e), bin(op, load(0, oa), load(1, ob))));
+        s
+    })
+}
+
+/// `quantize`: `round_ties_even(x / scale)` clamped to ±127 plus the zero point (128 for
+/// `u8`), the scale of the element's row (or the one static scale); a thread per element.
+fn quantize(rows: usize, k: usize, row_scales: bool, dtype: wcc_ir::DType) -> Kernel {
+    use crate::kir::Ty;
+    let (elem, zp) = if dtype == wcc_ir::DType::U8 { (Elem::U8, 128) } else { (Elem::I8, 0) };
+    let bufs = vec![
+        fbuf("x", rows * k),
+        fbuf("scale", if row_scales { rows } else { 1 }),
+        Buffer { name: "q".into(), elem, len: rows * k },
+    ];
+    let name = format!("quantize_{}_{rows}x{k}{}", dtype.name(), if row_scales { "" } else { "_static" });
+    elementwise(name, bufs, rows * k, 2 * rows * k, Vars::new(), &|e, _| {
+        let scale = if row_scales { load(1, div(var(e), int(k as i64))) } else { load(1, int(0)) };
+        let q = cvt(Ty::I64, div(load(0, var(e)), scale));
+        vec![store(2, var(e), add(max(min(q, int(127)), int(-127)), int(zp)))]
+    })
+}
+
+/// `row_scale`: `max(max_j |x[r, j]|, floor) / 127` per row, a block per row.
+fn row_scale_rows(rows: usize, k: usize) -> Kernel {
+    let red = 2;
+    let mut v = Vars::new();
+    let (base, m, j) = (v.next(), v.next(), v.next());
+    let body = [
+        vec![
+            let_(base, mul(block(), int(k as i64))),
+            let_(m, f(0.0)),
+            for_(
+                j,
+                thread(),
+                int(k as i64),
+                ROW_BLOCK as i64,
+                vec![set(m, max(var(m), un(UnOp::Abs, load(0, add(var(base), var(j))))))],
+            ),
+        ],
+        block_reduce(&mut v, m, BinOp::Max, red, false),
+        vec![if_(
+            CmpOp::Eq,
+            thread(),
+            int(0),
+            vec![store(1, block(), div(max(var(m), f(wcc_ir::interp::ROW_SCALE_FLOOR)), f(127.0)))],
+        )],
+    ]
+    .concat();
+    row_kernel(
+        format!("row_scale_rows_{rows}x{k}"),
+        vec![fbuf("x", rows * k), fbuf("scale", rows)],
+        rows,
+        2 * rows * k,
+        body,
+        v,
+    )
 }
 
 /// Attention of query rows over a key/value cache (`cache_attention`): a block per (row or
