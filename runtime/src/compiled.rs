@@ -5,7 +5,7 @@ use std::path::Path;
 
 use memmap2::{Mmap, MmapMut};
 
-use crate::cuda::{Cuda, DeviceBuffer, Function, Module as CudaModule};
+use crate::cuda::{Cuda, DeviceBuffer, Function, Graph as CudaGraph, Module as CudaModule, Stream};
 use crate::decode::{BeamDecoder, Decoder};
 use crate::tokenizer::WhisperTokenizer;
 use crate::transcribe::WhisperModel;
@@ -46,6 +46,9 @@ struct PreparedGraph {
     /// On a CUDA build, the launches instead: kernel index, function, grid, block, device
     /// pointers.
     gpu_launches: Vec<(usize, Function, u32, u32, Vec<u64>)>,
+    /// On a CUDA build whose driver has graphs, the launches recorded as one (replayed per
+    /// run: one submission instead of one per kernel).
+    cuda_graph: Option<CudaGraph>,
     /// On a CUDA build, the outputs the host reads after a run (`(offset, bytes)` in the
     /// arena): every decoder output but the caches (`*.next`), which stay on the device.
     fetch: Vec<(usize, usize)>,
@@ -57,6 +60,8 @@ struct PreparedGraph {
 /// arena (same offsets as the host's) and of the weights (copied once, at load).
 struct Gpu {
     cuda: Cuda,
+    /// The stream graphs are replayed on (`None`: a driver without graphs).
+    stream: Option<Stream>,
     _module: CudaModule,
     arena: DeviceBuffer,
     _weights: DeviceBuffer,
@@ -157,6 +162,7 @@ impl CompiledModel {
         let weights_ptr = s.weights.as_ptr() as *mut u8;
         let device_bases = gpu.as_ref().map(|g| (g.arena.ptr(), g._weights.ptr()));
         let prepare = |g: GraphPlan, decoder_side: bool| PreparedGraph {
+            cuda_graph: None,
             gpu_launches: match device_bases {
                 Some((arena_dev, weights_dev)) => g
                     .launches
@@ -240,6 +246,21 @@ impl CompiledModel {
             })
             .collect();
         let beam_inits = plan.beam_inits.into_iter().map(|(n, g, source)| (n, prepare(g, true), source)).collect();
+        let (mut encoder, mut decoder) = (encoder, decoder);
+        let mut beams: Vec<Beam> = beams;
+        let mut prefills: Vec<Prefill> = prefills;
+        let mut beam_inits: Vec<(usize, PreparedGraph, IoSlot)> = beam_inits;
+        if let Some(g) = &gpu {
+            let graphs = [&mut encoder, &mut decoder]
+                .into_iter()
+                .chain(beams.iter_mut().map(|b| &mut b.graph))
+                .chain(prefills.iter_mut().map(|p| &mut p.graph))
+                .chain(beam_inits.iter_mut().map(|b| &mut b.1));
+            for pg in graphs {
+                pg.cuda_graph =
+                    record_graph(g, pg).map_err(|e| invalid(path, format!("recording a CUDA graph: {e}")))?;
+            }
+        }
         let team = if threads > 1 && !gpu_build {
             Some(Team::new(threads).map_err(|e| invalid(path, format!("starting {threads} threads: {e}")))?)
         } else {
@@ -405,12 +426,31 @@ fn open_gpu(h: &Header, s: &crate::wbin::Sections<'_>, host_arena: *mut u8) -> R
     let arena = cuda.alloc(h.arena_bytes as usize).map_err(|e| format!("the arena on the GPU: {e}"))?;
     let weights = cuda.alloc(s.weights.len()).map_err(|e| format!("the weights on the GPU: {e}"))?;
     weights.upload(0, s.weights).map_err(|e| format!("copying the weights to the GPU: {e}"))?;
-    Ok(Gpu { cuda, _module: module, arena, _weights: weights, host_arena })
+    let stream = cuda.stream().map_err(|e| e.to_string())?;
+    Ok(Gpu { cuda, stream, _module: module, arena, _weights: weights, host_arena })
 }
 
-/// Launches a graph's kernels in order on the GPU, waits, and downloads the outputs the
-/// host reads into the host arena. When profiling, each launch is waited for and timed.
+/// Records a graph's launches as one CUDA graph, where the driver has them.
+fn record_graph(gpu: &Gpu, g: &PreparedGraph) -> Result<Option<CudaGraph>, crate::cuda::CudaError> {
+    let Some(stream) = &gpu.stream else { return Ok(None) };
+    let graph = gpu.cuda.capture(stream, &mut |s| {
+        for (_, f, grid, block, ptrs) in &g.gpu_launches {
+            gpu.cuda.launch_on(Some(s), *f, *grid, *block, 0, ptrs)?;
+        }
+        Ok(())
+    })?;
+    Ok(Some(graph))
+}
+
+/// Launches a graph's kernels in order on the GPU (its recorded CUDA graph when there is
+/// one), waits, and downloads the outputs the host reads into the host arena. When
+/// profiling, each launch is made alone, waited for and timed.
 fn run_gpu(gpu: &Gpu, g: &PreparedGraph, mut profile: Option<&mut [(f64, u64)]>) -> Result<(), crate::cuda::CudaError> {
+    if let (None, Some(graph), Some(stream)) = (&profile, &g.cuda_graph, &gpu.stream) {
+        graph.launch(stream)?;
+        stream.synchronize()?;
+        return fetch(gpu, g);
+    }
     for (k, f, grid, block, ptrs) in &g.gpu_launches {
         let t0 = profile.as_ref().map(|_| std::time::Instant::now());
         gpu.cuda.launch(*f, *grid, *block, 0, ptrs)?;
@@ -421,6 +461,11 @@ fn run_gpu(gpu: &Gpu, g: &PreparedGraph, mut profile: Option<&mut [(f64, u64)]>)
         }
     }
     gpu.cuda.synchronize()?;
+    fetch(gpu, g)
+}
+
+/// Downloads the outputs of `g` the host reads into the host arena.
+fn fetch(gpu: &Gpu, g: &PreparedGraph) -> Result<(), crate::cuda::CudaError> {
     for &(at, len) in &g.fetch {
         // SAFETY: `plan` checked every output slot lies inside the arena. As with the CPU
         // kernels, which write the arena through pointers taken at load, no Rust reference to

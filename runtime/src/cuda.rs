@@ -94,8 +94,26 @@ struct Api {
     ) -> CuResult,
     get_error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    /// Streams and graphs: optional (a driver without them runs launches one by one).
+    graphs: Option<GraphApi>,
     _lib: Library,
 }
+
+/// The stream-capture and graph entry points (CUDA 11.4+ names).
+struct GraphApi {
+    stream_create: unsafe extern "C" fn(*mut Handle, c_uint) -> CuResult,
+    stream_destroy: unsafe extern "C" fn(Handle) -> CuResult,
+    stream_synchronize: unsafe extern "C" fn(Handle) -> CuResult,
+    begin_capture: unsafe extern "C" fn(Handle, c_int) -> CuResult,
+    end_capture: unsafe extern "C" fn(Handle, *mut Handle) -> CuResult,
+    instantiate: unsafe extern "C" fn(*mut Handle, Handle, u64) -> CuResult,
+    graph_launch: unsafe extern "C" fn(Handle, Handle) -> CuResult,
+    exec_destroy: unsafe extern "C" fn(Handle) -> CuResult,
+    graph_destroy: unsafe extern "C" fn(Handle) -> CuResult,
+}
+
+/// `CU_STREAM_CAPTURE_MODE_RELAXED`: capture does not forbid other threads' calls.
+const CAPTURE_RELAXED: c_int = 2;
 
 impl Api {
     fn load() -> Result<Api, CudaError> {
@@ -158,6 +176,19 @@ impl Api {
             launch_kernel: need!("cuLaunchKernel"),
             get_error_name: need!("cuGetErrorName"),
             get_error_string: need!("cuGetErrorString"),
+            graphs: (|| {
+                Some(GraphApi {
+                    stream_create: sym!("cuStreamCreate")?,
+                    stream_destroy: sym!("cuStreamDestroy_v2")?,
+                    stream_synchronize: sym!("cuStreamSynchronize")?,
+                    begin_capture: sym!("cuStreamBeginCapture_v2")?,
+                    end_capture: sym!("cuStreamEndCapture")?,
+                    instantiate: sym!("cuGraphInstantiateWithFlags")?,
+                    graph_launch: sym!("cuGraphLaunch")?,
+                    exec_destroy: sym!("cuGraphExecDestroy")?,
+                    graph_destroy: sym!("cuGraphDestroy")?,
+                })
+            })(),
             _lib: lib,
         })
     }
@@ -313,6 +344,59 @@ impl Cuda {
     /// default (null) stream; errors inside the kernel surface at a later synchronising call.
     /// `f`'s module must still be loaded, and `args` must match the kernel's parameter list.
     pub fn launch(&self, f: Function, grid: u32, block: u32, shared_bytes: u32, args: &[u64]) -> Result<(), CudaError> {
+        self.launch_on(None, f, grid, block, shared_bytes, args)
+    }
+
+    /// A stream of its own (blocking: it waits for, and is waited for by, the default
+    /// stream, so synchronous copies stay ordered with it). `None` when the driver has no
+    /// stream and graph entry points.
+    pub fn stream(&self) -> Result<Option<Stream>, CudaError> {
+        let Some(g) = &self.ctx.api.graphs else { return Ok(None) };
+        let mut raw: Handle = ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer; flags 0 is CU_STREAM_DEFAULT.
+        self.ctx.api.check("cuStreamCreate", unsafe { (g.stream_create)(&mut raw, 0) })?;
+        Ok(Some(Stream { ctx: self.ctx.clone(), raw }))
+    }
+
+    /// Records the launches `record` makes on `stream` (through [`Cuda::launch_on`]) into a
+    /// graph, without running them; [`Graph::launch`] replays them all as one submission.
+    pub fn capture(
+        &self,
+        stream: &Stream,
+        record: &mut dyn FnMut(&Stream) -> Result<(), CudaError>,
+    ) -> Result<Graph, CudaError> {
+        let api = &self.ctx.api;
+        let Some(g) = &api.graphs else { return Err(CudaError::Misuse("this driver has no graphs".into())) };
+        // SAFETY: `stream.raw` is a live stream of this context.
+        api.check("cuStreamBeginCapture_v2", unsafe { (g.begin_capture)(stream.raw, CAPTURE_RELAXED) })?;
+        let recorded = record(stream);
+        let mut graph: Handle = ptr::null_mut();
+        // SAFETY: the stream is capturing (begun above); `graph` is a valid out-pointer. Capture
+        // is ended even when recording failed, so the stream is usable again.
+        let ended = api.check("cuStreamEndCapture", unsafe { (g.end_capture)(stream.raw, &mut graph) });
+        recorded?;
+        ended?;
+        let mut exec: Handle = ptr::null_mut();
+        // SAFETY: `graph` is the graph just captured; `exec` a valid out-pointer; flags 0.
+        let code = unsafe { (g.instantiate)(&mut exec, graph, 0) };
+        if let Err(e) = api.check("cuGraphInstantiateWithFlags", code) {
+            // SAFETY: `graph` was created by the capture above and is destroyed once.
+            unsafe { (g.graph_destroy)(graph) };
+            return Err(e);
+        }
+        Ok(Graph { ctx: self.ctx.clone(), graph, exec })
+    }
+
+    /// [`Cuda::launch`] on `stream` (`None`: the default stream).
+    pub fn launch_on(
+        &self,
+        stream: Option<&Stream>,
+        f: Function,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        args: &[u64],
+    ) -> Result<(), CudaError> {
         if grid == 0 || block == 0 || block > 1024 {
             return Err(CudaError::Misuse(format!("launch of {grid} blocks of {block} threads")));
         }
@@ -328,8 +412,9 @@ impl Cuda {
         let mut args = args.to_vec();
         let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
         // SAFETY: `params` holds one pointer per kernel parameter, each to a live u64 that the
-        // driver copies before returning; `f.raw` is a function of a loaded module; a null
-        // stream is the default stream and a null `extra` means none.
+        // driver copies before returning; `f.raw` is a function of a loaded module; the stream
+        // is a live stream of this context or null (the default stream); a null `extra`
+        // means none.
         let code = unsafe {
             (api.launch_kernel)(
                 f.raw,
@@ -340,12 +425,67 @@ impl Cuda {
                 1,
                 1,
                 shared_bytes,
-                ptr::null_mut(),
+                stream.map_or(ptr::null_mut(), |s| s.raw),
                 if params.is_empty() { ptr::null_mut() } else { params.as_mut_ptr() },
                 ptr::null_mut(),
             )
         };
         api.check("cuLaunchKernel", code)
+    }
+}
+
+/// A stream of the context; destroyed on drop.
+pub struct Stream {
+    ctx: Rc<Context>,
+    raw: Handle,
+}
+
+impl Stream {
+    /// Waits for everything submitted to the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        let api = &self.ctx.api;
+        let g = api.graphs.as_ref().expect("a stream exists only with the graph entry points");
+        // SAFETY: `self.raw` is a live stream.
+        api.check("cuStreamSynchronize", unsafe { (g.stream_synchronize)(self.raw) })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(g) = &self.ctx.api.graphs {
+            // SAFETY: the stream was created by `Cuda::stream` and is destroyed only here.
+            unsafe { (g.stream_destroy)(self.raw) };
+        }
+    }
+}
+
+/// A captured sequence of launches, instantiated; destroyed on drop. The kernels it holds
+/// must stay loaded while it is launched (their `Module` alive).
+pub struct Graph {
+    ctx: Rc<Context>,
+    graph: Handle,
+    exec: Handle,
+}
+
+impl Graph {
+    /// Replays the recorded launches on `stream`, in order, as one submission.
+    pub fn launch(&self, stream: &Stream) -> Result<(), CudaError> {
+        let api = &self.ctx.api;
+        let g = api.graphs.as_ref().expect("a graph exists only with the graph entry points");
+        // SAFETY: `self.exec` is an instantiated graph of this context; `stream.raw` is live.
+        api.check("cuGraphLaunch", unsafe { (g.graph_launch)(self.exec, stream.raw) })
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if let Some(g) = &self.ctx.api.graphs {
+            // SAFETY: both were created by `Cuda::capture` and are destroyed only here.
+            unsafe {
+                (g.exec_destroy)(self.exec);
+                (g.graph_destroy)(self.graph);
+            }
+        }
     }
 }
 
