@@ -18,9 +18,10 @@
 //! - **Cache attention** (the decoder's self-attention over its K/V cache): a block per
 //!   (query row or hypothesis, head), the scores in shared memory, block reductions for the
 //!   softmax, then the weighted sum of the value rows, threads over the head's columns.
-//! - **Element-wise** (transposes, slices, broadcast add and multiply, quantize): a thread
-//!   per element of the result; `row_scale` a block per row.
-//! - **Everything else** (GELU and scaling maps, im2col, gathers, scatters, row sums):
+//! - **Element-wise** (transposes, slices, broadcast add and multiply, quantize, gathers,
+//!   the cache updates of `scatter_row`, a beam's too): a thread per element of the result;
+//!   `row_scale` a block per row.
+//! - **Everything else** (GELU and scaling maps, im2col, row sums, the causal mask):
 //!   the CPU schedule's parallel loop mapped onto the grid, one iteration per thread
 //!   ([`map_threads`]). The CPU kernels already write only the elements of their own
 //!   parallel index (checked by the kernel verifier), which is what makes one index per
@@ -136,6 +137,16 @@ pub fn lower_op_gpu(
         Op::RowScale => {
             let k = *inputs[0].shape.last().unwrap_or(&1);
             one(row_scale_rows(n_out, k), ins(1))
+        }
+        Op::Gather => {
+            let (v, d) = (inputs[0].shape[0], inputs[0].shape[1]);
+            let n = inputs[1].shape[0];
+            one(gather(v, d, n, inputs.len() == 3), ins(inputs.len()))
+        }
+        Op::ScatterRow if inputs.len() == 4 => Ok(beam_scatter_rows(&inputs[0].shape, in_place)),
+        Op::ScatterRow => {
+            let (s, d, m) = (inputs[0].shape[0], inputs[0].shape[1], inputs[2].shape[0]);
+            one(scatter_rows(s, d, m, in_place), ins(3))
         }
         Op::Softmax | Op::MaskedSoftmax => {
             let d = *out.shape.last().unwrap_or(&1);
@@ -535,6 +546,142 @@ fn row_scale_rows(rows: usize, k: usize) -> Kernel {
         body,
         v,
     )
+}
+
+/// `gather`: row `ids[r]` (clamped into the table) of the table for each `r`, a thread per
+/// element; from an int8 table (`int8`: buffers table i8, ids, scales), each element
+/// widened and scaled by its row's scale.
+fn gather(v: usize, d: usize, n: usize, int8: bool) -> Kernel {
+    use crate::kir::Ty;
+    let mut bufs = vec![
+        Buffer { name: "table".into(), elem: if int8 { Elem::I8 } else { Elem::F32 }, len: v * d },
+        Buffer { name: "ids".into(), elem: Elem::I32, len: n },
+    ];
+    if int8 {
+        bufs.push(fbuf("scales", v));
+    }
+    let ob = bufs.len() as u32;
+    bufs.push(fbuf("out", n * d));
+    let name = format!("gather{}_{v}x{d}_{n}", if int8 { "_i8" } else { "" });
+    elementwise(name, bufs, n * d, 0, Vars::new(), &|e, vs| {
+        let (r, j, id) = (vs.next(), vs.next(), vs.next());
+        let at = add(mul(var(id), int(d as i64)), var(j));
+        let value = if int8 { mul(cvt(Ty::F32, load_as(Ty::I64, 0, at)), load(2, var(id))) } else { load(0, at) };
+        vec![
+            let_(r, div(var(e), int(d as i64))),
+            let_(j, sub(var(e), mul(var(r), int(d as i64)))),
+            let_(id, min(max(load_i(1, var(r)), int(0)), int(v as i64 - 1))),
+            store(ob, var(e), value),
+        ]
+    })
+}
+
+/// `scatter_row`: rows `p..p + m` of the cache `[s, d]` become `rows` (`p` clamped so they
+/// fit). In place: a thread per element of `rows`, writing only those. Else a thread per
+/// element of the result: the new row's element where it lies in `p..p + m`, else the
+/// cache's. Buffers: cache, index, rows, out.
+fn scatter_rows(s: usize, d: usize, m: usize, in_place: bool) -> Kernel {
+    let bufs = vec![
+        fbuf("cache", s * d),
+        Buffer { name: "index".into(), elem: Elem::I32, len: 1 },
+        fbuf("rows", m * d),
+        fbuf("out", s * d),
+    ];
+    let pos = || min(max(load_i(1, int(0)), int(0)), int((s - m) as i64));
+    if in_place {
+        let name = format!("scatter_rows_in_place_{m}x{s}x{d}");
+        return elementwise(name, bufs, m * d, 0, Vars::new(), &|e, _| {
+            vec![store(3, add(mul(pos(), int(d as i64)), var(e)), load(2, var(e)))]
+        });
+    }
+    elementwise(format!("scatter_rows_{m}x{s}x{d}"), bufs, s * d, 0, Vars::new(), &|e, vs| {
+        let (r, j, off, idx) = (vs.next(), vs.next(), vs.next(), vs.next());
+        vec![
+            let_(r, div(var(e), int(d as i64))),
+            let_(j, sub(var(e), mul(var(r), int(d as i64)))),
+            let_(off, sub(var(r), pos())),
+            let_(idx, min(max(var(off), int(0)), int(m as i64 - 1))),
+            store(
+                3,
+                var(e),
+                select(
+                    CmpOp::Eq,
+                    var(off),
+                    var(idx),
+                    load(2, add(mul(var(idx), int(d as i64)), var(j))),
+                    load(0, var(e)),
+                ),
+            ),
+        ]
+    })
+}
+
+/// A beam's cache update (`scatter_row` with origins), a thread per cache element
+/// `[h, t, j]` of `[b, s, d]`, `o` the hypothesis's origin (clamped) and `p` the position:
+/// not in place, `out = rows[h, j]` at `t = p`, `cache[o, t, j]` before it, `cache[h, t, j]`
+/// after. In place, as on the CPU, two launches through scratch: `scratch[h] = cache[o]` for
+/// `t < p` where `o ≠ h`, then `cache[h] = scratch[h]` there and row `p = rows[h]`.
+fn beam_scatter_rows(shape: &[usize], in_place: bool) -> OpKernels {
+    let (b, s, d) = (shape[0], shape[1], shape[2]);
+    let (sd, d_) = ((s * d) as i64, d as i64);
+    let n = b * s * d;
+    let index = || Buffer { name: "index".into(), elem: Elem::I32, len: 1 };
+    let origin = || Buffer { name: "origin".into(), elem: Elem::I32, len: b };
+    // Coordinates of element `e` and the hypothesis's origin and position.
+    let coords = |vs: &mut Vars, e: Var, origin_buf: u32| {
+        let (h, rest, t, j, o, p) = (vs.next(), vs.next(), vs.next(), vs.next(), vs.next(), vs.next());
+        let stmts = vec![
+            let_(h, div(var(e), int(sd))),
+            let_(rest, sub(var(e), mul(var(h), int(sd)))),
+            let_(t, div(var(rest), int(d_))),
+            let_(j, sub(var(rest), mul(var(t), int(d_)))),
+            let_(o, min(max(load_i(origin_buf, var(h)), int(0)), int(b as i64 - 1))),
+            let_(p, min(max(load_i(1, int(0)), int(0)), int(s as i64 - 1))),
+        ];
+        (stmts, h, t, j, o, p)
+    };
+    if !in_place {
+        let bufs = vec![fbuf("cache", n), index(), fbuf("rows", b * d), origin(), fbuf("out", n)];
+        let k = elementwise(format!("beam_scatter_rows_{b}x{s}x{d}"), bufs, n, 0, Vars::new(), &|e, vs| {
+            let (mut st, h, t, j, o, p) = coords(vs, e, 3);
+            let at = |hyp: Var| add(add(mul(var(hyp), int(sd)), mul(var(t), int(d_))), var(j));
+            let kept = select(CmpOp::Lt, var(t), var(p), load(0, at(o)), load(0, at(h)));
+            st.push(store(
+                4,
+                var(e),
+                select(CmpOp::Eq, var(t), var(p), load(2, add(mul(var(h), int(d_)), var(j))), kept),
+            ));
+            st
+        });
+        let slots = vec![Slot::Input(0), Slot::Input(1), Slot::Input(2), Slot::Input(3), Slot::Output];
+        return OpKernels { launches: vec![(k, slots)], scratch: vec![] };
+    }
+    let moved = |st: &mut Vec<Stmt>, h: Var, t: Var, o: Var, p: Var, then: Vec<Stmt>| {
+        // `t < p` and `o != h`: `t < len` with `len = 0` for a hypothesis that continues itself.
+        st.push(if_(CmpOp::Lt, var(t), select(CmpOp::Eq, var(o), var(h), int(0), var(p)), then));
+    };
+    let gather_bufs = vec![fbuf("cache", n), index(), origin(), fbuf("scratch", n)];
+    let gather = elementwise(format!("beam_gather_rows_{b}x{s}x{d}"), gather_bufs, n, 0, Vars::new(), &|e, vs| {
+        let (mut st, h, t, j, o, p) = coords(vs, e, 2);
+        let from = add(add(mul(var(o), int(sd)), mul(var(t), int(d_))), var(j));
+        moved(&mut st, h, t, o, p, vec![store(3, var(e), load(0, from))]);
+        st
+    });
+    let scatter_bufs = vec![fbuf("scratch", n), index(), fbuf("rows", b * d), origin(), fbuf("out", n)];
+    let scatter =
+        elementwise(format!("beam_scatter_rows_in_place_{b}x{s}x{d}"), scatter_bufs, n, 0, Vars::new(), &|e, vs| {
+            let (mut st, h, t, j, o, p) = coords(vs, e, 3);
+            moved(&mut st, h, t, o, p, vec![store(4, var(e), load(0, var(e)))]);
+            st.push(if_(CmpOp::Eq, var(t), var(p), vec![store(4, var(e), load(2, add(mul(var(h), int(d_)), var(j))))]));
+            st
+        });
+    OpKernels {
+        launches: vec![
+            (gather, vec![Slot::Input(0), Slot::Input(1), Slot::Input(3), Slot::Scratch(0)]),
+            (scatter, vec![Slot::Scratch(0), Slot::Input(1), Slot::Input(2), Slot::Input(3), Slot::Output]),
+        ],
+        scratch: vec![n * 4],
+    }
 }
 
 /// Attention of query rows over a key/value cache (`cache_attention`): a block per (row or
