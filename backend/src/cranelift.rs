@@ -451,7 +451,7 @@ impl Emitter<'_> {
     /// into an integer by adding `1.5·2^23` (the float's low mantissa bits are then `n`),
     /// not by a rounding plus a saturating conversion.
     fn exp(&mut self, ty: Ty, x: Value) -> Value {
-        let (lo, hi) = (self.fconst(ty, -87.3), self.fconst(ty, 88.7));
+        let (lo, hi) = (self.fconst(ty, crate::math::EXP_LO), self.fconst(ty, crate::math::EXP_HI));
         let over = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
         let xc = self.select_f(ty, over, hi, x);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
@@ -465,7 +465,7 @@ impl Emitter<'_> {
     /// Taylor polynomial (relative error < 5e-5 on `|r| ≤ ln2/2`), and only the lower clamp
     /// (which keeps `2^n` a normal number); about half of `exp`'s instructions.
     fn exp_low(&mut self, ty: Ty, x: Value) -> Value {
-        let lo = self.fconst(ty, -87.3);
+        let lo = self.fconst(ty, crate::math::EXP_LO);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let xc = self.select_f(ty, under, lo, x);
         self.exp_clamped(ty, xc, false)
@@ -477,17 +477,17 @@ impl Emitter<'_> {
     /// constant and degree 4 (< 5e-5).
     fn exp_clamped(&mut self, ty: Ty, xc: Value, precise: bool) -> Value {
         let log2e = self.fconst(ty, std::f32::consts::LOG2_E);
-        let magic = self.fconst(ty, 12_582_912.0);
+        let magic = self.fconst(ty, crate::math::EXP_MAGIC);
         // t + 1.5·2^23 rounds t to the nearest integer n (|n| ≤ 128 here).
         let tm = self.fma(xc, log2e, magic);
         let n = self.b.ins().fsub(tm, magic);
         let (r, coeffs): (Value, &[f32]) = if precise {
-            let (ln2_hi, ln2_lo) = (self.fconst(ty, -0.693_145_75), self.fconst(ty, -1.428_606_8e-6));
+            let (ln2_hi, ln2_lo) = (self.fconst(ty, crate::math::LN2_HI), self.fconst(ty, crate::math::LN2_LO));
             let r = self.fma(n, ln2_hi, xc);
-            (self.fma(n, ln2_lo, r), &[1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0])
+            (self.fma(n, ln2_lo, r), &crate::math::EXP_COEFFS)
         } else {
             let ln2 = self.fconst(ty, -std::f32::consts::LN_2);
-            (self.fma(n, ln2, xc), &[1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0])
+            (self.fma(n, ln2, xc), &crate::math::EXP_LOW_COEFFS)
         };
         let mut p = self.fconst(ty, coeffs[0]);
         for &c in &coeffs[1..] {

@@ -11,8 +11,9 @@
 //! - float arithmetic carries `.rn`, so ptxas does not contract a multiply and an add into
 //!   an FMA the kernel did not ask for;
 //! - loads and stores are scalar (the kernel IR promises no alignment beyond the element);
-//! - `exp` is `ex2.approx.ftz` of `x · log2 e` (relative error ~2⁻²², 0 below -87 as the
-//!   CPU's); `erf` is the shared definition in [`crate::math`], on top of that `exp`;
+//! - `exp`, its low-precision variant and `erf` are the definitions in [`crate::math`],
+//!   operation for operation as the CPU emitter computes them (same FMAs, same bit tricks),
+//!   so they agree bit for bit;
 //! - float → int conversions round half to even and saturate (`cvt.rni`, NaN → 0), as the
 //!   CPU's; `min`/`max` let a number win over a NaN, as the CPU's.
 
@@ -510,11 +511,47 @@ impl Emitter<'_> {
         }
     }
 
-    fn exp(&mut self, x: &str) -> String {
-        let (t, r) = (self.reg(R::F), self.reg(R::F));
-        self.line(format!("mul.rn.f32 {t}, {x}, {};", hexf(std::f32::consts::LOG2_E)));
-        self.line(format!("ex2.approx.ftz.f32 {r}, {t};"));
-        r
+    /// `e^x` as [`math`] defines it (the CPU emitter's operations, one for one: clamps,
+    /// range reduction by the 1.5·2²³ rounding, the Taylor polynomial by FMAs, `2^n` in the
+    /// exponent bits), so GPU and CPU agree bit for bit. `precise`: `UnOp::Exp`; else
+    /// `UnOp::ExpLow`.
+    fn exp(&mut self, x: &str, precise: bool) -> String {
+        let (xc, under) = (self.reg(R::F), self.reg(R::P));
+        if precise {
+            let over = self.reg(R::P);
+            self.line(format!("setp.gt.f32 {over}, {x}, {};", hexf(math::EXP_HI)));
+            self.line(format!("selp.f32 {xc}, {}, {x}, {over};", hexf(math::EXP_HI)));
+            self.line(format!("setp.lt.f32 {under}, {x}, {};", hexf(math::EXP_LO)));
+            self.line(format!("selp.f32 {xc}, {}, {xc}, {under};", hexf(math::EXP_LO)));
+        } else {
+            self.line(format!("setp.lt.f32 {under}, {x}, {};", hexf(math::EXP_LO)));
+            self.line(format!("selp.f32 {xc}, {}, {x}, {under};", hexf(math::EXP_LO)));
+        }
+        let (tm, n, r) = (self.reg(R::F), self.reg(R::F), self.reg(R::F));
+        self.line(format!("fma.rn.f32 {tm}, {xc}, {}, {};", hexf(std::f32::consts::LOG2_E), hexf(math::EXP_MAGIC)));
+        self.line(format!("sub.rn.f32 {n}, {tm}, {};", hexf(math::EXP_MAGIC)));
+        let coeffs: &[f32] = if precise {
+            self.line(format!("fma.rn.f32 {r}, {n}, {}, {xc};", hexf(math::LN2_HI)));
+            self.line(format!("fma.rn.f32 {r}, {n}, {}, {r};", hexf(math::LN2_LO)));
+            &math::EXP_COEFFS
+        } else {
+            self.line(format!("fma.rn.f32 {r}, {n}, {}, {xc};", hexf(-std::f32::consts::LN_2)));
+            &math::EXP_LOW_COEFFS
+        };
+        let p = self.fconst(coeffs[0]);
+        for c in &coeffs[1..] {
+            self.line(format!("fma.rn.f32 {p}, {p}, {r}, {};", hexf(*c)));
+        }
+        let (bits, scale, res) = (self.reg(R::W), self.reg(R::F), self.reg(R::F));
+        self.line(format!("mov.b32 {bits}, {tm};"));
+        self.line(format!("add.s32 {bits}, {bits}, {};", 127i32.wrapping_sub(0x4B40_0000)));
+        self.line(format!("shl.b32 {bits}, {bits}, 23;"));
+        self.line(format!("mov.b32 {scale}, {bits};"));
+        self.line(format!("mul.rn.f32 {res}, {p}, {scale};"));
+        if precise {
+            self.line(format!("selp.f32 {res}, 0f00000000, {res}, {under};"));
+        }
+        res
     }
 
     /// `erf(x)` by [`math::ERF_P`] and [`math::ERF_A`] (Abramowitz–Stegun 7.1.26), in the
@@ -537,7 +574,7 @@ impl Emitter<'_> {
         self.line(format!("mul.rn.f32 {pt}, {poly}, {t};"));
         self.line(format!("mul.rn.f32 {a2}, {a}, {a};"));
         self.line(format!("neg.f32 {na2}, {a2};"));
-        let e = self.exp(&na2);
+        let e = self.exp(&na2, true);
         let (pe, y, r) = (self.reg(R::F), self.reg(R::F), self.reg(R::F));
         self.line(format!("mul.rn.f32 {pe}, {pt}, {e};"));
         self.line(format!("sub.rn.f32 {y}, {one}, {pe};"));
@@ -652,7 +689,8 @@ impl Emitter<'_> {
                 let x = self.expr(a)?;
                 let op = *op;
                 match self.float_lanes(&[x], &mut |s, o| match op {
-                    UnOp::Exp | UnOp::ExpLow => s.exp(&o[0]),
+                    UnOp::Exp => s.exp(&o[0], true),
+                    UnOp::ExpLow => s.exp(&o[0], false),
                     UnOp::Erf => s.erf(&o[0]),
                     UnOp::Neg | UnOp::Abs | UnOp::Sqrt => {
                         let r = s.reg(R::F);
