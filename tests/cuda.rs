@@ -145,6 +145,46 @@ fn operands(op: &Op, tys: &[TensorType]) -> Vec<Tensor> {
 
 #[test]
 fn every_gpu_kernel_class_matches_the_interpreter_on_the_device() {
+    run_cases(cases());
+}
+
+/// tiny.en's int8 encoder shapes at 30 s (1500 positions), on the device only.
+#[test]
+#[ignore]
+fn tiny_en_int8_encoder_shapes_on_the_device() {
+    let f = |s: &[usize]| TensorType::new(DType::F32, s.to_vec());
+    let u = |s: &[usize]| TensorType::new(DType::U8, s.to_vec());
+    let i = |s: &[usize]| TensorType::new(DType::I8, s.to_vec());
+    let n = |s: &[usize]| TensorType::new(DType::I32, s.to_vec());
+    run_cases(vec![
+        (Op::SoftmaxQuantize, vec![f(&[6, 1500, 1500])], u(&[6, 1500, 1500])),
+        (Op::SoftmaxScale, vec![f(&[6, 1500, 1500])], f(&[9000])),
+        (
+            Op::QMatMul,
+            vec![u(&[6, 1500, 1500]), f(&[9000]), i(&[6, 64, 1500]), f(&[384]), n(&[384])],
+            f(&[6, 1500, 64]),
+        ),
+        (
+            Op::QMatMul,
+            vec![u(&[6, 1500, 64]), f(&[9000]), i(&[6, 1500, 64]), f(&[9000]), n(&[9000])],
+            f(&[6, 1500, 1500]),
+        ),
+        (Op::Quantize { dtype: DType::U8 }, vec![f(&[1500, 384]), f(&[1])], u(&[1500, 384])),
+        (Op::Quantize { dtype: DType::I8 }, vec![f(&[384, 1500]), f(&[384])], i(&[384, 1500])),
+        (Op::RowScale, vec![f(&[384, 1500])], f(&[384])),
+        (
+            Op::QLinear { gelu: true, residual: false },
+            vec![u(&[1500, 384]), f(&[1]), i(&[1536, 384]), f(&[1536]), n(&[1536]), f(&[1536])],
+            f(&[1500, 1536]),
+        ),
+        (Op::LayerNorm { eps: 1e-5 }, vec![f(&[1500, 384]), f(&[384]), f(&[384])], f(&[1500, 384])),
+        (Op::Transpose { perm: vec![1, 0, 2] }, vec![f(&[1500, 6, 64])], f(&[6, 1500, 64])),
+        (Op::Im2col { kernel: 3, stride: 2, padding: 1 }, vec![f(&[384, 3000])], f(&[1500, 1152])),
+        (Op::Gelu, vec![f(&[384, 3000])], f(&[384, 3000])),
+    ]);
+}
+
+fn run_cases(cases: Vec<(Op, Vec<TensorType>, TensorType)>) {
     let cuda = match Cuda::open() {
         Ok(c) => c,
         Err(e) => {
@@ -152,7 +192,7 @@ fn every_gpu_kernel_class_matches_the_interpreter_on_the_device() {
             // would run is checked here too.
             eprintln!("no GPU here ({e}): the device half is skipped; the cases run in the simulator");
             let target = wcc_targets::Target::named("cuda-sm80").unwrap();
-            for (op, tys, out) in cases() {
+            for (op, tys, out) in cases {
                 let inputs = operands(&op, &tys);
                 let refs: Vec<&Tensor> = inputs.iter().collect();
                 let want = eval(&op, &refs).unwrap();
@@ -170,7 +210,7 @@ fn every_gpu_kernel_class_matches_the_interpreter_on_the_device() {
     let (major, minor) = cuda.compute_capability();
     let target = wcc_targets::Target::named(if major >= 9 { "cuda-sm90" } else { "cuda-sm80" }).unwrap();
     eprintln!("{} (sm_{major}{minor}), kernels for {}", cuda.device_name(), target.gpu_name().unwrap());
-    for (op, tys, out) in cases() {
+    for (op, tys, out) in cases {
         let refs: Vec<&TensorType> = tys.iter().collect();
         let inputs = operands(&op, &tys);
         let want = eval(&op, &inputs.iter().collect::<Vec<_>>()).unwrap();
