@@ -91,6 +91,8 @@ fn cases() -> Vec<(Op, Vec<TensorType>, TensorType)> {
         (Op::Transpose { perm: vec![1, 0, 2] }, vec![f(&[7, 5, 66])], f(&[5, 7, 66])),
         (Op::RowScale, vec![f(&[3, 300])], f(&[3])),
         (Op::Quantize { dtype: DType::U8 }, vec![f(&[3, 300]), f(&[3])], TensorType::new(DType::U8, vec![3, 300])),
+        (Op::SoftmaxQuantize, vec![f(&[5, 301])], TensorType::new(DType::U8, vec![5, 301])),
+        (Op::SoftmaxScale, vec![f(&[5, 301])], f(&[5])),
         (
             Op::QLinear { gelu: true, residual: true },
             vec![

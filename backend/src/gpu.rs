@@ -8,7 +8,8 @@
 //!   reduction), a barrier, `TILE` FMAs from shared memory, and a barrier before the tiles
 //!   are overwritten. Edges are handled by clamped loads multiplied in as zeros, so no
 //!   thread leaves the loop early (the barriers are reached by all).
-//! - **Row statistics** (softmax, masked softmax, layer norm): one row per block of
+//! - **Row statistics** (softmax, masked softmax, layer norm, `row_scale`, the int8
+//!   attention's `softmax_quantize` and `softmax_scale`): one row per block of
 //!   [`ROW_BLOCK`] threads. Each thread walks the row with a stride of the block; partial
 //!   results are combined in the warp by butterfly shuffles, then across warps through a
 //!   shared array between two barriers.
@@ -21,9 +22,10 @@
 //! - **Element-wise** (transposes, slices, broadcast add and multiply, quantize, gathers,
 //!   the cache updates of `scatter_row`, a beam's too): a thread per element of the result;
 //!   `row_scale` a block per row.
-//! - **Everything else** (GELU and scaling maps, im2col, row sums, the causal mask):
-//!   the CPU schedule's parallel loop mapped onto the grid, one iteration per thread
-//!   ([`map_threads`]). The CPU kernels already write only the elements of their own
+//! - **Everything else** (GELU and scaling maps, im2col, row sums, the causal mask): the CPU
+//!   schedule's parallel loop mapped onto the grid, one iteration per thread
+//!   ([`map_threads`]), with any plain matrix product among its launches (the f32
+//!   convolution's) swapped for the tiled one. The CPU kernels already write only the elements of their own
 //!   parallel index (checked by the kernel verifier), which is what makes one index per
 //!   thread race-free.
 //!
@@ -148,6 +150,14 @@ pub fn lower_op_gpu(
             let (s, d, m) = (inputs[0].shape[0], inputs[0].shape[1], inputs[2].shape[0]);
             one(scatter_rows(s, d, m, in_place), ins(3))
         }
+        Op::SoftmaxQuantize => {
+            let k = *inputs[0].shape.last().unwrap_or(&1);
+            one(softmax_quantize_rows(n_out / k.max(1), k), ins(1))
+        }
+        Op::SoftmaxScale => {
+            let k = *inputs[0].shape.last().unwrap_or(&1);
+            one(softmax_scale_rows(n_out, k), ins(1))
+        }
         Op::Softmax | Op::MaskedSoftmax => {
             let d = *out.shape.last().unwrap_or(&1);
             let masked = matches!(op, Op::MaskedSoftmax);
@@ -168,11 +178,33 @@ pub fn lower_op_gpu(
         }
         _ => {
             let cpu = lower_op(op, inputs, out, in_place, target)?;
-            let launches =
-                cpu.launches.into_iter().map(|(k, s)| Ok((map_threads(k, MAP_BLOCK)?, s))).collect::<Result<_, _>>()?;
+            let launches = cpu
+                .launches
+                .into_iter()
+                .map(|(k, s)| Ok((as_gemm(&k, gpu).map_or_else(|| map_threads(k, MAP_BLOCK), Ok)?, s)))
+                .collect::<Result<_, _>>()?;
             Ok(OpKernels { launches, scratch: cpu.scratch })
         }
     }
+}
+
+/// The tiled product in place of a CPU matrix product inside another op's launches (the
+/// convolution's, after its im2col): a CPU `linear_*` kernel over buffers x, w, bias, out
+/// becomes the GPU `gemm` of the same shape (read off the buffer lengths), same buffers.
+fn as_gemm(k: &Kernel, gpu: &GpuSpec) -> Option<Kernel> {
+    let names: Vec<&str> = k.buffers.iter().map(|b| b.name.as_str()).collect();
+    if !k.name.starts_with("linear_") || names != ["x", "w", "bias", "out"] {
+        return None;
+    }
+    let out_len = k.buffers[3].len;
+    let n = k.buffers[2].len;
+    let kk = k.buffers[1].len / n.max(1);
+    let m = k.buffers[0].len / kk.max(1);
+    if n * kk != k.buffers[1].len || m * kk != k.buffers[0].len || m * n != out_len {
+        return None;
+    }
+    let g = Gemm { batch: 1, m, n, k: kk, b_transposed: true, bias: true, gelu: false, residual: false };
+    Some(gemm_kernel(&g, gpu))
 }
 
 /// Maps a CPU kernel's parallel loop onto a grid: thread `g = block · B + thread` runs the
@@ -682,6 +714,74 @@ fn beam_scatter_rows(shape: &[usize], in_place: bool) -> OpKernels {
         ],
         scratch: vec![n * 4],
     }
+}
+
+/// `softmax_quantize`: per row (a block), the maximum, then `127 · exp(x − max)` (the
+/// low-precision exp, as the CPU kernel) rounded, clamped to ±127 and offset by 128, a byte
+/// per element.
+fn softmax_quantize_rows(rows: usize, d: usize) -> Kernel {
+    use crate::kir::Ty;
+    let red = 2;
+    let mut v = Vars::new();
+    let (base, mx, j1, j2) = (v.next(), v.next(), v.next(), v.next());
+    let x = |j: Var| load(0, add(var(base), var(j)));
+    let e = mul(un(UnOp::ExpLow, sub(x(j2), var(mx))), f(127.0));
+    let body = [
+        vec![
+            let_(base, mul(block(), int(d as i64))),
+            let_(mx, f(f32::NEG_INFINITY)),
+            for_(j1, thread(), int(d as i64), ROW_BLOCK as i64, vec![set(mx, max(var(mx), x(j1)))]),
+        ],
+        block_reduce(&mut v, mx, BinOp::Max, red, false),
+        vec![for_(
+            j2,
+            thread(),
+            int(d as i64),
+            ROW_BLOCK as i64,
+            vec![store(1, add(var(base), var(j2)), add(max(min(cvt(Ty::I64, e), int(127)), int(-127)), int(128)))],
+        )],
+    ]
+    .concat();
+    let bufs = vec![fbuf("x", rows * d), Buffer { name: "q".into(), elem: Elem::U8, len: rows * d }];
+    row_kernel(format!("softmax_quantize_rows_{rows}x{d}"), bufs, rows, 4 * rows * d, body, v)
+}
+
+/// `softmax_scale`: per row (a block), the maximum, `Σ exp(x − max)` (the low-precision exp),
+/// and `1 / (127 · sum)`.
+fn softmax_scale_rows(rows: usize, d: usize) -> Kernel {
+    let red = 2;
+    let mut v = Vars::new();
+    let (base, mx, s, j1, j2) = (v.next(), v.next(), v.next(), v.next(), v.next());
+    let x = |j: Var| load(0, add(var(base), var(j)));
+    let body = [
+        vec![
+            let_(base, mul(block(), int(d as i64))),
+            let_(mx, f(f32::NEG_INFINITY)),
+            for_(j1, thread(), int(d as i64), ROW_BLOCK as i64, vec![set(mx, max(var(mx), x(j1)))]),
+        ],
+        block_reduce(&mut v, mx, BinOp::Max, red, true),
+        vec![
+            let_(s, f(0.0)),
+            for_(
+                j2,
+                thread(),
+                int(d as i64),
+                ROW_BLOCK as i64,
+                vec![set(s, add(var(s), un(UnOp::ExpLow, sub(x(j2), var(mx)))))],
+            ),
+        ],
+        block_reduce(&mut v, s, BinOp::Add, red, false),
+        vec![if_(CmpOp::Eq, thread(), int(0), vec![store(1, block(), div(f(1.0), mul(var(s), f(127.0))))])],
+    ]
+    .concat();
+    row_kernel(
+        format!("softmax_scale_rows_{rows}x{d}"),
+        vec![fbuf("x", rows * d), fbuf("scale", rows)],
+        rows,
+        3 * rows * d,
+        body,
+        v,
+    )
 }
 
 /// Attention of query rows over a key/value cache (`cache_attention`): a block per (row or
