@@ -267,6 +267,11 @@ pub fn compile(
     if let Some(gpu) = gpu {
         progress(0, program.kernels.len());
         code = wcc_backend::ptx::module(&program.kernels, gpu)?.into_bytes();
+        // The emitted PTX beside the kernel-IR dumps: what ptxas and the driver compile.
+        if let Some(dir) = &dumps.kernels {
+            let path = dir.join("module.ptx");
+            std::fs::write(&path, &code).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     for (i, k) in program.kernels.iter().enumerate() {
         let (offset, len, launch) = match (&isa, k.launch) {
