@@ -316,7 +316,8 @@ enum Command {
         /// Write `NN-pass.ir` and `NN-pass.dot` after every pass into this directory.
         #[arg(long)]
         dump_dir: Option<PathBuf>,
-        /// Write every kernel's kernel IR as text (`NNN-name.kir`) into this directory.
+        /// Write every kernel's kernel IR as text (`NNN-name.kir`) into this directory, and for
+        /// a GPU target the PTX module (`module.ptx`).
         #[arg(long)]
         dump_kernels: Option<PathBuf>,
         /// Also output the alignment heads' cross-attention from the decoder, so that `wcc

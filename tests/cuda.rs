@@ -40,7 +40,27 @@ fn a_cuda_build_runs_on_a_gpu_or_says_plainly_there_is_none() {
     let dir = tempfile::tempdir().unwrap();
     let gpu = dir.path().join("tiny-cuda.wbin");
     let cpu = dir.path().join("tiny-cpu.wbin");
-    wcc_ok(&["compile", "--model", "tiny.en", "--int8", "--target", "cuda-sm80", "-o", p(&gpu)]);
+    let dump = dir.path().join("kernels");
+    wcc_ok(&[
+        "compile",
+        "--model",
+        "tiny.en",
+        "--int8",
+        "--target",
+        "cuda-sm80",
+        "--dump-kernels",
+        p(&dump),
+        "-o",
+        p(&gpu),
+    ]);
+    // The dump holds each kernel's IR and the module's PTX, one entry per kernel.
+    let ptx = std::fs::read_to_string(dump.join("module.ptx")).unwrap();
+    let kirs = std::fs::read_dir(&dump)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "kir"))
+        .count();
+    assert!(ptx.contains(".target sm_80"), "{}", &ptx[..200.min(ptx.len())]);
+    assert_eq!(ptx.matches(".visible .entry").count(), kirs);
     wcc_ok(&["compile", "--model", "tiny.en", "--int8", "-o", p(&cpu)]);
     let args = |w: &std::path::Path| {
         vec![
