@@ -10,7 +10,8 @@
 //! Choices that keep the GPU's results those of the CPU kernels:
 //! - float arithmetic carries `.rn`, so ptxas does not contract a multiply and an add into
 //!   an FMA the kernel did not ask for;
-//! - loads and stores are scalar (the kernel IR promises no alignment beyond the element);
+//! - loads and stores of vectors are one 16-byte access where the index provably keeps
+//!   16-byte alignment (every buffer starts so aligned), else element by element;
 //! - `exp`, its low-precision variant and `erf` are the definitions in [`crate::math`],
 //!   operation for operation as the CPU emitter computes them (same FMAs, same bit tricks),
 //!   so they agree bit for bit;
@@ -302,8 +303,15 @@ impl Emitter<'_> {
                 self.body.push_str(&format!("{head}:\n"));
                 self.line(format!("setp.ge.s64 {p}, {iv}, {ev};"));
                 self.line(format!("@{p} bra {done};"));
+                // The loop variable's alignment holds inside the loop only: what the id meant
+                // before (an outer binding) is put back after, with the register.
+                let saved_multiple = self.multiples.get(var).copied();
                 let mult = self.multiple(start).min(low_bit(*step));
-                self.multiples.insert(*var, mult);
+                if self.assigned.contains(var) {
+                    self.multiples.remove(var);
+                } else {
+                    self.multiples.insert(*var, mult);
+                }
                 let saved = self.vars.get(*var as usize).cloned().flatten();
                 if let Some(slot) = self.vars.get_mut(*var as usize) {
                     *slot = Some(Val::I(iv.clone()));
@@ -312,6 +320,10 @@ impl Emitter<'_> {
                 }
                 self.stmts(body)?;
                 self.vars[*var as usize] = saved;
+                match saved_multiple {
+                    Some(m) => self.multiples.insert(*var, m),
+                    None => self.multiples.remove(var),
+                };
                 self.line(format!("add.s64 {iv}, {iv}, {step};"));
                 self.line(format!("bra {head};"));
                 self.body.push_str(&format!("{done}:\n"));

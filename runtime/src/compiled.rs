@@ -622,6 +622,17 @@ fn plan(file: &WbinFile, threads: usize) -> Result<Plan, String> {
                 return Err(format!("`{}` is misaligned for {}", slot.name, slot.dtype));
             }
         }
+        // A cache copied back to its input after a step (an output `X.next` placed apart from
+        // `X`) must not overlap it: the device's copy refuses overlapping ranges.
+        for out in &g.outputs {
+            let Some(state) = out.name.strip_suffix(".next") else { continue };
+            if let Some(inp) = g.inputs.iter().find(|i| i.name == state) {
+                let (a, b, n) = (out.offset, inp.offset, out.bytes());
+                if a != b && a.abs_diff(b) < n {
+                    return Err(format!("`{}` overlaps `{}` in the arena", out.name, inp.name));
+                }
+            }
+        }
         Ok(GraphPlan { launches, inputs: g.inputs.clone(), outputs: g.outputs.clone() })
     };
     let encoder = graph("encoder")?;

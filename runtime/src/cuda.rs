@@ -374,8 +374,13 @@ impl Cuda {
         // SAFETY: the stream is capturing (begun above); `graph` is a valid out-pointer. Capture
         // is ended even when recording failed, so the stream is usable again.
         let ended = api.check("cuStreamEndCapture", unsafe { (g.end_capture)(stream.raw, &mut graph) });
-        recorded?;
-        ended?;
+        if let Err(e) = recorded.and(ended) {
+            if !graph.is_null() {
+                // SAFETY: a graph the capture produced, destroyed once, here.
+                unsafe { (g.graph_destroy)(graph) };
+            }
+            return Err(e);
+        }
         let mut exec: Handle = ptr::null_mut();
         // SAFETY: `graph` is the graph just captured; `exec` a valid out-pointer; flags 0.
         let code = unsafe { (g.instantiate)(&mut exec, graph, 0) };
