@@ -37,7 +37,7 @@ use wcc_targets::{GpuSpec, Target};
 
 use crate::kir::build::*;
 use crate::kir::{BinOp, Buffer, CmpOp, Elem, Expr, GpuLaunch, Kernel, Stmt, UnOp, Var, END, START, WARP};
-use crate::lower::{lower_op, OpKernels, Slot};
+use crate::lower::{lower_op, OpKernels, Slot, Vars};
 use crate::BackendError;
 
 /// Threads per block of the mapped CPU schedules.
@@ -226,19 +226,6 @@ pub fn map_threads(mut k: Kernel, block_size: u32) -> Result<Kernel, BackendErro
     Ok(k)
 }
 
-/// Allocates kernel variables after the parallel range's two.
-struct Vars(Var);
-
-impl Vars {
-    fn new() -> Vars {
-        Vars(2)
-    }
-    fn next(&mut self) -> Var {
-        self.0 += 1;
-        self.0 - 1
-    }
-}
-
 fn fbuf(name: &str, len: usize) -> Buffer {
     Buffer { name: name.into(), elem: Elem::F32, len }
 }
@@ -322,47 +309,23 @@ fn gemm_kernel(g: &Gemm, gpu: &GpuSpec) -> Kernel {
     // column `tj·T + ty` at reduction index `k0 + tx` (consecutive threads, consecutive
     // addresses) into `w_tile[ty·T + tx]`; for `v[q, j]` it loads `v[k0 + ty, tj·T + tx]`
     // into `w_tile[tx·T + ty]`. Either way `w_tile[c·T + r]` holds column `c`, index `r`.
-    let (w_load, w_slot) = if g.b_transposed {
-        (
-            vec![
-                let_(wrow, add(mul(var(tj), int(t)), var(ty))),
-                let_(wk, add(var(k0), var(tx))),
-                let_(
-                    val,
-                    inside(
-                        var(wrow),
-                        n,
-                        inside(
-                            var(wk),
-                            k,
-                            load(1, add(var(wb), add(mul(clamp(var(wrow), n), int(k)), clamp(var(wk), k)))),
-                        ),
-                    ),
-                ),
-            ],
-            add(mul(var(ty), int(t)), var(tx)),
-        )
-    } else {
-        (
-            vec![
-                let_(wrow, add(mul(var(tj), int(t)), var(tx))),
-                let_(wk, add(var(k0), var(ty))),
-                let_(
-                    val,
-                    inside(
-                        var(wrow),
-                        n,
-                        inside(
-                            var(wk),
-                            k,
-                            load(1, add(var(wb), add(mul(clamp(var(wk), k), int(n)), clamp(var(wrow), n)))),
-                        ),
-                    ),
-                ),
-            ],
-            add(mul(var(tx), int(t)), var(ty)),
-        )
-    };
+    // Which thread coordinate walks the columns and which the reduction while loading, and
+    // where element (column `c`, index `q`) of the weight operand lies.
+    let (c_lane, q_lane) = if g.b_transposed { (ty, tx) } else { (tx, ty) };
+    let w_at = |c: Expr, q: Expr| if g.b_transposed { add(mul(c, int(k)), q) } else { add(mul(q, int(n)), c) };
+    let w_load = vec![
+        let_(wrow, add(mul(var(tj), int(t)), var(c_lane))),
+        let_(wk, add(var(k0), var(q_lane))),
+        let_(
+            val,
+            inside(
+                var(wrow),
+                n,
+                inside(var(wk), k, load(1, add(var(wb), w_at(clamp(var(wrow), n), clamp(var(wk), k))))),
+            ),
+        ),
+    ];
+    let w_slot = add(mul(var(c_lane), int(t)), var(q_lane));
     let mut result = var(acc);
     if g.bias {
         result = add(result, load(2, var(col)));

@@ -39,14 +39,14 @@ pub fn aliases_first_operand(op: &Op, in_place: bool) -> bool {
     matches!(op, Op::Reshape { .. }) || (matches!(op, Op::ScatterRow) && in_place)
 }
 
-/// Allocates kernel variables (0 and 1 are the parallel range).
-struct Vars(Var);
+/// Allocates kernel variables (0 and 1 are the parallel range); `.0` is how many are used.
+pub(crate) struct Vars(pub(crate) Var);
 
 impl Vars {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Vars(2)
     }
-    fn next(&mut self) -> Var {
+    pub(crate) fn next(&mut self) -> Var {
         self.0 += 1;
         self.0 - 1
     }

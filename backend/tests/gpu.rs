@@ -30,9 +30,9 @@ fn ptxas() -> PathBuf {
     panic!("no ptxas under {}: run scripts/setup-reference", lib.display())
 }
 
-/// The GPU kernels of every distinct op of the default builds of tiny.en and base, f32 and
-/// int8, at `timesteps` mel frames (`None`: 30 s).
-fn gpu_kernels(target: &Target, timesteps: Option<usize>) -> Vec<Kernel> {
+/// The default builds of tiny.en and base, f32 and int8, at `timesteps` mel frames (`None`:
+/// 30 s).
+fn default_builds(timesteps: Option<usize>) -> Vec<wcc_ir::Module> {
     let mut modules = vec![];
     for name in ["tiny.en", "base"] {
         let loaded = common::load_default_build(name);
@@ -48,6 +48,13 @@ fn gpu_kernels(target: &Target, timesteps: Option<usize>) -> Vec<Kernel> {
             modules.push(m);
         }
     }
+    modules
+}
+
+/// The GPU kernels of every distinct op of the default builds of tiny.en and base, f32 and
+/// int8, at `timesteps` mel frames (`None`: 30 s).
+fn gpu_kernels(target: &Target, timesteps: Option<usize>) -> Vec<Kernel> {
+    let modules = default_builds(timesteps);
     let mut kernels: Vec<Kernel> = vec![];
     for (key, (op, tys, out)) in common::op_cases(&modules.iter().collect::<Vec<_>>()) {
         let refs: Vec<_> = tys.iter().collect();
@@ -142,21 +149,7 @@ fn every_gpu_kernel_of_tiny_en_and_base_matches_the_interpreter_in_the_simulator
     let target = Target::named("cuda-sm80").unwrap();
     // Every op class and every width of both models, f32 and int8; the encoder at 128 mel
     // frames (64 positions) so that the simulation stays short.
-    let mut modules = vec![];
-    for name in ["tiny.en", "base"] {
-        let loaded = common::load_default_build(name);
-        for int8 in [false, true] {
-            let opts = wcc_passes::PassOptions { int8, timesteps: Some(128), ..Default::default() };
-            let m = wcc_passes::run_observed(
-                loaded.module.clone(),
-                &wcc_passes::default_pipeline(),
-                &opts,
-                &mut |_, _, _| Ok(()),
-            )
-            .unwrap();
-            modules.push(m);
-        }
-    }
+    let modules = default_builds(Some(128));
     let cases = common::op_cases(&modules.iter().collect::<Vec<_>>());
     let mut worst = 0f32;
     for (key, (op, tys, out)) in &cases {
