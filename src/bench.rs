@@ -86,6 +86,8 @@ fn class_of(name: &str) -> &'static str {
     let starts = |p: &str| name.starts_with(p);
     if starts("qlinear") || starts("qmatmul") {
         "int8 products"
+    } else if starts("qattention") {
+        "int8 attention"
     } else if starts("linear") || starts("matmul") {
         "f32 products"
     } else if starts("cache_attention") || starts("softmax") || starts("masked_softmax") || starts("causal_mask") {
@@ -221,7 +223,7 @@ pub fn bench(wbin: &Path, clip: Option<&Path>, threads: usize, runs: usize) -> R
         c.gops = if secs > 0.0 { c.gops / secs / 1e9 } else { 0.0 };
         c.percent_of_peak = match c.class {
             "f32 products" => Some(100.0 * c.gops / peaks.fma_f32_all),
-            "int8 products" => Some(100.0 * c.gops / peaks.dot_i8_all),
+            "int8 products" | "int8 attention" => Some(100.0 * c.gops / peaks.dot_i8_all),
             _ => None,
         };
     }

@@ -15,9 +15,8 @@ fn int8_module(name: &str, keep_float: &[&str]) -> (wcc_frontend::LoadedModel, w
         keep_float: Some(keep_float.iter().map(|s| s.to_string()).collect()),
         ..Default::default()
     };
-    let m =
-        wcc_passes::run_observed(loaded.module.clone(), &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(()))
-            .unwrap();
+    let passes = wcc_passes::pipeline_until("quantize").unwrap();
+    let m = wcc_passes::run_observed(loaded.module.clone(), &passes, &opts, &mut |_, _, _| Ok(())).unwrap();
     (loaded, m)
 }
 
@@ -49,6 +48,25 @@ fn tiny_en_after_quantize_snapshots() {
     assert!(!step.contains("%dec.l0.xattn.k_heads:"), "the f32 cross K is no longer a step input");
     // Self-attention over the growing cache stays f32 (one cache_attention per layer).
     assert!(step.contains("%dec.l0.attn.ctx: f32[1,384] = cache_attention{heads=6}"));
+}
+
+#[test]
+fn tiny_en_after_flash_snapshot() {
+    let loaded = wcc_frontend::load(&model_dir("tiny.en")).unwrap();
+    let opts = wcc_passes::PassOptions { int8: true, ..Default::default() };
+    let m =
+        wcc_passes::run_observed(loaded.module, &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(())).unwrap();
+    let enc = print_graph(m.graph("encoder").unwrap());
+    let step = print_graph(m.graph("decoder_step").unwrap());
+    insta::assert_snapshot!("tiny_en_encoder_after_flash", enc);
+    // Every int8 attention is one op: the encoder's self-attention (4 layers) and the
+    // decoder's cross-attention; no score matrix or quantized probabilities remain.
+    assert_eq!(enc.matches("= qattention(").count(), 4);
+    assert!(enc.contains("%enc.l0.attn.ctx_heads: f32[6,1500,64] = qattention(%enc.l0.attn.q_heads.q, %enc.l0.attn.q_heads.scale, %enc.l0.attn.scores.b_q,"));
+    assert_eq!(step.matches("= qattention(").count(), 4);
+    for text in [&enc, &step] {
+        assert!(!text.contains("softmax_quantize") && !text.contains("softmax_scale") && !text.contains("qmatmul"));
+    }
 }
 
 fn constness(g: &wcc_ir::Graph) -> Vec<bool> {
@@ -88,6 +106,13 @@ fn int8_encoder_on_real_features_stays_close_to_f32() {
         it.run("encoder", &[Tensor::f32(shape.clone(), mel.clone())]).unwrap()
     };
     let (a, b) = (run(&q), run(&f));
+    // `flash` changes the ops, not the arithmetic: the interpreter defines `qattention` as
+    // the chain it replaces, so its encoder output is the same bits.
+    let opts = wcc_passes::PassOptions { int8: true, ..Default::default() };
+    let fused =
+        wcc_passes::run_observed(loaded.module.clone(), &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(()))
+            .unwrap();
+    assert!(a[0].as_f32().unwrap() == run(&fused)[0].as_f32().unwrap(), "flash changed the encoder's output");
     let (l2, maxrel) = relative_errors(a[0].as_f32().unwrap(), b[0].as_f32().unwrap());
     eprintln!("int8 vs f32 encoder output (audio features): relative L2 {l2:.3e}, max {maxrel:.3e}");
     // The independent yardstick: CTranslate2's own int8 encoder against its float32 one on

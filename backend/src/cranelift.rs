@@ -13,7 +13,8 @@ use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
+    AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type,
+    UserFuncName, Value,
 };
 use cranelift_codegen::isa::TargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
@@ -57,6 +58,10 @@ pub fn isa(target: &Target) -> Result<Arc<dyn TargetIsa>, BackendError> {
     let mut flags = settings::builder();
     flags.set("opt_level", "speed").map_err(|e| err(&e))?;
     flags.set("enable_verifier", "true").map_err(|e| err(&e))?;
+    // A kernel's local buffers (its stack frame) can exceed a page: probe each page inline
+    // (no call, so no relocation), so a frame never skips a thread's guard page.
+    flags.set("enable_probestack", "true").map_err(|e| err(&e))?;
+    flags.set("probestack_strategy", "inline").map_err(|e| err(&e))?;
     let mut b = cranelift_codegen::isa::lookup_by_name(&target.triple()).map_err(|e| err(&e))?;
     for f in &target.features {
         // Features this Cranelift version has no setting for are simply not used.
@@ -92,7 +97,7 @@ pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendErro
         b,
         vars: vec![None; k.vars.max(2) as usize],
         bases: vec![],
-        elems: k.buffers.iter().map(|b| b.elem).collect(),
+        elems: k.buffers.iter().chain(&k.shared).map(|b| b.elem).collect(),
         fma: isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true))
             || isa.name() == "aarch64",
         arm: isa.name() == "aarch64",
@@ -104,6 +109,14 @@ pub fn function(k: &Kernel, isa: &dyn TargetIsa) -> Result<Function, BackendErro
     for (i, _) in k.buffers.iter().enumerate() {
         let trusted = MemFlagsData::trusted();
         let p = e.b.ins().load(I64, trusted, params[0], (8 * i) as i32);
+        e.bases.push(p);
+    }
+    // Local buffers: 16-byte aligned stack slots of this call's frame.
+    for b in &k.shared {
+        let bytes = u32::try_from(b.bytes())
+            .map_err(|_| BackendError(format!("kernel {}: local buffer {} is too large", k.name, b.name)))?;
+        let slot = e.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
+        let p = e.b.ins().stack_addr(I64, slot, 0);
         e.bases.push(p);
     }
     for (v, p) in [(START, params[2]), (END, params[3])] {

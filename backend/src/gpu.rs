@@ -106,6 +106,36 @@ pub fn lower_op_gpu(
             };
             one(qgemm_kernel(&q), ins(5))
         }
+        Op::QAttention => {
+            // The unfused chain through scratch (scores, probability scales, quantized
+            // probabilities): the CPU kernel's call-private buffers would be one block's
+            // shared memory here, and its rows-per-call schedule is not a GPU one.
+            let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
+            let (n, e) = (inputs[2].shape[1], inputs[5].shape[1]);
+            let row_scales = inputs[1].numel() != 1;
+            let q = |m, n, k, row_scales| QGemm {
+                batch: b,
+                m,
+                n,
+                k,
+                row_scales,
+                bias: false,
+                gelu: false,
+                residual: false,
+            };
+            let rows = b * m;
+            let (scores, scale, p) = (Slot::Scratch(0), Slot::Scratch(1), Slot::Scratch(2));
+            let launches = vec![
+                (qgemm_kernel(&q(m, n, k, row_scales)), [ins(5)[..5].to_vec(), vec![scores]].concat()),
+                (softmax_scale_rows(rows, n), vec![scores, scale]),
+                (softmax_quantize_rows(rows, n), vec![scores, p]),
+                (
+                    qgemm_kernel(&q(m, e, n, true)),
+                    vec![p, scale, Slot::Input(5), Slot::Input(6), Slot::Input(7), Slot::Output],
+                ),
+            ];
+            Ok(OpKernels { launches, scratch: vec![rows * n * 4, rows * 4, rows * n] })
+        }
         Op::CacheAttention { heads } => {
             let (b, m, s) = if inputs[1].rank() == 3 {
                 (inputs[1].shape[0], 1, inputs[1].shape[1])
@@ -213,6 +243,10 @@ pub fn map_threads(mut k: Kernel, block_size: u32) -> Result<Kernel, BackendErro
     let [Stmt::For { var: v, start: Expr::Var(START), end: Expr::Var(END), step: 1, body }] = k.body.as_slice() else {
         return Err(BackendError(format!("kernel {}: its body is not one parallel loop of step 1", k.name)));
     };
+    if !k.shared.is_empty() {
+        // A CPU call's private scratch would be one block's, shared by its threads.
+        return Err(BackendError(format!("kernel {}: its local buffers have no GPU mapping", k.name)));
+    }
     let g = k.vars;
     let extent = k.parallel_extent as i64;
     let body = vec![

@@ -368,8 +368,11 @@ pub struct Kernel {
     /// `Some` for a GPU kernel: its grid and block. `start` and `end` then begin as `0` and
     /// `parallel_extent` in every thread; the body maps the threads onto the work itself.
     pub launch: Option<GpuLaunch>,
-    /// GPU kernels only: per-block shared memory. Buffer index `buffers.len() + i` is
-    /// `shared[i]`; each block has its own, uninitialised at the start.
+    /// Scratch memory the kernel owns, not passed in. Buffer index `buffers.len() + i` is
+    /// `shared[i]`, uninitialised at the start. On a GPU it is per-block shared memory; on
+    /// the CPU it is private to one call (one thread's slice of the parallel loop, on that
+    /// thread's stack), so a kernel must write what it reads there within the parallel index
+    /// that reads it (the fused attention keeps a few rows' scores there).
     pub shared: Vec<Buffer>,
 }
 
@@ -811,7 +814,8 @@ impl fmt::Display for Kernel {
             writeln!(f, "  buf{i} {}: {}[{}] {}", b.name, b.elem.name(), b.len, a.name())?;
         }
         for (i, b) in self.shared.iter().enumerate() {
-            writeln!(f, "  buf{} {}: {}[{}] shared", self.buffers.len() + i, b.name, b.elem.name(), b.len)?;
+            let kind = if self.launch.is_some() { "shared" } else { "local" };
+            writeln!(f, "  buf{} {}: {}[{}] {kind}", self.buffers.len() + i, b.name, b.elem.name(), b.len)?;
         }
         // Variable types as declared so far (like the emitter: a declaration stays visible
         // after its block, for printing).

@@ -134,7 +134,9 @@ impl fmt::Display for KernelError {
 /// Checks a kernel's types, scopes, bounds and parallel slices (see the module's
 /// documentation); the first problem found is the error.
 pub fn verify(k: &Kernel) -> Result<(), KernelError> {
-    if k.launch.is_some() || !k.shared.is_empty() {
+    // Shared buffers are allowed: on the CPU they are the call's private scratch (see
+    // `Kernel::shared`), bounds-checked like the others and outside the slice check.
+    if k.launch.is_some() {
         return Err(KernelError::GpuConstruct { kernel: k.name.clone(), at: "the kernel's launch shape".into() });
     }
     Walker::new(k, None).run()?;
@@ -475,10 +477,10 @@ impl<'k> Walker<'k> {
     }
 
     fn buffer(&self, buf: u32) -> Result<&'k Buffer, KernelError> {
-        self.k.buffers.get(buf as usize).ok_or_else(|| KernelError::BadBuffer {
+        self.k.buffer(buf).ok_or_else(|| KernelError::BadBuffer {
             kernel: self.name(),
             buf,
-            buffers: self.k.buffers.len(),
+            buffers: self.k.buffers.len() + self.k.shared.len(),
             at: self.at(),
         })
     }
@@ -496,7 +498,7 @@ impl<'k> Walker<'k> {
         if self.slice.is_some() || !self.reachable || index.iv.is_empty() {
             return Ok(());
         }
-        let b = &self.k.buffers[buf as usize];
+        let b = self.k.buffer(buf).expect("checked by `buffer`");
         let iv = index.iv;
         if iv.lo < 0 || iv.hi as i128 + lanes as i128 > b.len as i128 {
             return Err(KernelError::OutOfBounds {
@@ -580,7 +582,9 @@ impl<'k> Walker<'k> {
                     ));
                 }
                 let lanes = ty.lanes();
-                if self.slice.is_none() && !self.in_parallel && self.k.parallel_extent > 1 {
+                // A call's private scratch is not shared with other parallel indices.
+                let local = *buf as usize >= self.k.buffers.len();
+                if self.slice.is_none() && !self.in_parallel && self.k.parallel_extent > 1 && !local {
                     return Err(KernelError::UnslicedStore {
                         kernel: self.name(),
                         buffer: b.name.clone(),
@@ -591,7 +595,7 @@ impl<'k> Walker<'k> {
                 }
                 let what = || format!("store.{} buf{buf}[{}]", ty.name(), index.text(&self.var_ty()));
                 self.in_bounds(*buf, &at, lanes, &what)?;
-                if self.slice.is_some() && self.reachable && !at.iv.is_empty() {
+                if self.slice.is_some() && self.reachable && !at.iv.is_empty() && !local {
                     let last = at.iv.hi.saturating_add(lanes as i64 - 1);
                     self.stores[*buf as usize].push((at.iv.lo, last, s));
                 }

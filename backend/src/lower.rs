@@ -323,6 +323,361 @@ fn qdot_kernel(name: String, q: QDot, target: &Target) -> Kernel {
     kernel(name, buffers, batch * n_ct * n_rt, 2 * batch * m * n * k, body, vars)
 }
 
+/// The shape of a `qattention` (see the op): `batch` heads, `m` query rows, `n` keys, `k`
+/// the head size of the scores' reduction, `e` output columns (rows of V transposed).
+struct QAttn {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    e: usize,
+    row_scales: bool,
+}
+
+/// Query rows per register block of `qattention` (the `qdot` block: 3 rows × 4 columns).
+const QATTN_MR: usize = 3;
+
+/// Groups of four keys per register block of `qattention`'s scores: 3 rows × 3 groups of
+/// accumulators, three rows of the query and one of keys leave x86-64 a few of its sixteen
+/// vector registers (with four groups, two accumulators spilled every step).
+const QATTN_KG: usize = 3;
+
+/// `qattention` over fewer query rows than this (a decoder step's cross-attention) runs as
+/// its products and softmax apart (see `lower_op`).
+const QATTN_MIN_ROWS: usize = 16;
+
+/// `qattention`: one task per (head, block of three query rows), everything between the
+/// operands and the output in the call's local buffers (`scores f32[3·N]`, `p u8[3·N]`,
+/// 22 KB at N = 1500, in L1), never in memory:
+///
+/// 1. the rows' scores against every key, `qdot`'s register block (3 rows × 4 keys of `i32x4`
+///    accumulators, `dot4` over the head's bytes, pairwise adds to four totals), dequantized
+///    exactly as `qmatmul` does, stored with their running maximum;
+/// 2. per row, `exp(s − max)` (`exp_low`, as the `softmax_*` kernels), summed in four lanes,
+///    rounded to `127·e` + 128 and narrowed to bytes, sixteen at a time, then the tail;
+///    the row's probability scale `1 / (127 · sum)`;
+/// 3. the bytes times V transposed (`qdot`'s block again, the reduction over the keys), the
+///    zero-point correction and both scales, into the output rows.
+///
+/// A head's K and V (`N·K` bytes each, 96 KB for base) stay in L2 across its tasks, which
+/// are consecutive. Ragged shapes: keys past the last four and columns past the last four one
+/// at a time, reductions past the last sixteen as scalars, the last (up to two) query rows
+/// as single-row blocks.
+fn qattention_kernel(name: String, a: QAttn) -> Kernel {
+    let QAttn { batch, m, n, k, e, row_scales } = a;
+    let (qq, qs, kq, ks, ksum, vq, vs, vsum, qb, kp, out, sc, pb, psc) =
+        (0u32, 1u32, 2u32, 3u32, 4u32, 5u32, 6u32, 7u32, 8u32, 9u32, 10u32, 11u32, 12u32, 13u32);
+    // The packed operands (see `qattention_pack_*`): four-byte groups of the head size.
+    let (k4, groups) = (k.div_ceil(4) as i64, n.div_ceil(4) as i64);
+    let mr = QATTN_MR;
+    let n_rb = m.div_ceil(mr);
+    let (m_, n_, k_, e_) = (m as i64, n as i64, k as i64, e as i64);
+    let n_g = (n / (4 * QATTN_KG) * (4 * QATTN_KG)) as i64;
+    let (n16, n4, e4) = ((n / 16 * 16) as i64, (n / 4 * 4) as i64, (e / 4 * 4) as i64);
+    let mut vars = Vars::new();
+    let (p, bi, i0, ihi, ifull) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+    let (kb, vb) = (vars.next(), vars.next());
+
+    // An `rows` × `cols` int8 block: `Σ x[r]·w[c]` over `len` bytes, x rows at `xo + r·xs`
+    // (u8) in buffer `xbuf`, w rows at `wo + c·len` (i8) in `wbuf`; returns the statements and
+    // the totals of each row (an `i32x4` of the four columns, or an `i64` for one).
+    let block = |vars: &mut Vars,
+                 xbuf: u32,
+                 xo: Expr,
+                 xs: i64,
+                 wbuf: u32,
+                 wo: Expr,
+                 len: i64,
+                 rows: usize,
+                 cols: usize|
+     -> (Vec<Stmt>, Vec<Expr>) {
+        let l16 = len / 16 * 16;
+        let accs: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
+        let tails: Vec<Vec<Var>> = (0..rows).map(|_| (0..cols).map(|_| vars.next()).collect()).collect();
+        let xv: Vec<Var> = (0..rows).map(|_| vars.next()).collect();
+        let (kk, wv, kt, xo_, wo_) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+        let xat = |r: usize, k: Var| add(add(var(xo_), var(k)), int(r as i64 * xs));
+        let wat = |c: usize, k: Var| add(add(var(wo_), var(k)), int(c as i64 * len));
+        let mut s: Vec<Stmt> = accs.iter().flatten().map(|&a| let_(a, splat(int(0)))).collect();
+        s.push(let_(xo_, xo));
+        s.push(let_(wo_, wo));
+        // Unused loads that make Cranelift compute the offsets before the loop (see
+        // `qdot_kernel`).
+        let (ax, aw) = (vars.next(), vars.next());
+        s.push(let_(ax, load_i(xbuf, var(xo_))));
+        s.push(let_(aw, load_i(wbuf, var(wo_))));
+        let mut inner: Vec<Stmt> =
+            xv.iter().enumerate().map(|(r, &x)| let_(x, load_as(Ty::U8x16, xbuf, xat(r, kk)))).collect();
+        for c in 0..cols {
+            inner.push(let_(wv, load_as(Ty::I8x16, wbuf, wat(c, kk))));
+            for r in 0..rows {
+                inner.push(set(accs[r][c], dot4(var(accs[r][c]), var(wv), var(xv[r]))));
+            }
+        }
+        s.push(for_(kk, int(0), int(l16), 16, inner));
+        if l16 < len {
+            s.extend(tails.iter().flatten().map(|&t| let_(t, int(0))));
+            let mut tail = vec![];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let prod = mul(load_i(xbuf, xat(r, kt)), load_i(wbuf, wat(c, kt)));
+                    tail.push(set(tails[r][c], add(var(tails[r][c]), prod)));
+                }
+            }
+            s.push(for_(kt, int(l16), int(len), 1, tail));
+        }
+        let totals = (0..rows)
+            .map(|r| {
+                let a = &accs[r];
+                if cols == 4 {
+                    let t = pair_add(pair_add(var(a[0]), var(a[1])), pair_add(var(a[2]), var(a[3])));
+                    if l16 < len {
+                        add(t, pack(tails[r].iter().map(|&t| var(t)).collect()))
+                    } else {
+                        t
+                    }
+                } else {
+                    let half = pair_add(var(a[0]), var(a[0]));
+                    let t = lane(pair_add(half.clone(), half), 0);
+                    if l16 < len {
+                        add(t, var(tails[r][0]))
+                    } else {
+                        t
+                    }
+                }
+            })
+            .collect();
+        (s, totals)
+    };
+
+    // The attention of `rows` query rows from row `i` of head `bi`. Nothing but the block's
+    // accumulators, operands and addresses is live across an inner loop (the row maxima and
+    // probability scales go through memory): 12 accumulators, three rows and one operand
+    // fill x86-64's sixteen vector registers, and one more value spills every iteration.
+    let rows_block = |vars: &mut Vars, i: Expr, rows: usize| -> Vec<Stmt> {
+        let qrow = |r: usize| add(add(mul(var(bi), int(m_)), i.clone()), int(r as i64));
+        let qscale = |r: usize| if row_scales { load(qs, qrow(r)) } else { load(qs, int(0)) };
+        let (t, t4, tt, qo) = (vars.next(), vars.next(), vars.next(), vars.next());
+        let mut s = vec![let_(qo, mul(qrow(0), int(k_)))];
+        // 1. Scores, twelve keys at a time (`QATTN_KG` groups) in outer-product form: lane `l` of accumulator
+        // (r, g) is key `t + 4g + l` of row r, the packed keys' four bytes times the row's
+        // same four bytes repeated in every lane, so no horizontal sums. Then groups of
+        // four keys, then the last `n % 4` keys one at a time from the unpacked rows.
+        let keys = |vars: &mut Vars, t: Var, ng: usize| -> Vec<Stmt> {
+            let accs: Vec<Vec<Var>> = (0..rows).map(|_| (0..ng).map(|_| vars.next()).collect()).collect();
+            let xv: Vec<Var> = (0..rows).map(|_| vars.next()).collect();
+            let (jj, wv, ko, xo, ax, aw) =
+                (vars.next(), vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+            let mut st: Vec<Stmt> = accs.iter().flatten().map(|&a| let_(a, splat(int(0)))).collect();
+            st.push(let_(ko, mul(add(mul(var(bi), int(groups)), div(var(t), int(4))), int(k4 * 16))));
+            st.push(let_(xo, mul(qrow(0), int(k4 * 16))));
+            // Unused loads that make Cranelift compute the offsets before the loop (see
+            // `qdot_kernel`).
+            st.push(let_(ax, load_i(kp, var(ko))));
+            st.push(let_(aw, load_i(qb, var(xo))));
+            let mut inner: Vec<Stmt> = (0..rows)
+                .map(|r| let_(xv[r], load_as(Ty::U8x16, qb, add(add(var(xo), var(jj)), int(r as i64 * k4 * 16)))))
+                .collect();
+            for g in 0..ng {
+                inner.push(let_(wv, load_as(Ty::I8x16, kp, add(add(var(ko), var(jj)), int(g as i64 * k4 * 16)))));
+                for r in 0..rows {
+                    inner.push(set(accs[r][g], dot4(var(accs[r][g]), var(wv), var(xv[r]))));
+                }
+            }
+            st.push(for_(jj, int(0), int(k4 * 16), 16, inner));
+            for r in 0..rows {
+                for g in 0..ng {
+                    let at = add(add(var(kb), var(t)), int(4 * g as i64));
+                    let c = sub(var(accs[r][g]), mul(load_as(Ty::I32x4, ksum, at.clone()), splat(int(128))));
+                    let v = mul(cvt(Ty::F32x4, c), mul(splat(qscale(r)), load4(ks, at)));
+                    st.push(store(sc, add(add(var(t), int(4 * g as i64)), int(r as i64 * n_)), v));
+                }
+            }
+            st
+        };
+        s.push(for_(t, int(0), int(n_g), 4 * QATTN_KG as i64, keys(vars, t, QATTN_KG)));
+        s.push(for_(t4, int(n_g), int(n4), 4, keys(vars, t4, 1)));
+        let (mut one, totals) = block(vars, qq, var(qo), k_, kq, mul(add(var(kb), var(tt)), int(k_)), k_, rows, 1);
+        for (r, tot) in totals.into_iter().enumerate() {
+            let c = sub(tot, mul(load_i(ksum, add(var(kb), var(tt))), int(128)));
+            let v = mul(cvt(Ty::F32, c), mul(qscale(r), load(ks, add(var(kb), var(tt)))));
+            one.push(store(sc, add(var(tt), int(r as i64 * n_)), v));
+        }
+        s.push(for_(tt, int(n4), int(n_), 1, one));
+        // 2. Per row: the maximum, the quantized exponentials and the probability scale.
+        for r in 0..rows {
+            let (mxr, sum4, sum, j, jt) = (vars.next(), vars.next(), vars.next(), vars.next(), vars.next());
+            let row = int(r as i64 * n_);
+            let es: Vec<Var> = (0..4).map(|_| vars.next()).collect();
+            let q = |e: Expr, v: bool| {
+                let x = mul(e, if v { splat(f(127.0)) } else { f(127.0) });
+                if v {
+                    add(max(min(cvt(Ty::I32x4, x), splat(int(127))), splat(int(-127))), splat(int(128)))
+                } else {
+                    add(max(min(cvt(Ty::I64, x), int(127)), int(-127)), int(128))
+                }
+            };
+            let mut sixteen = vec![];
+            for (l, &ev) in es.iter().enumerate() {
+                let x = load4(sc, add(add(row.clone(), var(j)), int(4 * l as i64)));
+                sixteen.push(let_(ev, un(UnOp::ExpLow, sub(x, splat(var(mxr))))));
+                sixteen.push(set(sum4, add(var(sum4), var(ev))));
+            }
+            sixteen.push(store(
+                pb,
+                add(row.clone(), var(j)),
+                narrow(Ty::U8x16, es.iter().map(|&ev| q(var(ev), true)).collect()),
+            ));
+            let e1 = vars.next();
+            let (row4, row1) = (row.clone(), row.clone());
+            s.extend(row_max_of(vars, n, mxr, &|j| load4(sc, add(row4.clone(), j)), &|j| {
+                load(sc, add(row1.clone(), j))
+            }));
+            s.extend([
+                let_(sum4, splat(f(0.0))),
+                for_(j, int(0), int(n16), 16, sixteen),
+                let_(sum, hsum(var(sum4))),
+                for_(
+                    jt,
+                    int(n16),
+                    int(n_),
+                    1,
+                    vec![
+                        let_(e1, un(UnOp::ExpLow, sub(load(sc, add(row.clone(), var(jt))), var(mxr)))),
+                        set(sum, add(var(sum), var(e1))),
+                        store(pb, add(row, var(jt)), q(var(e1), false)),
+                    ],
+                ),
+                store(psc, int(r as i64), div(f(1.0), mul(var(sum), f(127.0)))),
+            ]);
+        }
+        // 3. The probabilities times V transposed, four columns at a time, then one.
+        let (j, jt) = (vars.next(), vars.next());
+        let orow = |r: usize| mul(qrow(r), int(e_));
+        let (mut four, totals) = block(vars, pb, int(0), n_, vq, mul(add(var(vb), var(j)), int(n_)), n_, rows, 4);
+        for (r, tot) in totals.into_iter().enumerate() {
+            let c = sub(tot, mul(load_as(Ty::I32x4, vsum, add(var(vb), var(j))), splat(int(128))));
+            let v = mul(cvt(Ty::F32x4, c), mul(splat(load(psc, int(r as i64))), load4(vs, add(var(vb), var(j)))));
+            four.push(store(out, add(orow(r), var(j)), v));
+        }
+        s.push(for_(j, int(0), int(e4), 4, four));
+        let (mut one, totals) = block(vars, pb, int(0), n_, vq, mul(add(var(vb), var(jt)), int(n_)), n_, rows, 1);
+        for (r, tot) in totals.into_iter().enumerate() {
+            let c = sub(tot, mul(load_i(vsum, add(var(vb), var(jt))), int(128)));
+            let v = mul(cvt(Ty::F32, c), mul(load(psc, int(r as i64)), load(vs, add(var(vb), var(jt)))));
+            one.push(store(out, add(orow(r), var(jt)), v));
+        }
+        s.push(for_(jt, int(e4), int(e_), 1, one));
+        s
+    };
+    let (i, it) = (vars.next(), vars.next());
+    let full = rows_block(&mut vars, var(i), mr);
+    let single = rows_block(&mut vars, var(it), 1);
+    let rb = vars.next();
+    let body = vec![for_(
+        p,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(bi, div(var(p), int(n_rb as i64))),
+            let_(rb, sub(var(p), mul(var(bi), int(n_rb as i64)))),
+            let_(i0, mul(var(rb), int(mr as i64))),
+            let_(ihi, min(add(var(i0), int(mr as i64)), int(m_))),
+            let_(ifull, add(var(i0), mul(div(sub(var(ihi), var(i0)), int(mr as i64)), int(mr as i64)))),
+            let_(kb, mul(var(bi), int(n_))),
+            let_(vb, mul(var(bi), int(e_))),
+            for_(i, var(i0), var(ifull), mr as i64, full),
+            for_(it, var(ifull), var(ihi), 1, single),
+        ],
+    )];
+    let (bm, bn, be) = (batch * m, batch * n, batch * e);
+    let buffers = vec![
+        tbuf("qq", Elem::U8, bm * k),
+        buf("qs", if row_scales { bm } else { 1 }),
+        tbuf("kq", Elem::I8, bn * k),
+        buf("ks", bn),
+        ibuf("ksum", bn),
+        tbuf("vq", Elem::I8, be * n),
+        buf("vs", be),
+        ibuf("vsum", be),
+        tbuf("qb", Elem::U8, bm * k4 as usize * 16),
+        tbuf("kp", Elem::I8, batch * groups as usize * k4 as usize * 16),
+        buf("out", bm * e),
+    ];
+    let flops = 2 * batch * m * n * (k + e) + 6 * batch * m * n;
+    let mut kern = kernel(name, buffers, batch * n_rb, flops, body, vars);
+    kern.shared = vec![buf("scores", mr * n), tbuf("p", Elem::U8, mr * n), buf("p_scale", mr)];
+    kern
+}
+
+/// `qattention`'s query rows for the outer-product scores: each four bytes of a row
+/// repeated four times (`qb[(i·K4 + j)·16 + 4l + q] = qq[i·K + 4j + q]` for every lane `l`),
+/// so one 16-byte load is the row's group in every lane. Bytes past `K` are the zero point.
+fn qattention_pack_q(rows: usize, k: usize) -> Kernel {
+    let k4 = k.div_ceil(4) as i64;
+    let mut vars = Vars::new();
+    let (i, j) = (vars.next(), vars.next());
+    let mut body = vec![];
+    for l in 0..4i64 {
+        for q in 0..4i64 {
+            let c = add(mul(var(j), int(4)), int(q));
+            let v = if k % 4 == 0 {
+                load_i(0, add(mul(var(i), int(k as i64)), c))
+            } else {
+                let at = add(mul(var(i), int(k as i64)), min(c.clone(), int(k as i64 - 1)));
+                select(CmpOp::Lt, c, int(k as i64), load_i(0, at), int(128))
+            };
+            body.push(store(1, add(mul(add(mul(var(i), int(k4)), var(j)), int(16)), int(4 * l + q)), v));
+        }
+    }
+    let body = vec![for_(i, var(START), var(END), 1, vec![for_(j, int(0), int(k4), 1, body)])];
+    let buffers = vec![tbuf("qq", Elem::U8, rows * k), tbuf("qb", Elem::U8, rows * k4 as usize * 16)];
+    kernel(format!("qattention_pack_q_{rows}x{k}"), buffers, rows, 0, body, vars)
+}
+
+/// `qattention`'s keys for the outer-product scores: four keys' four-byte groups side by
+/// side (`kp[((b·G + g)·K4 + j)·16 + 4l + q] = kq[b, 4g + l, 4j + q]`, `G = ⌈N/4⌉`), so lane
+/// `l` of a `dot4` is key `4g + l`. Keys past `N` and bytes past `K` are 0 (no product).
+fn qattention_pack_k(batch: usize, n: usize, k: usize) -> Kernel {
+    let (k4, groups) = (k.div_ceil(4) as i64, n.div_ceil(4) as i64);
+    let (n_, k_) = (n as i64, k as i64);
+    let mut vars = Vars::new();
+    let (p, b, g, j) = (vars.next(), vars.next(), vars.next(), vars.next());
+    let mut inner = vec![];
+    for l in 0..4i64 {
+        for q in 0..4i64 {
+            let t = add(mul(var(g), int(4)), int(l));
+            let c = add(mul(var(j), int(4)), int(q));
+            let v = if n % 4 == 0 && k % 4 == 0 {
+                load_i(0, add(mul(add(mul(var(b), int(n_)), t), int(k_)), c))
+            } else {
+                let at = add(
+                    mul(add(mul(var(b), int(n_)), min(t.clone(), int(n_ - 1))), int(k_)),
+                    min(c.clone(), int(k_ - 1)),
+                );
+                let inside = select(CmpOp::Lt, c, int(k_), load_i(0, at), int(0));
+                select(CmpOp::Lt, t, int(n_), inside, int(0))
+            };
+            inner.push(store(1, add(mul(add(mul(var(p), int(k4)), var(j)), int(16)), int(4 * l + q)), v));
+        }
+    }
+    let body = vec![for_(
+        p,
+        var(START),
+        var(END),
+        1,
+        vec![
+            let_(b, div(var(p), int(groups))),
+            let_(g, sub(var(p), mul(var(b), int(groups)))),
+            for_(j, int(0), int(k4), 1, inner),
+        ],
+    )];
+    let buffers =
+        vec![tbuf("kq", Elem::I8, batch * n * k), tbuf("kp", Elem::I8, batch * groups as usize * k4 as usize * 16)];
+    kernel(format!("qattention_pack_k_{batch}x{n}x{k}"), buffers, batch * groups as usize, 0, body, vars)
+}
+
 /// `row_sum`: the sum of each row of an i8 tensor, as i32 (the zero-point correction of a
 /// product whose int8 operand is computed at run time: attention's K and V).
 fn row_sum_kernel(rows: usize, k: usize) -> Kernel {
@@ -1581,6 +1936,55 @@ pub fn lower_op(
             let q = QDot { batch: b, m, n, k, row_scales, bias: false, epilogue: Epilogue::default() };
             let name = format!("qmatmul_{b}x{m}x{n}x{k}{}", if row_scales { "" } else { "_static" });
             one(qdot_kernel(name, q, target), ins(5))
+        }
+        Op::QAttention => {
+            let (b, m, k) = (inputs[0].shape[0], inputs[0].shape[1], inputs[0].shape[2]);
+            let (n, e) = (inputs[2].shape[1], inputs[5].shape[1]);
+            let row_scales = inputs[1].numel() != 1;
+            let name = format!("qattention_{b}x{m}x{n}x{k}x{e}{}", if row_scales { "" } else { "_static" });
+            if m < QATTN_MIN_ROWS {
+                // A decoder step's few rows: the products and the softmax apart, through
+                // scratch. Their cost is reading K and V once, which the products split
+                // over keys and columns (more tasks than heads × row blocks), and the keys
+                // are not worth packing for so few rows.
+                let q = |m, n, k, row_scales| QDot {
+                    batch: b,
+                    m,
+                    n,
+                    k,
+                    row_scales,
+                    bias: false,
+                    epilogue: Epilogue::default(),
+                };
+                let rows = b * m;
+                let (scores, scale, p) = (Slot::Scratch(0), Slot::Scratch(1), Slot::Scratch(2));
+                let launches = vec![
+                    (
+                        qdot_kernel(format!("qmatmul_{b}x{m}x{n}x{k}"), q(m, n, k, row_scales), target),
+                        [(0..5).map(Slot::Input).collect(), vec![scores]].concat(),
+                    ),
+                    (softmax_scale_kernel(rows, n), vec![scores, scale]),
+                    (softmax_quantize_kernel(rows, n), vec![scores, p]),
+                    (
+                        qdot_kernel(format!("qmatmul_{b}x{m}x{e}x{n}"), q(m, e, n, true), target),
+                        vec![p, scale, Slot::Input(5), Slot::Input(6), Slot::Input(7), Slot::Output],
+                    ),
+                ];
+                return Ok(OpKernels { launches, scratch: vec![rows * n * 4, rows * 4, rows * n] });
+            }
+            // Pack Q and K into scratch for the outer-product scores, then the attention.
+            let (qb, kp) = (Slot::Scratch(0), Slot::Scratch(1));
+            let k4 = k.div_ceil(4);
+            let attn = qattention_kernel(name, QAttn { batch: b, m, n, k, e, row_scales });
+            let slots = [(0..8).map(Slot::Input).collect(), vec![qb, kp, Slot::Output]].concat();
+            Ok(OpKernels {
+                launches: vec![
+                    (qattention_pack_q(b * m, k), vec![Slot::Input(0), qb]),
+                    (qattention_pack_k(b, n, k), vec![Slot::Input(2), kp]),
+                    (attn, slots),
+                ],
+                scratch: vec![b * m * k4 * 16, b * n.div_ceil(4) * k4 * 16],
+            })
         }
         Op::RowSum => {
             let k = *inputs[0].shape.last().unwrap();

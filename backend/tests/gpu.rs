@@ -166,8 +166,14 @@ fn every_gpu_kernel_of_tiny_en_and_base_matches_the_interpreter_in_the_simulator
                     let scale = w.iter().fold(1f32, |m, v| if v.is_finite() { m.max(v.abs()) } else { m });
                     let e = g.iter().zip(w).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0f32, f32::max)
                         / scale;
-                    worst = worst.max(e);
-                    assert!(e < 2e-5, "{key}: relative error {e}");
+                    // The fused attention quantizes its probabilities with exp_low's
+                    // exponentials, the interpreter with libm's: a byte may round one step
+                    // the other way (see backend/tests/int8.rs).
+                    let tol = if matches!(op, wcc_ir::Op::QAttention) { 1e-3 } else { 2e-5 };
+                    if tol == 2e-5 {
+                        worst = worst.max(e);
+                    }
+                    assert!(e < tol, "{key}: relative error {e}");
                 }
                 // Quantized results: a value on a rounding boundary may land one step over.
                 (g, w) => {

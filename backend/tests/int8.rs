@@ -60,8 +60,9 @@ fn every_int8_kernel_of_tiny_en_and_base_matches_the_interpreter_exactly() {
     for name in ["tiny.en", "base"] {
         let loaded = common::load_default_build(name);
         let opts = wcc_passes::PassOptions { int8: true, ..Default::default() };
-        let m = wcc_passes::run_observed(loaded.module, &wcc_passes::default_pipeline(), &opts, &mut |_, _, _| Ok(()))
-            .unwrap();
+        // Up to `quantize`: its ops, before `flash` fuses the attentions (tested below).
+        let passes = wcc_passes::pipeline_until("quantize").unwrap();
+        let m = wcc_passes::run_observed(loaded.module, &passes, &opts, &mut |_, _, _| Ok(())).unwrap();
         for g in &m.graphs {
             let mut konst: Vec<bool> = g.values.iter().map(|v| matches!(v.def, wcc_ir::ValueDef::Weight(_))).collect();
             for n in &g.nodes {
@@ -280,6 +281,79 @@ fn softmax_scale_and_softmax_quantize_kernels_match_the_interpreter() {
             for r in 0..rows {
                 assert_eq!(gq[r * d..(r + 1) * d].iter().max(), Some(&255), "{rows}x{d}: row {r}");
             }
+        }
+    }
+}
+
+/// The operand types of a `qattention` of `b` heads, `m` query rows, `n` keys, head size `k`
+/// and `e` output columns.
+fn qattention_types(b: usize, m: usize, n: usize, k: usize, e: usize) -> Vec<TensorType> {
+    vec![
+        TensorType::new(DType::U8, [b, m, k]),
+        TensorType::f32([b * m]),
+        TensorType::new(DType::I8, [b, n, k]),
+        TensorType::f32([b * n]),
+        TensorType::new(DType::I32, [b * n]),
+        TensorType::new(DType::I8, [b, e, n]),
+        TensorType::f32([b * e]),
+        TensorType::new(DType::I32, [b * e]),
+    ]
+}
+
+#[test]
+fn the_fused_int8_attention_matches_the_unfused_kernels_and_the_interpreter() {
+    // The encoder's attentions of tiny.en (6 heads) and base (8), a decoder step's
+    // cross-attention (1 and 5 rows: the unfused schedule), and odd shapes: query rows off
+    // the 3-row blocks, keys off the 12- and 4-key blocks (29 = 2·12 + 4 + 1), head sizes off
+    // the 16-byte steps (20) and off the 4-byte groups (6), output columns off the fours.
+    let shapes = [
+        (6usize, 1500usize, 1500usize, 64usize, 64usize),
+        (8, 1500, 1500, 64, 64),
+        (8, 1, 1500, 64, 64),
+        (8, 5, 1500, 64, 64),
+        (2, 17, 29, 20, 12),
+        (1, 19, 13, 6, 5),
+        (3, 16, 4, 64, 7),
+    ];
+    let targets = levels();
+    for (b, m, n, k, e) in shapes {
+        let tys = qattention_types(b, m, n, k, e);
+        let inputs: Vec<Tensor> = tys.iter().enumerate().map(|(i, t)| operand(t, i)).collect();
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let out = TensorType::f32([b, m, e]);
+        let want = eval(&Op::QAttention, &refs).unwrap();
+        let w = want.as_f32().unwrap();
+        let scale = w.iter().fold(1e-30f32, |a, v| a.max(v.abs()));
+        for t in &targets {
+            let run = |op: &Op, ins: &[&Tensor], out: &TensorType| {
+                wcc_backend::jit::run_op_for(op, ins, out, false, Some(t)).unwrap()
+            };
+            let got = run(&Op::QAttention, &refs, &out);
+            let g = got.as_f32().unwrap();
+            // The plain attention through the backend's own kernels: the scores' product,
+            // the softmax pair, the second product. The same exponentials and roundings, so
+            // the same bytes; only the order of the probability sum differs.
+            let rows = b * m;
+            let s = run(&Op::QMatMul, &refs[..5], &TensorType::f32([b, m, n]));
+            let ps = run(&Op::SoftmaxScale, &[&s], &TensorType::f32([rows]));
+            let p = run(&Op::SoftmaxQuantize, &[&s], &TensorType::new(DType::U8, [b, m, n]));
+            let plain = run(&Op::QMatMul, &[&p, &ps, refs[5], refs[6], refs[7]], &out);
+            let pl = plain.as_f32().unwrap();
+            let pscale = pl.iter().fold(1e-30f32, |a, v| a.max(v.abs()));
+            let e_plain = g.iter().zip(pl).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / pscale;
+            assert!(
+                e_plain < 1e-5,
+                "{b}x{m}x{n}x{k}x{e} on {:?}: fused vs unfused kernels, relative {e_plain}",
+                t.features
+            );
+            // Against the definition (libm's exp): a probability byte may round one step
+            // the other way where 127·e lies within exp_low's error of a half.
+            let e_def = g.iter().zip(w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+            assert!(e_def < 1e-3, "{b}x{m}x{n}x{k}x{e} on {:?}: vs the interpreter, relative {e_def}", t.features);
+            eprintln!(
+                "qattention {b}x{m}x{n}x{k}x{e} on {} features: vs unfused {e_plain:.1e}, vs interpreter {e_def:.1e}",
+                t.features.len()
+            );
         }
     }
 }

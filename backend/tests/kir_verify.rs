@@ -190,7 +190,12 @@ fn mutants_rejected(k: &Kernel) -> Result<(), String> {
             // A beam's cache rows are moved only before the position, which is at most the
             // last row: the last row itself is never read from the cache or kept in scratch.
             || (k.name.starts_with("beam_gather_rows") && matches!(k.buffers[b].name.as_str(), "cache" | "scratch"))
-            || (k.name.starts_with("beam_scatter_rows") && k.buffers[b].name == "scratch");
+            || (k.name.starts_with("beam_scatter_rows") && k.buffers[b].name == "scratch")
+            // The fused attention reads the packed copies of the query rows and keys; the
+            // operands themselves only for the last `n % 4` keys (none at 1500).
+            || (k.name.starts_with("qattention_")
+                && !k.name.starts_with("qattention_pack")
+                && matches!(k.buffers[b].name.as_str(), "qq" | "kq"));
         if partial || k.buffers[b].len == 0 {
             continue;
         }
@@ -216,6 +221,23 @@ fn mutants_rejected(k: &Kernel) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The operand types of a `qattention`: `b` heads, `m` rows, `n` keys, head size `k`, `e`
+/// output columns.
+fn qattention(b: usize, m: usize, n: usize, k: usize, e: usize) -> Vec<TensorType> {
+    let f = |s: &[usize]| TensorType::f32(s.to_vec());
+    let t = |d: DType, s: &[usize]| TensorType::new(d, s.to_vec());
+    vec![
+        t(DType::U8, &[b, m, k]),
+        f(&[b * m]),
+        t(DType::I8, &[b, n, k]),
+        f(&[b * n]),
+        t(DType::I32, &[b * n]),
+        t(DType::I8, &[b, e, n]),
+        f(&[b * e]),
+        t(DType::I32, &[b * e]),
+    ]
 }
 
 #[test]
@@ -254,6 +276,10 @@ fn kernels_of_odd_shapes_pass_the_verifier() {
         (Op::RowScale, vec![f(&[3, 21])], f(&[3])),
         (Op::Quantize { dtype: DType::U8 }, vec![f(&[3, 37]), f(&[3])], t(DType::U8, &[3, 37])),
         (Op::Quantize { dtype: DType::I8 }, vec![f(&[3, 37]), f(&[1])], t(DType::I8, &[3, 37])),
+        // The fused attention: rows off the 3-row blocks, keys off the 12- and 4-key blocks,
+        // a head size off the 4-byte groups, columns off the fours; and its few-row schedule.
+        (Op::QAttention, qattention(2, 17, 29, 6, 5), f(&[2, 17, 5])),
+        (Op::QAttention, qattention(2, 3, 29, 20, 12), f(&[2, 3, 12])),
     ];
     let mut checked = 0;
     for (op, ins, out) in &cases {

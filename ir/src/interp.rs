@@ -353,27 +353,20 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, InterpError> {
             Tensor::f32([x.len() / k], x.chunks(k).map(row_scale).collect())
         }
         Op::Quantize { dtype } => quantize(args[0], f(1)?, *dtype)?,
-        Op::SoftmaxScale => {
-            let x = f(0)?;
-            let k = *args[0].shape.last().unwrap();
-            Tensor::f32([x.len() / k], x.chunks(k).map(|r| 1.0 / (127.0 * softmax_denominator(r).1)).collect())
-        }
-        Op::SoftmaxQuantize => {
-            let x = f(0)?;
-            let k = *args[0].shape.last().unwrap();
-            let mut q = Vec::with_capacity(x.len());
-            for r in x.chunks(k) {
-                let max = softmax_denominator(r).0;
-                q.extend(r.iter().map(|&v| (quantize_exp(v - max) + 128) as u8));
-            }
-            Tensor::new(args[0].shape.clone(), Data::U8(q))
-        }
+        Op::SoftmaxScale => softmax_scale(args[0])?,
+        Op::SoftmaxQuantize => softmax_quantize(args[0])?,
         Op::RowSum => {
             let w = args[0].as_i8()?;
             let k = *args[0].shape.last().unwrap();
             Tensor::i32([w.len() / k], w.chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect())
         }
         Op::QMatMul => qmatmul(args)?,
+        Op::QAttention => {
+            // By definition (see the op): the two products around the quantized softmax.
+            let s = qmatmul(&args[..5])?;
+            let (p, ps) = (softmax_quantize(&s)?, softmax_scale(&s)?);
+            qmatmul(&[&p, &ps, args[5], args[6], args[7]])?
+        }
         Op::Fill { value } => Tensor::f32([1], vec![*value]),
         Op::QLinear { gelu: g, residual } => {
             let mut y = qlinear(args)?;
@@ -445,6 +438,25 @@ fn quantize(x: &Tensor, s: &[f32], dtype: DType) -> Result<Tensor, InterpError> 
         other => return Err(InterpError(format!("quantize to {other}"))),
     };
     Ok(Tensor::new(x.shape.clone(), data))
+}
+
+/// `softmax_scale` (see the op).
+fn softmax_scale(x: &Tensor) -> Result<Tensor, InterpError> {
+    let k = *x.shape.last().unwrap();
+    let v = x.as_f32()?;
+    Ok(Tensor::f32([v.len() / k], v.chunks(k).map(|r| 1.0 / (127.0 * softmax_denominator(r).1)).collect()))
+}
+
+/// `softmax_quantize` (see the op).
+fn softmax_quantize(x: &Tensor) -> Result<Tensor, InterpError> {
+    let k = *x.shape.last().unwrap();
+    let v = x.as_f32()?;
+    let mut q = Vec::with_capacity(v.len());
+    for r in v.chunks(k) {
+        let max = softmax_denominator(r).0;
+        q.extend(r.iter().map(|&v| (quantize_exp(v - max) + 128) as u8));
+    }
+    Ok(Tensor::new(x.shape.clone(), Data::U8(q)))
 }
 
 fn qmatmul(args: &[&Tensor]) -> Result<Tensor, InterpError> {

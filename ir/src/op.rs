@@ -89,6 +89,13 @@ pub enum Op {
     /// `aq u8[B, M, K], as f32[B·M] (or f32[1], static), bq i8[B, N, K], bs f32[B·N], bsum i32[B·N] -> f32[B, M, N]`,
     /// `y[b, i, j] = float(Σ_k aq[b,i,k]·bq[b,j,k] − 128·bsum[b·N+j]) · (as[b·M+i]·bs[b·N+j])`.
     QMatMul,
+    /// Int8 attention in one op (the `flash` pass's fusion of `qmatmul`, `softmax_scale`,
+    /// `softmax_quantize` and `qmatmul`): `qq u8[B, M, K], qs f32[B·M] (or f32[1]), kq i8[B, N, K],
+    /// ks f32[B·N], ksum i32[B·N], vq i8[B, E, N], vs f32[B·E], vsum i32[B·E] -> f32[B, M, E]`,
+    /// defined as `s = qmatmul(qq, qs, kq, ks, ksum)`, then
+    /// `qmatmul(softmax_quantize(s), softmax_scale(s), vq, vs, vsum)` (V given transposed, as
+    /// the second product reads it). The scores are an intermediate, never a tensor.
+    QAttention,
     /// `-> f32[1]`: a constant, such as a calibrated static quantization scale.
     Fill { value: f32 },
     /// Attention of `M` query rows over a key/value cache in its stored layout:
@@ -133,6 +140,7 @@ impl Op {
             Op::RowSum => "row_sum",
             Op::QLinear { .. } => "qlinear",
             Op::QMatMul => "qmatmul",
+            Op::QAttention => "qattention",
             Op::Fill { .. } => "fill",
             Op::CacheAttention { .. } => "cache_attention",
         }
@@ -168,7 +176,7 @@ impl Op {
                 vec![("gelu", gelu.to_string()), ("residual", residual.to_string())]
             }
             Op::Quantize { dtype } => vec![("dtype", dtype.name().to_string())],
-            Op::RowScale | Op::RowSum | Op::QMatMul | Op::SoftmaxScale | Op::SoftmaxQuantize => vec![],
+            Op::RowScale | Op::RowSum | Op::QMatMul | Op::QAttention | Op::SoftmaxScale | Op::SoftmaxQuantize => vec![],
             Op::Linear
             | Op::Add
             | Op::Mul
@@ -242,6 +250,7 @@ impl Op {
             "softmax_quantize" => Op::SoftmaxQuantize,
             "row_sum" => Op::RowSum,
             "qmatmul" => Op::QMatMul,
+            "qattention" => Op::QAttention,
             "quantize" => {
                 let d = get("dtype")?;
                 match DType::from_name(d) {
@@ -283,6 +292,7 @@ impl Op {
             }
             Op::RowScale | Op::RowSum | Op::SoftmaxScale | Op::SoftmaxQuantize | Op::Im2col { .. } => (1, 1),
             Op::QMatMul => (5, 5),
+            Op::QAttention => (8, 8),
             Op::CacheAttention { .. } => (4, 4),
             Op::Fill { .. } => (0, 0),
             Op::Linear => (2, 3),
@@ -423,6 +433,20 @@ pub fn infer_type(op: &Op, inputs: &[&TensorType]) -> Result<TensorType, String>
                 return Err(shape_err());
             }
             Ok(TensorType::f32([bt, m, n]))
+        }
+        Op::QAttention => {
+            let (q, qs, k) = (typed(0, DType::U8)?, typed(1, DType::F32)?, typed(2, DType::I8)?);
+            let (ks, ksum, v) = (typed(3, DType::F32)?, typed(4, DType::I32)?, typed(5, DType::I8)?);
+            let (vs, vsum) = (typed(6, DType::F32)?, typed(7, DType::I32)?);
+            if q.rank() != 3 || k.rank() != 3 || v.rank() != 3 || q.shape[0] != k.shape[0] || q.shape[2] != k.shape[2] {
+                return Err(shape_err());
+            }
+            let (bt, m, n, e) = (q.shape[0], q.shape[1], k.shape[1], v.shape[1]);
+            let scales = (qs.shape == [bt * m] || qs.shape == [1]) && ks.shape == [bt * n] && ksum.shape == [bt * n];
+            if !scales || v.shape != [bt, e, n] || vs.shape != [bt * e] || vsum.shape != [bt * e] {
+                return Err(shape_err());
+            }
+            Ok(TensorType::f32([bt, m, e]))
         }
         Op::QLinear { residual, .. } => {
             let (xq, xs, wq) = (typed(0, DType::U8)?, typed(1, DType::F32)?, typed(2, DType::I8)?);

@@ -4,6 +4,7 @@
 //! names the pass), and lets the caller look at the module after every pass (`--dump-ir`).
 
 mod attention;
+mod flash;
 mod fold;
 pub mod fuse;
 mod hoist_cross_kv;
@@ -11,6 +12,7 @@ pub mod quantize;
 mod timesteps;
 
 pub use attention::attention;
+pub use flash::flash;
 pub use fold::fold;
 pub use fuse::fuse;
 pub use hoist_cross_kv::hoist_cross_kv;
@@ -94,6 +96,11 @@ pub const PASSES: &[Pass] = &[
         name: "quantize",
         about: "with --int8: int8 linear layers (per-channel weight scales, per-row activation scales), dequantized in the epilogue",
         run: quantize,
+    },
+    Pass {
+        name: "flash",
+        about: "with --int8: an attention's two int8 products and the quantized softmax between them as one qattention op (no score matrix in memory)",
+        run: |m, _| flash(m),
     },
 ];
 
