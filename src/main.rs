@@ -399,6 +399,12 @@ enum CheckpointCommand {
         /// f32, f16 or bf16.
         #[arg(long, default_value = "f16")]
         dtype: String,
+        /// Copy the tokenizer, language and special tokens of this checkpoint (a name such as
+        /// `base`, or a directory), so the random model runs end to end (`wcc run`, `wcc
+        /// bench`). A multilingual vocabulary serves every multilingual size (large-v3's
+        /// extra language added); English-only sizes need an English-only one (`tiny.en`).
+        #[arg(long, value_name = "MODEL")]
+        vocabulary_from: Option<String>,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -740,9 +746,29 @@ fn run(cli: Cli) -> Result<()> {
             let mel = wcc_runtime::mel::log_mel_spectrogram(&samples, n_mels, frames);
             wcc_runtime::npy::write_f32(&output, &[n_mels, frames], &mel)?;
         }
-        Command::Checkpoint(CheckpointCommand::Random { size, seed, dtype, output }) => {
+        Command::Checkpoint(CheckpointCommand::Random { size, seed, dtype, vocabulary_from, output }) => {
             let dtype = wcc_ir::DType::from_name(&dtype).with_context(|| format!("unknown dtype `{dtype}`"))?;
+            // The vocabulary's source is opened and checked before anything is written.
+            let source = match &vocabulary_from {
+                Some(m) => {
+                    let ck = wcc_frontend::Checkpoint::open(&wcc_frontend::resolve_model(m)?)?;
+                    ck.tokenizer_json()?;
+                    Some(ck)
+                }
+                None => None,
+            };
+            let want = wcc_frontend::hf_writer::size_dims(&size);
+            if let (Some(src), Some(dims)) = (&source, &want) {
+                wcc_frontend::hf_writer::check_vocabulary(src, dims)?;
+            }
             let dims = wcc_frontend::hf_writer::write_random(&output, &size, seed, dtype)?;
+            match &source {
+                Some(src) => wcc_frontend::hf_writer::write_vocabulary(src, &dims, &output)?,
+                None => eprintln!(
+                    "note: no tokenizer: `wcc ir` and `wcc compile` read this checkpoint, `wcc run` needs \
+                     --vocabulary-from (e.g. base, or tiny.en for an English-only size)"
+                ),
+            }
             eprintln!(
                 "wrote {size} ({} + {} layers, width {}) to {}",
                 dims.n_audio_layer,

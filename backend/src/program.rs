@@ -106,7 +106,9 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
 
     for g in &module.graphs {
         let mut place: Vec<Option<Place>> = vec![None; g.values.len()];
-        let mut consts: HashMap<usize, Tensor> = HashMap::new();
+        // The constants of this graph, by value: their pool entries (not copies: a model's
+        // weights are held once however many graphs read them).
+        let mut consts: HashMap<usize, usize> = HashMap::new();
         let uses = g.use_counts();
         let is_output = |v: ValueId| g.outputs.contains(&v);
         // Weights and weight-only subgraphs.
@@ -126,14 +128,14 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                     }
                 };
                 place[k] = Some(Place::Weight(id));
-                consts.insert(k, pool[id].clone());
+                consts.insert(k, id);
             }
         }
         for node in &g.nodes {
             if !node.inputs.iter().all(|i| consts.contains_key(&i.index())) || is_output(node.output) {
                 continue;
             }
-            let args: Vec<&Tensor> = node.inputs.iter().map(|i| &consts[&i.index()]).collect();
+            let args: Vec<&Tensor> = node.inputs.iter().map(|i| &pool[consts[&i.index()]]).collect();
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
             // A constant another graph computed already (the beam steps fold the same weights
@@ -154,14 +156,14 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
                         Op::Quantize { .. } => Some(format!("{}:%{}", g.name, g.value(node.inputs[1]).name)),
                         _ => None,
                     });
-                    pool.push(t.clone());
+                    pool.push(t);
                     pool_at.push(None);
                     folded.insert(key, pool.len() - 1);
                     pool.len() - 1
                 }
             };
             place[node.output.index()] = Some(Place::Weight(id));
-            consts.insert(node.output.index(), t);
+            consts.insert(node.output.index(), id);
         }
         // Persistent: inputs and outputs, bound by name across graphs.
         let mut persist = |name: &str, bytes: usize, persistent: &mut usize| -> usize {

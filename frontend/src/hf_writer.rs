@@ -296,22 +296,100 @@ pub fn convert(ck: &Checkpoint, dir: &Path) -> Result<(), FrontendError> {
     }
     prepare_dir(dir)?;
     write_json(dir, "config.json", &config_json(dims, dtype))?;
-    let mut gen = json!({
-        "suppress_tokens": ck.generation.suppress,
-        "begin_suppress_tokens": ck.generation.suppress_begin,
-        "alignment_heads": ck.generation.alignment_heads.iter().map(|&(l, h)| json!([l, h])).collect::<Vec<_>>(),
-        "is_multilingual": dims.n_vocab >= 51865,
-    });
-    if let Ok(json_bytes) = ck.tokenizer_json() {
-        std::fs::write(dir.join("tokenizer.json"), &json_bytes).map_err(|e| io_err(dir, e))?;
-        if let Ok(tok) = crate::Vocab::read(ck) {
-            use wcc_format::Vocabulary;
-            let langs: serde_json::Map<String, serde_json::Value> =
-                ck.generation.lang_ids.iter().filter_map(|&id| Some((tok.token(id)?, json!(id)))).collect();
-            gen["lang_to_id"] = serde_json::Value::Object(langs);
-        }
+    if ck.tokenizer_json().is_ok() {
+        write_vocabulary(ck, dims, dir)?;
+    } else {
+        write_json(dir, "generation_config.json", &generation_json(dims, &ck.generation, serde_json::Map::new()))?;
     }
-    write_json(dir, "generation_config.json", &gen)?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &dir.join("model.safetensors")).map_err(|e| io_err(dir, e))
+}
+
+/// `generation_config.json`: the settings wcc reads back (suppressed tokens, alignment heads,
+/// the language tokens by name).
+fn generation_json(
+    dims: &WhisperDims,
+    g: &crate::checkpoint::GenerationSettings,
+    langs: serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let mut gen = json!({
+        "suppress_tokens": g.suppress,
+        "begin_suppress_tokens": g.suppress_begin,
+        "alignment_heads": g.alignment_heads.iter().map(|&(l, h)| json!([l, h])).collect::<Vec<_>>(),
+        "is_multilingual": dims.n_vocab >= 51865,
+    });
+    if !langs.is_empty() {
+        gen["lang_to_id"] = serde_json::Value::Object(langs);
+    }
+    gen
+}
+
+/// Whether `src`'s vocabulary can serve a model of `dims` (see [`write_vocabulary`]): the
+/// number of ids its special tokens move up by (0 or 1), or why not.
+pub fn check_vocabulary(src: &Checkpoint, dims: &WhisperDims) -> Result<u32, FrontendError> {
+    let (from, to) = (src.dims.n_vocab, dims.n_vocab);
+    match (from, to) {
+        _ if from == to => Ok(0),
+        (51865, 51866) => Ok(1),
+        _ => {
+            let kind = |n: usize| if n < 51865 { "English-only" } else { "multilingual" };
+            Err(src.error(format!(
+                "its vocabulary ({from} tokens, {}) cannot serve a model of {to} tokens: take it from a {} checkpoint",
+                kind(from),
+                kind(to)
+            )))
+        }
+    }
+}
+
+/// The id large-v3 gave its hundredth language, Cantonese: every special token from it on
+/// sits one higher than in the earlier multilingual vocabularies (51866 tokens, not 51865).
+const YUE: u32 = 50358;
+
+/// Writes `tokenizer.json` and `generation_config.json` into `dir` for a model of `dims`,
+/// from the vocabulary of `src` (a real checkpoint: its tokenizer, language and special
+/// tokens, suppressed tokens). The same vocabulary size is copied as it is; a 51865-token
+/// multilingual vocabulary also serves large-v3's 51866 tokens, with `<|yue|>` inserted at
+/// 50358 and the special tokens after it moved up by one (as large-v3's own tokenizer has
+/// them). Any other pair is refused: an English-only vocabulary lacks the language tokens a
+/// multilingual model is prompted with, and the other way round the ids disagree. Alignment
+/// heads are not copied (they belong to the source's weights).
+pub fn write_vocabulary(src: &Checkpoint, dims: &WhisperDims, dir: &Path) -> Result<(), FrontendError> {
+    use wcc_format::Vocabulary;
+    let shift = check_vocabulary(src, dims)?;
+    let (from, to) = (src.dims.n_vocab, dims.n_vocab);
+    let bytes = src.tokenizer_json()?;
+    let mut tok: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| src.error(format!("tokenizer.json: {e}")))?;
+    let vocab = crate::Vocab::read(src)?;
+    let moved = |id: u32| if shift == 1 && id >= YUE { id + 1 } else { id };
+    let mut langs: serde_json::Map<String, serde_json::Value> =
+        src.generation.lang_ids.iter().filter_map(|&id| Some((vocab.token(id)?, json!(moved(id))))).collect();
+    if shift == 1 {
+        let added = tok["added_tokens"]
+            .as_array_mut()
+            .ok_or_else(|| src.error("tokenizer.json has no added_tokens list".to_string()))?;
+        for t in added.iter_mut() {
+            if let Some(id) = t["id"].as_u64() {
+                t["id"] = json!(moved(id as u32));
+            }
+        }
+        let at = added.iter().position(|t| t["id"].as_u64().is_some_and(|id| id > YUE as u64)).unwrap_or(added.len());
+        added.insert(
+            at,
+            json!({"id": YUE, "content": "<|yue|>", "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true}),
+        );
+        langs.insert("<|yue|>".into(), json!(YUE));
+    }
+    let g = crate::checkpoint::GenerationSettings {
+        suppress: src.generation.suppress.iter().map(|&id| moved(id)).collect(),
+        suppress_begin: src.generation.suppress_begin.iter().map(|&id| moved(id)).collect(),
+        lang_ids: vec![],
+        alignment_heads: if from == to && src.dims == *dims { src.generation.alignment_heads.clone() } else { vec![] },
+    };
+    // The same vocabulary is copied byte for byte.
+    let text = if shift == 0 { bytes } else { serde_json::to_vec(&tok).map_err(|e| io_err(dir, e))? };
+    std::fs::write(dir.join("tokenizer.json"), text).map_err(|e| io_err(dir, e))?;
+    write_json(dir, "generation_config.json", &generation_json(dims, &g, langs))
 }

@@ -106,3 +106,30 @@ fn data_movement() {
     let oob = Tensor::i32([1], vec![5]);
     assert!(eval(&Op::Gather, &[&x, &oob]).is_err());
 }
+
+#[test]
+fn quantize_one_rounds_half_to_even_and_clamps() {
+    use wcc_ir::interp::quantize_one;
+    // The definition: round half to even, clamp to ±127, NaN to 0.
+    let reference = |x: f32, s: f32| {
+        let q = (x / s).round_ties_even();
+        if q.is_nan() {
+            0
+        } else {
+            q.clamp(-127.0, 127.0) as i32
+        }
+    };
+    let mut xs: Vec<f32> = (-600..=600).map(|i| i as f32 * 0.25).collect();
+    xs.extend([0.5, 1.5, 2.5, -0.5, -2.5, 126.5, 127.5, -127.5, 128.5, 1e9, -1e9, f32::INFINITY, f32::NEG_INFINITY]);
+    xs.extend([f32::NAN, 1e-40, -0.0, 0.49999997, 126.49999]);
+    let mut seed = 7u64;
+    for _ in 0..20000 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        xs.push(((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 300.0);
+    }
+    for &x in &xs {
+        for s in [1.0f32, 0.5, 3.0, 1e-3, 1e30, 0.0] {
+            assert_eq!(quantize_one(x, s), reference(x, s), "quantize_one({x}, {s})");
+        }
+    }
+}
