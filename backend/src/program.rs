@@ -87,8 +87,10 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
     let mut pool_scales: Vec<Option<String>> = Vec::new();
     let mut pool_at: Vec<Option<usize>> = Vec::new();
     let mut weight_pool: HashMap<String, usize> = HashMap::new();
-    // Folded constants by a hash of their type and bytes.
+    // Folded constants by a hash of their type and bytes, and by the op and pool entries
+    // they were computed from.
     let mut folded: HashMap<u64, usize> = HashMap::new();
+    let mut evaluated: HashMap<(String, Vec<usize>), usize> = HashMap::new();
     let mut kernels: Vec<Kernel> = Vec::new();
     let mut kernel_index: HashMap<String, usize> = HashMap::new();
     let mut persistent = 0usize;
@@ -135,7 +137,16 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
             if !node.inputs.iter().all(|i| consts.contains_key(&i.index())) || is_output(node.output) {
                 continue;
             }
-            let args: Vec<&Tensor> = node.inputs.iter().map(|i| &pool[consts[&i.index()]]).collect();
+            // The same op on the same constants (every decoder graph folds the same weights)
+            // is evaluated once.
+            let ids: Vec<usize> = node.inputs.iter().map(|i| consts[&i.index()]).collect();
+            let op_key = (format!("{}{:?}", node.op.name(), node.op.attrs()), ids);
+            if let Some(&id) = evaluated.get(&op_key) {
+                place[node.output.index()] = Some(Place::Weight(id));
+                consts.insert(node.output.index(), id);
+                continue;
+            }
+            let args: Vec<&Tensor> = op_key.1.iter().map(|&id| &pool[id]).collect();
             let t = interp::eval(&node.op, &args)
                 .map_err(|e| BackendError(format!("folding %{}: {e}", g.value(node.output).name)))?;
             // A constant another graph computed already (the beam steps fold the same weights
@@ -164,6 +175,7 @@ pub fn build(module: &Module, loader: &dyn WeightLoader, target: &Target) -> Res
             };
             place[node.output.index()] = Some(Place::Weight(id));
             consts.insert(node.output.index(), id);
+            evaluated.insert(op_key, id);
         }
         // Persistent: inputs and outputs, bound by name across graphs.
         let mut persist = |name: &str, bytes: usize, persistent: &mut usize| -> usize {
