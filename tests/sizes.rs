@@ -51,3 +51,55 @@ fn every_size_lowers_and_verifies() {
         );
     }
 }
+
+#[test]
+fn a_random_checkpoint_with_a_real_vocabulary_compiles_and_runs() {
+    use common::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    wcc_ok(&["checkpoint", "random", "--size", "tiny", "--vocabulary-from", "base", "-o", p(&dir)]);
+    // The same vocabulary size: base's tokenizer and generation settings as they are.
+    let loaded = wcc_frontend::load(&dir).unwrap();
+    let base = wcc_frontend::load(&model_dir("base")).unwrap();
+    assert_eq!(loaded.generation().unwrap(), base.generation().unwrap());
+    assert!(
+        std::fs::read(dir.join("tokenizer.json")).unwrap()
+            == std::fs::read(model_dir("base").join("tokenizer.json")).unwrap()
+    );
+    // Meaningless words, but a whole run: compile, transcribe (JSON with its segments).
+    let wbin = tmp.path().join("tiny.wbin");
+    wcc_ok(&["compile", "--model", p(&dir), "--timesteps", "1024", "-o", p(&wbin)]);
+    let out = wcc_ok(&["run", p(&wbin), p(&jfk()), "--temperatures", "0", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(json["segments"].is_array(), "{out}");
+    // An English-only size cannot take a multilingual vocabulary: refused before writing.
+    let en = tmp.path().join("en");
+    let e = wcc_err(&["checkpoint", "random", "--size", "tiny.en", "--vocabulary-from", "base", "-o", p(&en)]);
+    assert!(e.contains("cannot serve a model of 51864 tokens") && e.contains("English-only"), "{e}");
+    assert!(!en.exists());
+}
+
+#[test]
+fn large_v3_takes_a_multilingual_vocabulary_with_cantonese_added() {
+    // A tiny-sized model with large-v3's vocabulary and mel bins, the vocabulary from base.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v3");
+    let mut dims = size_dims("tiny").unwrap();
+    (dims.n_vocab, dims.n_mels) = (size_dims("large-v3").unwrap().n_vocab, 128);
+    wcc_frontend::hf_writer::write_random_dims(&dir, &dims, 5, DType::F16).unwrap();
+    let base = wcc_frontend::Checkpoint::open(&common::model_dir("base")).unwrap();
+    wcc_frontend::hf_writer::write_vocabulary(&base, &dims, &dir).unwrap();
+    let g = wcc_frontend::load(&dir).unwrap().generation().unwrap();
+    // large-v3's own ids (openai-whisper's tokenizer for 51866 tokens): the text tokens and
+    // the first specials as before, `<|yue|>` at 50358, everything after it one higher, the
+    // last timestamp `<|30.00|>` the last id.
+    let s = &g.special;
+    assert_eq!((s.eot, s.sot), (50257, 50258));
+    assert_eq!((s.translate, s.transcribe, s.sot_prev, s.no_speech), (50359, 50360, Some(50362), Some(50363)));
+    assert_eq!((s.no_timestamps, s.timestamp_begin), (50364, 50365));
+    assert_eq!(s.timestamp_begin as usize + 1500, dims.n_vocab - 1);
+    assert_eq!(g.languages.len(), 100);
+    assert!(g.languages.iter().any(|(code, id)| code == "yue" && *id == 50358), "{:?}", g.languages);
+    assert!(g.languages.iter().any(|(code, id)| code == "en" && *id == 50259));
+    assert!(g.suppress.iter().all(|&t| (t as usize) < dims.n_vocab));
+}
