@@ -408,10 +408,18 @@ enum CheckpointCommand {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Convert a checkpoint (e.g. CTranslate2) to Hugging Face format, bit for bit.
+    /// Convert a checkpoint (e.g. CTranslate2) to Hugging Face format, bit for bit; or, with
+    /// `--format ct2 --template MODEL`, to CTranslate2's format (for faster-whisper).
     Convert {
         #[arg(long)]
         model: String,
+        /// hf (Hugging Face) or ct2 (CTranslate2, laid out as `--template`).
+        #[arg(long, default_value = "hf")]
+        format: String,
+        /// With `--format ct2`: a CTranslate2 checkpoint of the same vocabulary (e.g. base)
+        /// whose variable list, scalars and vocabulary files are copied.
+        #[arg(long, value_name = "MODEL")]
+        template: Option<String>,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -777,11 +785,23 @@ fn run(cli: Cli) -> Result<()> {
                 output.display()
             );
         }
-        Command::Checkpoint(CheckpointCommand::Convert { model, output }) => {
+        Command::Checkpoint(CheckpointCommand::Convert { model, format, template, output }) => {
             let dir = wcc_frontend::resolve_model(&model)?;
             let ck = wcc_frontend::Checkpoint::open(&dir)?;
-            wcc_frontend::hf_writer::convert(&ck, &output)?;
-            eprintln!("wrote {} as a Hugging Face checkpoint to {}", dir.display(), output.display());
+            match (format.as_str(), &template) {
+                ("hf", None) => {
+                    wcc_frontend::hf_writer::convert(&ck, &output)?;
+                    eprintln!("wrote {} as a Hugging Face checkpoint to {}", dir.display(), output.display());
+                }
+                ("ct2", Some(t)) => {
+                    let template = wcc_frontend::Checkpoint::open(&wcc_frontend::resolve_model(t)?)?;
+                    wcc_frontend::ct2_writer::write_ct2(&ck, &template, &output)?;
+                    eprintln!("wrote {} as a CTranslate2 checkpoint to {}", dir.display(), output.display());
+                }
+                ("ct2", None) => bail!("--format ct2 needs --template MODEL (a CTranslate2 checkpoint, e.g. base)"),
+                ("hf", Some(_)) => bail!("--template is for --format ct2"),
+                (other, _) => bail!("unknown checkpoint format `{other}` (hf or ct2)"),
+            }
         }
     }
     Ok(())

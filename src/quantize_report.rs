@@ -45,7 +45,9 @@ pub struct Report {
 /// The quantizable layers of `model` under `--int8` (names of the nodes that become int8).
 pub fn quantizable_layers(model: &str) -> Result<Vec<(String, &'static str)>> {
     let options = wcc_passes::PassOptions { int8: true, keep_float: Some(vec![]), ..Default::default() };
-    let m = crate::module_after(model, &wcc_passes::default_pipeline(), &options)?;
+    // The layers as `quantize` makes them (and `--keep-float` names them): before `flash`
+    // fuses each attention's two products into one op.
+    let m = crate::module_after(model, &wcc_passes::pipeline_until("quantize")?, &options)?;
     let mut out = Vec::new();
     for g in &m.graphs {
         for n in &g.nodes {

@@ -103,3 +103,46 @@ fn large_v3_takes_a_multilingual_vocabulary_with_cantonese_added() {
     assert!(g.languages.iter().any(|(code, id)| code == "en" && *id == 50259));
     assert!(g.suppress.iter().all(|&t| (t as usize) < dims.n_vocab));
 }
+
+#[test]
+fn a_random_checkpoint_written_for_ctranslate2_holds_the_same_weights_and_loads_there() {
+    use common::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let (hf, ct2) = (tmp.path().join("hf"), tmp.path().join("ct2"));
+    wcc_ok(&["checkpoint", "random", "--size", "tiny", "--seed", "9", "--vocabulary-from", "base", "-o", p(&hf)]);
+    wcc_ok(&["checkpoint", "convert", "--model", p(&hf), "--format", "ct2", "--template", "base", "-o", p(&ct2)]);
+    // Read back by wcc's CTranslate2 reader: the same dimensions, settings and every weight
+    // bit for bit (from the fused tensors where CTranslate2 fuses them).
+    let (a, b) = (wcc_frontend::load(&hf).unwrap(), wcc_frontend::load(&ct2).unwrap());
+    assert_eq!(a.checkpoint.dims, b.checkpoint.dims);
+    assert_eq!(a.generation().unwrap(), b.generation().unwrap());
+    for (logical, _) in wcc_frontend::hf_writer::tensor_list(&a.checkpoint.dims) {
+        let (sa, sb) = (a.checkpoint.source(&logical).unwrap(), b.checkpoint.source(&logical).unwrap());
+        let (ba, bb) =
+            (a.checkpoint.bytes(&sa.tensor, sa.rows).unwrap(), b.checkpoint.bytes(&sb.tensor, sb.rows).unwrap());
+        assert!(ba == bb, "{logical} differs");
+    }
+    // CTranslate2 itself (the reference venv) loads it and encodes a window.
+    let script = "import sys, numpy as np, ctranslate2\n\
+                  m = ctranslate2.models.Whisper(sys.argv[1], device='cpu', compute_type='int8')\n\
+                  out = m.encode(ctranslate2.StorageView.from_array(np.zeros((1, 80, 3000), np.float32)))\n\
+                  print(out.shape)";
+    let out = std::process::Command::new(ref_python()).arg("-c").arg(script).arg(p(&ct2)).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "[1, 1500, 384]");
+    // A template of another vocabulary is refused.
+    let e = wcc_err(&[
+        "checkpoint",
+        "convert",
+        "--model",
+        p(&hf),
+        "--format",
+        "ct2",
+        "--template",
+        "tiny.en",
+        "-o",
+        p(&tmp.path().join("x")),
+    ]);
+    assert!(e.contains("same vocabulary"), "{e}");
+}

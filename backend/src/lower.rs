@@ -531,18 +531,30 @@ fn qattention_kernel(name: String, a: QAttn) -> Kernel {
                 add(row.clone(), var(j)),
                 narrow(Ty::U8x16, es.iter().map(|&ev| q(var(ev), true)).collect()),
             ));
-            let e1 = vars.next();
+            let (e1, j4, e4, q4) = (vars.next(), vars.next(), vars.next(), vars.next());
             let (row4, row1) = (row.clone(), row.clone());
             s.extend(row_max_of(vars, n, mxr, &|j| load4(sc, add(row4.clone(), j)), &|j| {
                 load(sc, add(row1.clone(), j))
             }));
+            // The sum in `softmax_scale`'s order (four lanes over every whole four, then the
+            // scalar tail), so the scale, and with it every output, is the unfused chain's
+            // to the bit: the bytes past the last sixteen four at a time, stored lane by lane.
+            let mut fours = vec![
+                let_(e4, un(UnOp::ExpLow, sub(load4(sc, add(row.clone(), var(j4))), splat(var(mxr))))),
+                set(sum4, add(var(sum4), var(e4))),
+                let_(q4, q(var(e4), true)),
+            ];
+            for l in 0..4u8 {
+                fours.push(store(pb, add(add(row.clone(), var(j4)), int(l as i64)), lane(var(q4), l)));
+            }
             s.extend([
                 let_(sum4, splat(f(0.0))),
                 for_(j, int(0), int(n16), 16, sixteen),
+                for_(j4, int(n16), int(n4), 4, fours),
                 let_(sum, hsum(var(sum4))),
                 for_(
                     jt,
-                    int(n16),
+                    int(n4),
                     int(n_),
                     1,
                     vec![

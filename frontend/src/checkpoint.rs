@@ -142,6 +142,11 @@ impl Checkpoint {
         self.tensors.get(name).ok_or_else(|| self.error(format!("tensor `{name}` is missing")))
     }
 
+    /// The whole file the tensor offsets index.
+    pub(crate) fn raw(&self) -> &[u8] {
+        self.data.as_ref().as_ref()
+    }
+
     /// The raw bytes of a tensor, or of rows `[a, b)` of it (axis 0).
     pub fn bytes(&self, name: &str, rows: Option<(usize, usize)>) -> Result<&[u8], FrontendError> {
         let t = self.tensor(name)?;

@@ -69,7 +69,29 @@ fn dtype(id: u8) -> Option<DType> {
     })
 }
 
+/// A `model.bin`'s variables in file order (name, tensor) and its aliases, as read.
+pub(crate) struct Layout {
+    pub revision: u32,
+    pub vars: Vec<(String, TensorInfo)>,
+    pub aliases: Vec<(String, String)>,
+}
+
 fn parse_model_bin(b: &[u8]) -> Result<HashMap<String, TensorInfo>, String> {
+    let layout = parse_layout(b)?;
+    let mut tensors: HashMap<String, TensorInfo> = layout.vars.into_iter().collect();
+    for (alias, target) in layout.aliases {
+        let t = tensors.get(&target).cloned().ok_or_else(|| format!("alias `{alias}` names a missing `{target}`"))?;
+        tensors.insert(alias, t);
+    }
+    Ok(tensors)
+}
+
+/// The dtype id CTranslate2 stores for `d`.
+pub(crate) fn dtype_id(d: DType) -> Option<u8> {
+    (0..=5u8).find(|&id| dtype(id) == Some(d))
+}
+
+pub(crate) fn parse_layout(b: &[u8]) -> Result<Layout, String> {
     let mut r = Reader { b, pos: 0 };
     let version = r.u32("the format version")?;
     if version != SUPPORTED_VERSION {
@@ -81,9 +103,9 @@ fn parse_model_bin(b: &[u8]) -> Result<HashMap<String, TensorInfo>, String> {
     if spec != "WhisperSpec" {
         return Err(format!("model.bin holds a `{spec}` model, not Whisper (`WhisperSpec`)"));
     }
-    let _revision = r.u32("the spec revision")?;
+    let revision = r.u32("the spec revision")?;
     let n = r.u32("the variable count")?;
-    let mut tensors = HashMap::new();
+    let mut vars = Vec::new();
     for i in 0..n {
         let name = r.string(&format!("variable {i}'s name"))?;
         let rank = r.u8(&name)? as usize;
@@ -98,16 +120,16 @@ fn parse_model_bin(b: &[u8]) -> Result<HashMap<String, TensorInfo>, String> {
         }
         let offset = r.pos;
         r.take(nbytes, &format!("the data of `{name}`"))?;
-        tensors.insert(name, TensorInfo { dtype: dt, shape, offset, nbytes });
+        vars.push((name, TensorInfo { dtype: dt, shape, offset, nbytes }));
     }
     let n_alias = r.u32("the alias count")?;
+    let mut aliases = Vec::new();
     for _ in 0..n_alias {
         let alias = r.string("an alias")?;
         let target = r.string("an alias target")?;
-        let t = tensors.get(&target).cloned().ok_or_else(|| format!("alias `{alias}` names a missing `{target}`"))?;
-        tensors.insert(alias, t);
+        aliases.push((alias, target));
     }
-    Ok(tensors)
+    Ok(Layout { revision, vars, aliases })
 }
 
 pub(crate) fn open(dir: &Path) -> Result<Checkpoint, FrontendError> {

@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 mod ct2;
+pub mod ct2_writer;
 mod hf;
 pub mod hf_writer;
 pub mod lower;
