@@ -26,37 +26,12 @@
 //! weighted sum of V. Only a single query row is matched (the causal mask is one row, which
 //! `cache_attention` assigns to position `p`). Nodes left without users are removed.
 
-use wcc_ir::{Graph, Module, Node, Op, ValueDef, ValueId};
+use wcc_ir::{Graph, Module, Node, Op, ValueId};
 
-use crate::PassError;
+use crate::{producer, rewrite_sites, PassError};
 
-pub fn attention(mut m: Module) -> Result<Module, PassError> {
-    for g in &mut m.graphs {
-        let mut rewrites = Vec::new();
-        for (k, node) in g.nodes.iter().enumerate() {
-            if let Some((heads, inputs)) = match_site(g, node) {
-                rewrites.push((k, heads, inputs));
-            }
-        }
-        if rewrites.is_empty() {
-            continue;
-        }
-        for (k, heads, inputs) in rewrites {
-            // The site's operands are all defined before its last node (the graph is in
-            // topological order), so the node keeps its place.
-            g.nodes[k].op = Op::CacheAttention { heads };
-            g.nodes[k].inputs = inputs;
-        }
-        g.remove_dead_nodes();
-    }
-    Ok(m)
-}
-
-fn producer<'g>(g: &'g Graph, v: ValueId) -> Option<&'g Node> {
-    match g.value(v).def {
-        ValueDef::Node(k) => Some(&g.nodes[k]),
-        _ => None,
-    }
+pub fn attention(m: Module) -> Result<Module, PassError> {
+    Ok(rewrite_sites(m, |g, node, _| match_site(g, node).map(|(heads, inputs)| (Op::CacheAttention { heads }, inputs))))
 }
 
 /// `transpose[1,0,2](reshape[rows,H,dh](x))` with `x` of shape `[rows, H·dh]`: `x` and

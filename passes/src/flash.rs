@@ -23,38 +23,12 @@
 //! or the quantized probabilities (then no intermediate is lost) and none of them is a
 //! graph output. Nodes left without users are removed.
 
-use wcc_ir::{Graph, Module, Node, Op, ValueDef, ValueId};
+use wcc_ir::{Graph, Module, Node, Op, ValueId};
 
-use crate::PassError;
+use crate::{producer, rewrite_sites, PassError};
 
-pub fn flash(mut m: Module) -> Result<Module, PassError> {
-    for g in &mut m.graphs {
-        let uses = g.use_counts();
-        let mut rewrites = Vec::new();
-        for (k, node) in g.nodes.iter().enumerate() {
-            if let Some(inputs) = match_site(g, node, &uses) {
-                rewrites.push((k, inputs));
-            }
-        }
-        if rewrites.is_empty() {
-            continue;
-        }
-        for (k, inputs) in rewrites {
-            // Every operand is defined before the second product (topological order), so the
-            // node keeps its place.
-            g.nodes[k].op = Op::QAttention;
-            g.nodes[k].inputs = inputs;
-        }
-        g.remove_dead_nodes();
-    }
-    Ok(m)
-}
-
-fn producer<'g>(g: &'g Graph, v: ValueId) -> Option<&'g Node> {
-    match g.value(v).def {
-        ValueDef::Node(k) => Some(&g.nodes[k]),
-        _ => None,
-    }
+pub fn flash(m: Module) -> Result<Module, PassError> {
+    Ok(rewrite_sites(m, |g, node, uses| match_site(g, node, uses).map(|inputs| (Op::QAttention, inputs))))
 }
 
 /// The eight operands of `qattention` if `node` is the second product of an int8 attention

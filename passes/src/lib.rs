@@ -19,7 +19,39 @@ pub use hoist_cross_kv::hoist_cross_kv;
 pub use quantize::quantize;
 pub use timesteps::{auto_timesteps, check_timesteps, timesteps, MAX_TIMESTEPS};
 
-use wcc_ir::Module;
+use wcc_ir::{Graph, Module, Node, Op, ValueDef, ValueId};
+
+/// The node that defines `v`, if a node does (not a graph input or a weight).
+pub(crate) fn producer<'g>(g: &'g Graph, v: ValueId) -> Option<&'g Node> {
+    match g.value(v).def {
+        ValueDef::Node(k) => Some(&g.nodes[k]),
+        _ => None,
+    }
+}
+
+/// Replaces every node that `site(graph, node, use counts)` matches by the op and operands
+/// it returns, then drops the nodes left without users. For passes that collapse a subgraph
+/// into its last node: the subgraph's operands are defined before that node (the graph is in
+/// topological order), so the node keeps its place.
+pub(crate) fn rewrite_sites(
+    mut m: Module,
+    site: impl Fn(&Graph, &Node, &[usize]) -> Option<(Op, Vec<ValueId>)>,
+) -> Module {
+    for g in &mut m.graphs {
+        let uses = g.use_counts();
+        let rewrites: Vec<(usize, (Op, Vec<ValueId>))> =
+            g.nodes.iter().enumerate().filter_map(|(k, node)| Some((k, site(g, node, &uses)?))).collect();
+        if rewrites.is_empty() {
+            continue;
+        }
+        for (k, (op, inputs)) in rewrites {
+            g.nodes[k].op = op;
+            g.nodes[k].inputs = inputs;
+        }
+        g.remove_dead_nodes();
+    }
+    m
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
