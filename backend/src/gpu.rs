@@ -713,6 +713,28 @@ fn beam_scatter_rows(shape: &[usize], in_place: bool) -> OpKernels {
     }
 }
 
+/// A block's row `block()` of `d` elements: `base` set to its start, then the row's maximum
+/// of `x(j)` (loop variable `j`, threads strided by the block, then [`block_reduce`] into
+/// shared buffer `red`) in `mx` for every thread.
+fn block_row_max(
+    v: &mut Vars,
+    (base, mx, j): (Var, Var, Var),
+    d: usize,
+    x: &dyn Fn(Var) -> Expr,
+    red: u32,
+    again: bool,
+) -> Vec<Stmt> {
+    [
+        vec![
+            let_(base, mul(block(), int(d as i64))),
+            let_(mx, f(f32::NEG_INFINITY)),
+            for_(j, thread(), int(d as i64), ROW_BLOCK as i64, vec![set(mx, max(var(mx), x(j)))]),
+        ],
+        block_reduce(v, mx, BinOp::Max, red, again),
+    ]
+    .concat()
+}
+
 /// `softmax_quantize`: per row (a block), the maximum, then `127 · exp(x − max)` (the
 /// low-precision exp, as the CPU kernel) rounded, clamped to ±127 and offset by 128, a byte
 /// per element.
@@ -724,12 +746,7 @@ fn softmax_quantize_rows(rows: usize, d: usize) -> Kernel {
     let x = |j: Var| load(0, add(var(base), var(j)));
     let e = mul(un(UnOp::ExpLow, sub(x(j2), var(mx))), f(127.0));
     let body = [
-        vec![
-            let_(base, mul(block(), int(d as i64))),
-            let_(mx, f(f32::NEG_INFINITY)),
-            for_(j1, thread(), int(d as i64), ROW_BLOCK as i64, vec![set(mx, max(var(mx), x(j1)))]),
-        ],
-        block_reduce(&mut v, mx, BinOp::Max, red, false),
+        block_row_max(&mut v, (base, mx, j1), d, &x, red, false),
         vec![for_(
             j2,
             thread(),
@@ -751,12 +768,7 @@ fn softmax_scale_rows(rows: usize, d: usize) -> Kernel {
     let (base, mx, s, j1, j2) = (v.next(), v.next(), v.next(), v.next(), v.next());
     let x = |j: Var| load(0, add(var(base), var(j)));
     let body = [
-        vec![
-            let_(base, mul(block(), int(d as i64))),
-            let_(mx, f(f32::NEG_INFINITY)),
-            for_(j1, thread(), int(d as i64), ROW_BLOCK as i64, vec![set(mx, max(var(mx), x(j1)))]),
-        ],
-        block_reduce(&mut v, mx, BinOp::Max, red, true),
+        block_row_max(&mut v, (base, mx, j1), d, &x, red, true),
         vec![
             let_(s, f(0.0)),
             for_(
@@ -1150,12 +1162,7 @@ fn softmax_rows(rows: usize, d: usize, masked: bool) -> Kernel {
     };
     let (dd, b) = (d as i64, ROW_BLOCK as i64);
     let body = [
-        vec![
-            let_(base, mul(block(), int(dd))),
-            let_(mx, f(f32::NEG_INFINITY)),
-            for_(j1, thread(), int(dd), b, vec![set(mx, max(var(mx), x(j1)))]),
-        ],
-        block_reduce(&mut v, mx, BinOp::Max, red, true),
+        block_row_max(&mut v, (base, mx, j1), d, &x, red, true),
         vec![
             let_(s, f(0.0)),
             for_(

@@ -115,9 +115,9 @@ pub fn write_ct2(ck: &Checkpoint, template: &Checkpoint, dir: &Path) -> Result<(
         } else if name.ends_with("num_heads") {
             let heads = if name.starts_with("encoder") { ck.dims.n_audio_head } else { ck.dims.n_text_head };
             let id = crate::ct2::dtype_id(t.dtype).unwrap_or(2);
-            let mut v = (heads as u64).to_le_bytes()[..t.nbytes].to_vec();
-            v.truncate(t.nbytes);
-            (vec![], id, v)
+            let bytes = (heads as u64).to_le_bytes();
+            let v = bytes.get(..t.nbytes).ok_or_else(|| template.error(format!("`{name}` is {} bytes", t.nbytes)))?;
+            (vec![], id, v.to_vec())
         } else if t.shape.is_empty() {
             let b = &template.raw()[t.offset..t.offset + t.nbytes];
             (vec![], crate::ct2::dtype_id(t.dtype).unwrap_or(0), b.to_vec())
